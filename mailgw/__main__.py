@@ -1,0 +1,3 @@
+from mailgw.cli import main
+
+main()

@@ -1,0 +1,332 @@
+"""The ``mailgw`` command. Exit codes for ``deliver`` follow sysexits.h, as MTAs expect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from mailgw.settings import ConfigError, Home, Settings, load_settings
+
+EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 75, 78
+
+
+class Obj:
+    def __init__(self, home: Home):
+        self.home = home
+        self._settings: Settings | None = None
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.home)
+            except ConfigError as exc:
+                for line in exc.errors:
+                    click.echo(f"config error: {line}", err=True)
+                sys.exit(EX_CONFIG)
+            url = os.environ.get("MAILGW_STORE_URL")
+            if url:
+                self._settings = self._settings.model_copy(update={"store_url": url})
+        return self._settings
+
+    def engine(self, *, migrate: bool = True):  # type: ignore[no-untyped-def]
+        from mailgw.store.db import make_engine
+        from mailgw.store.db import migrate as do_migrate
+
+        engine = make_engine(self.home.store_url(self.settings()))
+        if migrate:
+            do_migrate(engine)
+        return engine
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="MAILGW_HOME", type=click.Path(file_okay=False),
+              help="Directory holding config/ filters/ templates/ store/ (default: current "
+                   "directory; env MAILGW_HOME).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="mailgw")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, verbose: int) -> None:
+    """mailgw: an email help desk gateway. Mail in, tickets out, nothing lost."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Obj(Home.resolve(home))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--exist-ok", is_flag=True, help="Add missing files to an existing home.")
+def init(directory: str, exist_ok: bool) -> None:
+    """Write the shipped default config, filters and templates into a new home DIRECTORY."""
+    from mailgw.home import init_home
+
+    try:
+        written = init_home(Path(directory), exist_ok=exist_ok)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{exc}; use --exist-ok to add only missing files") from None
+    for p in written:
+        click.echo(f"wrote {p}")
+    click.echo(f"mailgw home ready in {Path(directory).resolve()}")
+
+
+@main.command()
+@click.option("--smtp", "smtp", metavar="HOST:PORT", help="SMTP listen address (overrides "
+              "smtp.listen in config/mailgw.yaml; default 127.0.0.1:2525).")
+@click.option("--role", "roles", multiple=True,
+              type=click.Choice(["smtp", "worker", "sender", "scheduler"]),
+              help="Run only these roles (repeatable); default all of them.")
+@click.pass_obj
+def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
+    """Run the gateway (SMTP/LMTP listeners, worker, sender, scheduler) until SIGINT/SIGTERM."""
+    from mailgw.gateway import ROLES, Gateway
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("mailgw").setLevel(logging.INFO)
+    settings = obj.settings()
+    if smtp:
+        from mailgw.settings import _host_port
+
+        try:
+            _host_port(smtp)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--smtp") from None
+    sys.exit(Gateway(obj.home, settings, roles or ROLES, smtp).run())
+
+
+@main.command()
+@click.option("--queue", help="Put the message into this queue, whatever its recipients.")
+@click.option("--sender", "mail_from", default="", help="Envelope sender (Postfix: ${sender}).")
+@click.option("--recipient", "recipients", multiple=True,
+              help="Envelope recipient (Postfix: ${recipient}); repeatable.")
+@click.pass_obj
+def deliver(obj: Obj, queue: str | None, mail_from: str, recipients: tuple[str, ...]) -> None:
+    """Read one message on stdin and queue it durably (for an MTA pipe transport).
+
+    Exit 0 once the message is durable, 65 (EX_DATAERR) if the input is not mail at all,
+    75 (EX_TEMPFAIL) on an internal failure, so the MTA keeps the message and retries.
+    """
+    try:
+        raw = sys.stdin.buffer.read()
+    except Exception as exc:  # noqa: BLE001 - anything here is a temporary failure for the MTA
+        click.echo(f"mailgw deliver: cannot read stdin: {exc}", err=True)
+        sys.exit(EX_TEMPFAIL)
+    from mailgw.mail.parse import looks_like_mail
+
+    if not looks_like_mail(raw):
+        click.echo("mailgw deliver: input is not an email message", err=True)
+        sys.exit(EX_DATAERR)
+    try:
+        settings = load_settings(obj.home)
+    except ConfigError as exc:
+        click.echo("mailgw deliver: " + "; ".join(exc.errors), err=True)
+        sys.exit(EX_TEMPFAIL)
+    if queue and settings.queue(queue) is None:
+        click.echo(f"mailgw deliver: no queue named {queue!r} in the config", err=True)
+        sys.exit(EX_TEMPFAIL)
+    if not queue and not any(settings.queue_for_recipient(r) for r in recipients):
+        # A pipe transport without a served recipient: the default queue, else the first.
+        queue = settings.default_queue or settings.queues[0].name
+    try:
+        from mailgw.queue import put
+        from mailgw.types import Envelope
+
+        engine = obj.engine()
+        inbound_id = put(engine, Envelope(
+            raw=raw, mail_from=mail_from.strip("<>"), rcpt_tos=tuple(recipients),
+            source="pipe", received_at=datetime.now(UTC), queue=queue,
+        ))
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the MTA must retry, not bounce
+        logging.getLogger("mailgw").exception("deliver failed")
+        click.echo(f"mailgw deliver: temporary failure: {exc}", err=True)
+        sys.exit(EX_TEMPFAIL)
+    click.echo(f"queued as {inbound_id}", err=True)
+    sys.exit(EX_OK)
+
+
+@main.group()
+def tickets() -> None:
+    """List and show tickets."""
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt else None
+
+
+@tickets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--state", help="Only tickets in this state (new, open, pending, closed).")
+@click.option("--queue", help="Only tickets in this queue.")
+@click.option("--limit", default=100, show_default=True, help="At most this many, newest first.")
+@click.pass_obj
+def tickets_list(obj: Obj, as_json: bool, state: str | None, queue: str | None,
+                 limit: int) -> None:
+    """List tickets, newest first."""
+    from sqlalchemy import func, select
+
+    from mailgw.store.db import read_session
+    from mailgw.store.models import Article, Ticket
+
+    with read_session(obj.engine()) as s:
+        counts = (select(Article.ticket_id, func.count().label("n"))
+                  .group_by(Article.ticket_id).subquery())
+        q = (select(Ticket, counts.c.n).join(counts, counts.c.ticket_id == Ticket.id, isouter=True)
+             .order_by(Ticket.id.desc()).limit(limit))
+        if state:
+            q = q.where(Ticket.state == state)
+        if queue:
+            q = q.where(Ticket.queue == queue)
+        rows = [{
+            "number": t.number, "title": t.title, "queue": t.queue, "state": t.state,
+            "priority": t.priority, "customer": t.customer, "owner": t.owner,
+            "articles": n or 0, "created_at": _iso(t.created_at), "updated_at": _iso(t.updated_at),
+        } for t, n in s.execute(q)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no tickets")
+        return
+    click.echo(f"{'NUMBER':<22} {'STATE':<8} {'QUEUE':<12} {'ART':>3}  {'CUSTOMER':<28} TITLE")
+    for r in rows:
+        click.echo(f"{r['number']:<22} {r['state']:<8} {r['queue'][:12]:<12} {r['articles']:>3}  "
+                   f"{r['customer'][:28]:<28} {r['title'][:60]}")
+
+
+@tickets.command("show")
+@click.argument("number")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
+    """Show one ticket with its articles and how each was threaded."""
+    from sqlalchemy import select
+
+    from mailgw.store.db import read_session
+    from mailgw.store.models import Article, Attachment, Ticket
+
+    settings = obj.settings()
+    number = number.removeprefix(settings.ticket_numbers.hook).strip("[]# ")
+    with read_session(obj.engine()) as s:
+        t = s.scalars(select(Ticket).where(Ticket.number == number)).first()
+        if t is None:
+            click.echo(f"no ticket {number}", err=True)
+            sys.exit(1)
+        articles = []
+        for a in s.scalars(select(Article).where(Article.ticket_id == t.id).order_by(Article.id)):
+            atts = s.execute(select(Attachment.filename, Attachment.content_type, Attachment.size)
+                             .where(Attachment.article_id == a.id)).all()
+            articles.append({
+                "id": a.id, "direction": a.direction, "sender_type": a.sender_type,
+                "from": a.from_addr, "from_name": a.from_name, "to": a.to_addrs,
+                "subject": a.subject, "message_id": a.message_id, "text": a.body_text,
+                "threaded_by": a.threaded_by, "thread_reason": a.thread_reason,
+                "automatic": a.automatic_reason, "delivery_state": a.delivery_state,
+                "created_at": _iso(a.created_at),
+                "attachments": [{"filename": f, "content_type": c, "size": n} for f, c, n in atts],
+            })
+        data = {
+            "number": t.number, "title": t.title, "queue": t.queue, "state": t.state,
+            "priority": t.priority, "customer": t.customer, "owner": t.owner,
+            "created_at": _iso(t.created_at), "updated_at": _iso(t.updated_at),
+            "articles": articles,
+        }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    hook = settings.ticket_numbers.hook
+    click.echo(f"{hook}{t.number}  {t.title}")
+    click.echo(f"queue {t.queue} · state {t.state} · priority {t.priority} · customer {t.customer}")
+    for a in articles:
+        arrow = "<-" if a["direction"] == "in" else "->"
+        click.echo(f"\n{arrow} article {a['id']} {a['direction']} from {a['from']} "
+                   f"at {a['created_at']}")
+        click.echo(f"   subject: {a['subject']}")
+        click.echo(f"   threaded: {a['threaded_by']} ({a['thread_reason']})")
+        if a["automatic"]:
+            click.echo(f"   automatic: {a['automatic']}")
+        if a["delivery_state"]:
+            click.echo(f"   delivery: {a['delivery_state']}")
+        for att in a["attachments"]:
+            click.echo(f"   attachment: {att['filename']} ({att['content_type']}, {att['size']} B)")
+        click.echo("   " + "\n   ".join((a["text"] or "").strip().splitlines()[:40]))
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("check")
+@click.pass_obj
+def config_check(obj: Obj) -> None:
+    """Validate config/ and templates/; print each error with its file, line and path."""
+    from mailgw.outbound.render import Renderer
+
+    errors: list[str] = []
+    try:
+        load_settings(obj.home)
+    except ConfigError as exc:
+        errors += exc.errors
+    errors += Renderer(obj.home.templates).check()
+    if errors:
+        for e in errors:
+            click.echo(e, err=True)
+        sys.exit(1)
+    click.echo(f"config OK: {obj.home.config_file}")
+
+
+@main.group()
+def quarantine() -> None:
+    """Messages that could not be processed, kept raw and replayable."""
+
+
+@quarantine.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def quarantine_list(obj: Obj, as_json: bool) -> None:
+    """List quarantined messages with the reason."""
+    from sqlalchemy import select
+
+    from mailgw.store.db import read_session
+    from mailgw.store.models import Inbound
+
+    with read_session(obj.engine()) as s:
+        rows = [{
+            "id": i, "received_at": _iso(r), "source": src, "mail_from": f, "rcpt_tos": to,
+            "size": n, "attempts": a, "error": e,
+        } for i, r, src, f, to, n, a, e in s.execute(
+            select(Inbound.id, Inbound.received_at, Inbound.source, Inbound.mail_from,
+                   Inbound.rcpt_tos, Inbound.size, Inbound.attempts, Inbound.error)
+            .where(Inbound.state == "quarantined").order_by(Inbound.id))]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("quarantine is empty")
+    for r in rows:
+        click.echo(f"{r['id']:>8}  {r['received_at']}  {r['source']:<5} from <{r['mail_from']}>"
+                   f"  {r['size']} B\n          {r['error']}")
+
+
+@quarantine.command("replay")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.pass_obj
+def quarantine_replay(obj: Obj, ids: tuple[int, ...]) -> None:
+    """Put quarantined message(s) back into the queue; the worker processes them again."""
+    from mailgw.queue import replay
+
+    engine = obj.engine()
+    failed = False
+    for i in ids:
+        if replay(engine, i):
+            click.echo(f"{i}: queued again")
+        else:
+            click.echo(f"{i}: not in quarantine", err=True)
+            failed = True
+    sys.exit(1 if failed else 0)

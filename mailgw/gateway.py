@@ -1,0 +1,130 @@
+"""``mailgw run``: every role of the gateway in one process, until SIGINT or SIGTERM.
+
+Roles: ``smtp`` (the SMTP and LMTP listeners), ``worker``, ``sender`` and ``scheduler``. All run
+by default; ``--role`` picks some, so roles can be split across processes and nodes sharing
+PostgreSQL. Shutdown is clean and loses nothing: listeners stop accepting, messages already
+being received are committed (or refused with 4xx), the worker finishes its transaction, and
+whatever is still pending stays in the database for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from mailgw.intake.smtp import IntakeHandler, protocol_factory
+from mailgw.outbound.render import Renderer
+from mailgw.outbound.sender import Sender
+from mailgw.process import Context
+from mailgw.queue import GroupCommitWriter
+from mailgw.settings import Home, Listener, Settings
+from mailgw.store.db import make_engine, migrate
+from mailgw.worker import Worker, pending_count
+
+log = logging.getLogger(__name__)
+ROLES = ("smtp", "worker", "sender", "scheduler")
+
+
+@dataclass
+class Gateway:
+    home: Home
+    settings: Settings
+    roles: tuple[str, ...] = ROLES
+    smtp_override: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> int:
+        engine = make_engine(self.home.store_url(self.settings))
+        migrate(engine)
+        ctx = Context(self.settings, Renderer(self.home.templates))
+        worker_wake, sender_wake = threading.Event(), threading.Event()
+        threads: list[threading.Thread] = []
+        if "worker" in self.roles:
+            worker = Worker(engine, lambda: ctx, batch_size=self.settings.worker.batch_size,
+                            max_attempts=self.settings.worker.max_attempts,
+                            on_outbox=sender_wake.set)
+            threads.append(threading.Thread(
+                target=worker.run, name="worker",
+                args=(self.stop, worker_wake, self.settings.worker.poll_interval)))
+        if "sender" in self.roles:
+            sender = Sender(engine, self.settings.relay, self.home.outbox_dir, self.settings.sender)
+            threads.append(threading.Thread(target=sender.run, name="sender",
+                                            args=(self.stop, sender_wake)))
+        scheduler = None
+        if "scheduler" in self.roles:
+            scheduler = BackgroundScheduler(timezone="UTC")
+            # Retries fall due while nothing else happens: wake the sender for them.
+            scheduler.add_job(sender_wake.set, "interval", seconds=5, id="outbox-wakeup",
+                              coalesce=True, max_instances=1)
+            scheduler.add_job(self._housekeeping, "interval", minutes=1, args=(engine,),
+                              id="housekeeping", coalesce=True, max_instances=1)
+            scheduler.start()
+        for t in threads:
+            t.start()
+        try:
+            if "smtp" in self.roles:
+                asyncio.run(self._serve(engine, worker_wake))
+            else:
+                self._wait_for_signal()
+        finally:
+            self.stop.set()
+            worker_wake.set()
+            sender_wake.set()
+            for t in threads:
+                t.join()
+            if scheduler:
+                scheduler.shutdown(wait=True)
+            engine.dispose()
+            log.info("mailgw stopped")
+        return 0
+
+    def _wait_for_signal(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        log.info("mailgw running roles %s", ", ".join(self.roles))
+        while not self.stop.wait(3600):
+            pass
+
+    @staticmethod
+    def _housekeeping(engine) -> None:  # type: ignore[no-untyped-def]
+        n = pending_count(engine)
+        if n:
+            log.info("inbound backlog: %d message(s) pending", n)
+
+    async def _serve(self, engine, worker_wake: threading.Event) -> None:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        writer = GroupCommitWriter(engine, on_commit=worker_wake.set)
+        servers, handlers = [], []
+        listeners: list[tuple[str, Listener, bool]] = [("smtp", self.settings.smtp, False)]
+        if self.settings.lmtp:
+            listeners.append(("lmtp", self.settings.lmtp, True))
+        try:
+            for name, listener, lmtp in listeners:
+                addr = self.smtp_override if (name == "smtp" and self.smtp_override) else listener.listen
+                host, _, port = addr.rpartition(":")
+                handler = IntakeHandler(self.settings, writer, source=name)
+                factory = protocol_factory(listener, handler, self.settings.hostname, lmtp)
+                server = await loop.create_server(factory, host.strip("[]"), int(port))
+                servers.append(server)
+                handlers.append(handler)
+                log.info("mailgw listening for %s on %s", name.upper(), addr)
+            print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
+            await stopped.wait()
+            log.info("mailgw stopping")
+        finally:
+            for server in servers:
+                server.close()
+            # Let messages already in DATA be committed and answered before we exit.
+            for _ in range(300):
+                if not any(h.in_flight for h in handlers):
+                    break
+                await asyncio.sleep(0.1)
+            writer.close()

@@ -1,0 +1,39 @@
+"""The shipped defaults (``config/ filters/ templates/``) and ``mailgw init``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mailgw
+
+SHIPPED = ("config", "filters", "templates")
+
+
+def defaults_dir() -> Path:
+    """Where the shipped defaults are: inside an installed wheel, or the source checkout."""
+    pkg = Path(mailgw.__file__).resolve().parent
+    for candidate in (pkg / "_defaults", pkg.parent):
+        if (candidate / "config" / "mailgw.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("the shipped default config is missing from this installation")
+
+
+def init_home(target: Path, *, exist_ok: bool = False) -> list[Path]:
+    """Copy the shipped defaults into ``target``; existing files are never overwritten."""
+    if (target / "config" / "mailgw.yaml").exists() and not exist_ok:
+        raise FileExistsError(f"{target} already holds a mailgw home (config/mailgw.yaml)")
+    src = defaults_dir()
+    written = []
+    for part in SHIPPED:
+        for f in sorted((src / part).rglob("*")):
+            if f.is_dir() or "__pycache__" in f.parts:
+                continue
+            dest = target / f.relative_to(src)
+            if dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+            written.append(dest)
+    (target / "store").mkdir(parents=True, exist_ok=True)
+    return written

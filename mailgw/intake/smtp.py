@@ -1,0 +1,88 @@
+"""The SMTP and LMTP listeners (aiosmtpd).
+
+The edge is cheap and exact: unknown recipients are refused at ``RCPT`` (550 5.1.1), an
+oversized message at ``MAIL FROM SIZE=`` or during ``DATA`` (552), and ``250`` is said only
+after the message's raw bytes and envelope are committed to the inbound queue. When the
+commit fails the answer is ``451 4.3.0`` so the sending MTA keeps the message and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session as SmtpSession
+
+from mailgw.queue import GroupCommitWriter
+from mailgw.settings import Listener, Settings
+from mailgw.types import Envelope
+
+log = logging.getLogger(__name__)
+
+
+class IntakeHandler:
+    def __init__(self, settings: Settings, writer: GroupCommitWriter, source: str):
+        self.settings = settings
+        self.writer = writer
+        self.source = source
+        self.in_flight = 0
+
+    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: SmtpEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if self.settings.queue_for_recipient(address) is None:
+            return f"550 5.1.1 <{address}>: no help desk queue here for this recipient"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession,
+                          envelope: SmtpEnvelope) -> str:
+        raw = envelope.original_content or b""
+        peer = session.peer
+        env = Envelope(
+            raw=raw,
+            mail_from=(envelope.mail_from or "").strip("<>"),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            source=self.source,
+            received_at=datetime.now(UTC),
+            source_ref=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
+        )
+        self.in_flight += 1
+        try:
+            inbound_id = await self.writer.aput(env)
+        except Exception:
+            log.exception("could not store a message from %s", env.source_ref)
+            status = "451 4.3.0 Temporary failure storing the message, try again later"
+            return self._per_recipient(envelope, status)
+        finally:
+            self.in_flight -= 1
+        return self._per_recipient(envelope, f"250 2.0.0 OK queued as {inbound_id}")
+
+    def _per_recipient(self, envelope: SmtpEnvelope, status: str) -> str:
+        # LMTP (RFC 2033 4.2) answers DATA once per accepted recipient; SMTP once in all.
+        if self.source != "lmtp":
+            return status
+        return "\r\n".join(f"{status} <{r}>" for r in envelope.rcpt_tos)
+
+
+def protocol_factory(listener: Listener, handler: IntakeHandler, hostname: str, lmtp: bool):
+    """A factory for ``loop.create_server`` making one SMTP (or LMTP) session per client."""
+    base = LMTP if lmtp else SMTP
+
+    class Protocol(base):  # type: ignore[valid-type, misc]
+        # Liberal at the edge: lines longer than RFC 5321's 1000 octets are accepted.
+        line_length_limit = listener.max_line_length
+
+    def make() -> SMTP:
+        return Protocol(
+            handler,
+            data_size_limit=listener.max_message_size,
+            hostname=listener.hostname or hostname,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            ident="mailgw",
+        )
+
+    return make

@@ -1,0 +1,1 @@
+"""Outgoing mail: rendering (Jinja2), the durable outbox and the sender loop."""

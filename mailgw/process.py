@@ -1,0 +1,210 @@
+"""Turn one inbound message into a ticket article, and queue the acknowledgement.
+
+Everything here runs inside the worker's transaction: the ticket, the article, its
+attachments, the events that explain each decision, the outgoing acknowledgement in the
+outbox and the inbound row's ``done`` mark are committed together or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgw.mail.machine import automatic_reason
+from mailgw.mail.parse import parse_message
+from mailgw.numbers import format_number, tag_subject
+from mailgw.outbound.render import Renderer, build_message, make_message_id
+from mailgw.queue import now
+from mailgw.settings import Queue, Settings
+from mailgw.store import models as m
+from mailgw.threader import find_ticket
+from mailgw.types import ParsedMail
+
+
+class Quarantine(Exception):
+    """The message cannot be processed as configured; keep it for an admin to look at."""
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    renderer: Renderer
+
+
+def _clean(text: str | None, limit: int | None = None) -> str:
+    # PostgreSQL text cannot hold NUL characters; real mail sometimes has them.
+    text = (text or "").replace("\x00", "")
+    return text[:limit] if limit else text
+
+
+def _event(session: Session, type_: str, row: m.Inbound | None, ticket: m.Ticket | None,
+           article: m.Article | None = None, **data: Any) -> None:
+    session.add(m.Event(
+        type=type_, created_at=now(), data=data,
+        inbound_id=row.id if row else None,
+        ticket_id=ticket.id if ticket else None,
+        article_id=article.id if article else None,
+    ))
+
+
+def queue_for(row: m.Inbound, settings: Settings) -> Queue:
+    if row.queue:
+        q = settings.queue(row.queue)
+        if q is None:
+            raise Quarantine(f"queue {row.queue!r} given at delivery is not configured")
+        return q
+    for rcpt in row.rcpt_tos:
+        q = settings.queue_for_recipient(rcpt)
+        if q is not None:
+            return q
+    if not row.rcpt_tos and settings.default_queue:
+        return settings.queue(settings.default_queue)  # type: ignore[return-value]
+    raise Quarantine(f"no configured queue serves {', '.join(row.rcpt_tos) or 'an empty recipient list'}")
+
+
+def process(session: Session, row: m.Inbound, ctx: Context) -> None:
+    settings = ctx.settings
+    duplicate = session.scalar(
+        select(m.Inbound.id).where(
+            m.Inbound.sha256 == row.sha256, m.Inbound.id != row.id, m.Inbound.state == "done"
+        ).limit(1)
+    )
+    if duplicate is not None:
+        # An MTA that missed our 250 delivers the same bytes again: one article is enough.
+        row.state, row.processed_at = "done", now()
+        _event(session, "duplicate_ignored", row, None, same_as_inbound=duplicate)
+        return
+
+    mail = parse_message(row.raw)
+    queue = queue_for(row, settings)
+    sender = mail.from_addr or row.mail_from.lower()
+    auto = automatic_reason(mail, row.mail_from)
+
+    match = find_ticket(session, mail, settings.ticket_numbers)
+    ticket, by, reason = match.ticket, match.by, match.reason
+    reopened = rejected = False
+    if ticket is not None and ticket.state == "closed":
+        policy = (settings.queue(ticket.queue) or queue).on_closed_reply
+        if policy == "reopen":
+            reopened = True
+            reason += "; the ticket was closed and is reopened (queue policy reopen)"
+        elif policy == "new_ticket":
+            reason += f"; ticket {ticket.number} is closed, queue policy opens a new ticket"
+            ticket, by = None, "new_ticket"
+        else:
+            rejected = True
+            reason += "; the ticket is closed and the queue rejects replies (stored, not reopened)"
+
+    stamp = now()
+    if ticket is None:
+        ticket = m.Ticket(
+            title=_clean(mail.subject, 1000) or "(no subject)", queue=queue.name, state="new",
+            priority=3, customer=_clean(sender, 320), created_at=stamp, updated_at=stamp,
+        )
+        session.add(ticket)
+        session.flush()
+        ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+        _event(session, "ticket_created", row, ticket, queue=queue.name, number=ticket.number)
+    elif not rejected:
+        old = ticket.state
+        if ticket.state in ("closed", "pending"):
+            ticket.state, ticket.closed_at = "open", None
+            _event(session, "state_changed", row, ticket, old=old, new="open",
+                   reason="customer follow-up")
+        ticket.updated_at = stamp
+
+    article = _store_article(session, row, ticket, mail, sender, by, reason, auto)
+    _event(session, "article_received", row, ticket, article, source=row.source,
+           threaded_by=by, reason=reason, automatic=auto)
+
+    ticket_queue = settings.queue(ticket.queue) or queue
+    why_not = (
+        f"the message is automatic: {auto}" if auto
+        else "the queue does not send auto responses" if not ticket_queue.auto_response
+        else "the ticket is closed and the queue rejects replies" if rejected
+        else None
+    )
+    recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
+    if why_not is None and not recipient:
+        why_not = "the message has no sender address to answer"
+    if why_not:
+        _event(session, "auto_response_suppressed", row, ticket, article, reason=why_not)
+    else:
+        template = "ack_new" if by == "new_ticket" else "ack_followup"
+        _queue_ack(session, row, ctx, ticket, ticket_queue, article, mail, recipient, template,
+                   reopened)
+
+    row.state, row.processed_at = "done", stamp
+    row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
+
+
+def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
+                   sender: str, by: str, reason: str, auto: str | None) -> m.Article:
+    article = m.Article(
+        ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
+        from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),
+        to_addrs=_clean(", ".join(mail.to)), cc_addrs=_clean(", ".join(mail.cc)),
+        subject=_clean(mail.subject), message_id=_clean(mail.message_id, 998) or None,
+        in_reply_to=_clean(" ".join(mail.in_reply_to)) or None,
+        references=_clean(" ".join(mail.references)) or None,
+        body_text=_clean(mail.text), body_html=_clean(mail.html) or None,
+        threaded_by=by, thread_reason=_clean(reason), is_automatic=auto is not None,
+        automatic_reason=auto, created_at=now(),
+    )
+    session.add(article)
+    session.flush()
+    for att in mail.attachments:
+        session.add(m.Attachment(
+            article_id=article.id, filename=_clean(att.filename, 500) or None,
+            content_type=_clean(att.content_type, 255), disposition=att.disposition[:16],
+            content_id=_clean(att.content_id, 500) or None, size=len(att.data), data=att.data,
+        ))
+    return article
+
+
+def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket, queue: Queue,
+               article: m.Article, mail: ParsedMail, recipient: str, template: str,
+               reopened: bool) -> None:
+    cfg = ctx.settings.ticket_numbers
+    tag = f"[{cfg.hook}{ticket.number}]"
+    rendered = ctx.renderer.render(template, {
+        "ticket": ticket, "article": article, "customer": ticket.customer, "tag": tag,
+        "queue": {"name": queue.name, "address": queue.from_address}, "reopened": reopened,
+    })
+    message_id = make_message_id(ctx.settings.hostname, ticket.id)
+    references = (mail.references + ([mail.message_id] if mail.message_id else []))[-20:]
+    subject = tag_subject(cfg, ticket.number or "", rendered.subject)
+    raw = build_message(
+        from_addr=queue.from_address, from_name=queue.sender_name, to=[recipient],
+        subject=subject, body=rendered.body, message_id=message_id,
+        in_reply_to=mail.message_id, references=references,
+        extra_headers={
+            # RFC 3834: automatic responses say so, and ask others not to answer them.
+            "Auto-Submitted": "auto-replied",
+            "X-Auto-Response-Suppress": "All",
+            "Precedence": "bulk",
+            ctx.settings.loop_header: queue.from_address,
+            "X-Mailgw-Ticket": ticket.number or "",
+        },
+    )
+    out = m.Article(
+        ticket_id=ticket.id, direction="out", sender_type="system",
+        from_addr=queue.from_address, from_name=queue.sender_name or "", to_addrs=recipient,
+        subject=subject, message_id=message_id, in_reply_to=mail.message_id,
+        references=" ".join(references) or None, body_text=rendered.body,
+        threaded_by="auto_response", thread_reason=f"acknowledgement ({template})",
+        is_automatic=True, automatic_reason="our acknowledgement", delivery_state="queued",
+        created_at=now(),
+    )
+    session.add(out)
+    session.flush()
+    stamp = now()
+    session.add(m.Outbox(
+        ticket_id=ticket.id, article_id=out.id, mail_from=queue.from_address,
+        rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending", attempts=0,
+        next_attempt_at=stamp, created_at=stamp,
+    ))
+    _event(session, "auto_response_queued", row, ticket, out, template=template, to=recipient)

@@ -1,0 +1,135 @@
+"""The durable inbound queue: put (intake), claim/done/quarantine (worker), replay (admin).
+
+``put`` returns only after the row holding the raw bytes and envelope is committed, which is
+the moment intake may acknowledge the message. ``GroupCommitWriter`` lets many concurrent SMTP
+sessions share one commit (one fsync) without weakening that rule: each caller waits for the
+commit that contains its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue as stdqueue
+import threading
+from concurrent.futures import Future
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, insert, select, update
+
+from mailgw.store.models import Inbound
+from mailgw.types import Envelope
+
+log = logging.getLogger(__name__)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _row(env: Envelope) -> dict:
+    return {
+        "received_at": env.received_at,
+        "source": env.source,
+        "source_ref": env.source_ref,
+        "mail_from": env.mail_from,
+        "rcpt_tos": list(env.rcpt_tos),
+        "queue": env.queue,
+        "size": len(env.raw),
+        "sha256": hashlib.sha256(env.raw).hexdigest(),
+        "raw": env.raw,
+        "state": "pending",
+        "attempts": 0,
+    }
+
+
+def put_many(engine: Engine, envelopes: list[Envelope]) -> list[int]:
+    """Insert envelopes in one transaction; returns their ids once committed."""
+    with engine.begin() as conn:
+        ids = []
+        for env in envelopes:
+            # One INSERT ... RETURNING per row keeps ids in order on both backends.
+            ids.append(conn.execute(insert(Inbound).returning(Inbound.id), _row(env)).scalar_one())
+    return ids
+
+
+def put(engine: Engine, envelope: Envelope) -> int:
+    return put_many(engine, [envelope])[0]
+
+
+class GroupCommitWriter:
+    """A thread that commits queued envelopes in groups and tells each caller its id."""
+
+    def __init__(self, engine: Engine, *, max_group: int = 256, on_commit=None):  # type: ignore[no-untyped-def]
+        self.engine = engine
+        self.max_group = max_group
+        self.on_commit = on_commit  # called after each commit (wakes the worker)
+        self._q: stdqueue.Queue[tuple[Envelope, Future[int]] | None] = stdqueue.Queue()
+        self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, envelope: Envelope) -> Future[int]:
+        fut: Future[int] = Future()
+        self._q.put((envelope, fut))
+        return fut
+
+    async def aput(self, envelope: Envelope) -> int:
+        return await asyncio.wrap_future(self.submit(envelope))
+
+    def close(self) -> None:
+        """Commit everything already submitted, then stop."""
+        self._q.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._q.get()
+            if item is None:
+                break
+            group = [item]
+            while len(group) < self.max_group:
+                try:
+                    nxt = self._q.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+            try:
+                ids = put_many(self.engine, [env for env, _ in group])
+            except Exception as exc:  # the store failed: every caller answers 451
+                log.exception("inbound queue commit failed for %d message(s)", len(group))
+                for _, fut in group:
+                    fut.set_exception(exc)
+                continue
+            for (_, fut), mid in zip(group, ids, strict=True):
+                fut.set_result(mid)
+            if self.on_commit:
+                self.on_commit()
+
+
+def quarantined(engine: Engine) -> list[Inbound]:
+    from mailgw.store.db import read_session
+
+    with read_session(engine) as s:
+        return list(
+            s.scalars(
+                select(Inbound)
+                .where(Inbound.state == "quarantined")
+                .order_by(Inbound.id)
+            )
+        )
+
+
+def replay(engine: Engine, inbound_id: int) -> bool:
+    """Put a quarantined message back into the queue; False if it is not quarantined."""
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Inbound)
+            .where(Inbound.id == inbound_id, Inbound.state == "quarantined")
+            .values(state="pending", attempts=0, error=None)
+        )
+        return res.rowcount == 1

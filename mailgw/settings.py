@@ -1,0 +1,274 @@
+"""Load and validate the gateway settings in ``config/mailgw.yaml``.
+
+The file is parsed with PyYAML's node API so that every value keeps the line it came from;
+pydantic validates the data, and each error is reported as ``file:line: path: reason`` so an
+admin can go straight to the bad value. A file that fails validation is refused as a whole:
+callers keep whatever settings they already run with.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_FILE = "config/mailgw.yaml"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused: a typo in a key must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class Listener(_Strict):
+    listen: str = "127.0.0.1:2525"
+    max_message_size: int = Field(default=50 * 1024 * 1024, gt=0)
+    # RFC 5321 limits lines to 998 characters, but real senders (Amazon SES, some Outlook HTML)
+    # exceed it; refusing their mail with a 5xx would lose it, so the edge is liberal.
+    max_line_length: int = Field(default=1024 * 1024, ge=1001)
+    hostname: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        return _host_port(v)
+
+
+class Relay(_Strict):
+    host: str
+    port: int = Field(default=25, gt=0, lt=65536)
+    starttls: bool = False
+    ssl: bool = False
+    username: str | None = None
+    password: str | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+
+class Queue(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    addresses: list[str] = Field(min_length=1)
+    # The address our replies come from; defaults to the first served address.
+    sender: str | None = None
+    sender_name: str | None = None
+    auto_response: bool = True
+    # What a reply to a closed ticket does: reopen it (OTRS default), open a new ticket, or be
+    # stored without touching the ticket.
+    on_closed_reply: Literal["reopen", "new_ticket", "reject"] = "reopen"
+
+    @field_validator("addresses")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if "@" not in a:
+                raise ValueError(f"not an email address: {a!r}")
+        return [a.strip().lower() for a in v]
+
+    @property
+    def from_address(self) -> str:
+        return self.sender or self.addresses[0]
+
+
+class TicketNumbers(_Strict):
+    hook: str = "Ticket#"
+    system_id: str = Field(default="10", pattern=r"^[0-9]{1,6}$")
+    # OTRS "Date" generator: YYYYMMDD + system id + counter; "counter": system id + counter.
+    generator: Literal["date", "counter"] = "date"
+    min_counter_digits: int = Field(default=5, ge=1, le=12)
+
+
+class Worker(_Strict):
+    batch_size: int = Field(default=64, ge=1, le=5000)
+    poll_interval: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class Sender(_Strict):
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_initial: float = Field(default=30.0, gt=0)
+    backoff_max: float = Field(default=3600.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
+
+
+class Settings(_Strict):
+    store_url: str | None = None  # default: SQLite in the home's store/
+    smtp: Listener = Listener()
+    lmtp: Listener | None = None
+    relay: Relay | None = None  # None: outgoing mail is written to store/outbox/ as .eml files
+    hostname: str = "mailgw.localdomain"  # right-hand side of our Message-IDs
+    ticket_numbers: TicketNumbers = TicketNumbers()
+    queues: list[Queue] = Field(min_length=1)
+    default_queue: str | None = None  # catch-all for recipients no queue lists
+    worker: Worker = Worker()
+    sender: Sender = Sender()
+    loop_header: str = "X-Loop"
+
+    @model_validator(mode="after")
+    def _check_queues(self) -> Settings:
+        names = [q.name for q in self.queues]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"queue names must be unique, repeated: {', '.join(dupes)}")
+        seen: dict[str, str] = {}
+        for q in self.queues:
+            for a in q.addresses:
+                if a in seen:
+                    raise ValueError(f"address {a} is served by both {seen[a]} and {q.name}")
+                seen[a] = q.name
+        if self.default_queue is not None and self.default_queue not in names:
+            raise ValueError(f"default_queue {self.default_queue!r} is not a configured queue")
+        return self
+
+    def queue(self, name: str) -> Queue | None:
+        for q in self.queues:
+            if q.name == name:
+                return q
+        return None
+
+    def queue_for_recipient(self, address: str) -> Queue | None:
+        """The queue serving an envelope recipient; ``+detail`` is ignored (RFC 5233)."""
+        address = address.strip().strip("<>").lower()
+        local, _, domain = address.rpartition("@")
+        base = f"{local.split('+', 1)[0]}@{domain}"
+        for q in self.queues:
+            if address in q.addresses or base in q.addresses:
+                return q
+        return self.queue(self.default_queue) if self.default_queue else None
+
+
+@dataclass(frozen=True)
+class Home:
+    """The directory holding ``config/ filters/ templates/ store/``."""
+
+    path: Path
+
+    @classmethod
+    def resolve(cls, home: str | os.PathLike[str] | None) -> Home:
+        return cls(Path(home or os.environ.get("MAILGW_HOME") or ".").resolve())
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def templates(self) -> Path:
+        return self.path / "templates"
+
+    @property
+    def store(self) -> Path:
+        return self.path / "store"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.store / "outbox"
+
+    def store_url(self, settings: Settings) -> str:
+        if settings.store_url:
+            return settings.store_url
+        return f"sqlite:///{self.store / 'mailgw.db'}"
+
+
+class ConfigError(Exception):
+    """A config file was refused; ``errors`` holds one ``file:line: path: reason`` per problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _node_lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    """Record the 1-based line of every value (and of every key) under ``node``."""
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            out[path + (k, "__key__")] = key.start_mark.line + 1
+            _node_lines(value, path + (k,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_lines(item, path + (i,), out)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def load_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse a YAML file; returns the data and a map from value path to line number."""
+    label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{label}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{label}: cannot read: {exc}"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}" if mark else label
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return data, lines
+
+
+def validation_errors(
+    exc: ValidationError, label: str, lines: dict[tuple[Any, ...], int]
+) -> list[str]:
+    """Turn pydantic errors into ``file:line: path: reason`` lines."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        line = None
+        if err["type"] == "extra_forbidden":
+            line = lines.get(loc + ("__key__",))
+        probe = loc
+        while line is None and probe:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        line = line or lines.get(())
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = re.sub(r"^Value error, ", "", msg)
+        where = f"{label}:{line}" if line else label
+        out.append(f"{where}: {_format_loc(loc)}: {msg}")
+    return out
+
+
+def display_path(path: Path) -> str:
+    """A path as an admin wants to read it: relative to the current directory when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def load_settings(home: Home) -> Settings:
+    """Read and validate ``config/mailgw.yaml``; raises ConfigError naming file, line and path."""
+    label = display_path(home.config_file)
+    data, lines = load_yaml_with_lines(home.config_file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}:1: (top level): expected a mapping of settings"])
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_errors(exc, label, lines)) from None

@@ -1,0 +1,82 @@
+"""Find the ticket a message belongs to, and say why.
+
+Order, each step stronger than the next:
+1. a Message-ID we already hold (ours, or an earlier message of the customer's own) in
+   ``In-Reply-To`` or ``References``, by an indexed lookup;
+2. the ticket number in the subject, accepted only when the sender is already on that ticket,
+   so a stranger who quotes a number cannot write into someone else's ticket;
+3. otherwise a new ticket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgw.numbers import subject_pattern
+from mailgw.settings import TicketNumbers
+from mailgw.store.models import Article, Ticket
+from mailgw.types import ParsedMail
+
+# A References header can list hundreds of ids; the newest ones are the useful ones.
+MAX_REFERENCES = 50
+
+
+@dataclass(frozen=True)
+class ThreadMatch:
+    ticket: Ticket | None
+    by: str  # "in_reply_to", "references", "subject_number" or "new_ticket"
+    reason: str
+
+
+def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers) -> ThreadMatch:
+    refs = list(dict.fromkeys(mail.in_reply_to + list(reversed(mail.references))))
+    refs = [r for r in refs if r][:MAX_REFERENCES]
+    notes = []
+    if refs:
+        rows = session.execute(
+            select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(refs))
+        ).all()
+        found = {}
+        for mid, tid in rows:
+            found.setdefault(mid, tid)
+        for ref in refs:
+            if ref in found:
+                ticket = session.get(Ticket, found[ref])
+                by = "in_reply_to" if ref in mail.in_reply_to else "references"
+                header = "In-Reply-To" if by == "in_reply_to" else "References"
+                return ThreadMatch(ticket, by, f"{header} <{ref}> is on ticket {ticket.number}")
+        notes.append(f"none of {len(refs)} referenced Message-ID(s) is known")
+
+    for m in subject_pattern(cfg).finditer(mail.subject or ""):
+        number = m.group(1)
+        ticket = session.scalars(select(Ticket).where(Ticket.number == number)).first()
+        if ticket is None:
+            notes.append(f"subject names {cfg.hook}{number}, which does not exist")
+            continue
+        if _sender_on_ticket(session, ticket, mail.from_addr):
+            return ThreadMatch(
+                ticket,
+                "subject_number",
+                f"subject names {cfg.hook}{number} and {mail.from_addr} is on that ticket",
+            )
+        notes.append(
+            f"subject names {cfg.hook}{number} but {mail.from_addr or 'the sender'} is not on"
+            " that ticket"
+        )
+    return ThreadMatch(None, "new_ticket", "; ".join(notes) or "no reference to a known ticket")
+
+
+def _sender_on_ticket(session: Session, ticket: Ticket, sender: str) -> bool:
+    if not sender:
+        return False
+    if ticket.customer == sender:
+        return True
+    hit = session.scalar(
+        select(Article.id)
+        .where(Article.ticket_id == ticket.id, Article.from_addr == sender)
+        .limit(1)
+    )
+    return hit is not None

@@ -1,0 +1,83 @@
+"""SIGKILL while a client sends: every message the client saw 250 for is stored exactly once."""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+from email.message import EmailMessage
+
+import pytest
+from sqlalchemy import func, select
+
+from tests.conftest import wait_until
+
+TOTAL = 500
+
+
+def _message(i: int) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"user{i % 37}@customer.test"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = f"crash test {i}"
+    msg["Message-ID"] = f"<crash-{i}@customer.test>"
+    msg.set_content(f"message number {i}\n")
+    return msg
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_during_500_messages_loses_and_duplicates_nothing(home, gateway):
+    from mailgw.store import models as m
+
+    gateway.start()
+    acked: list[int] = []
+    errors: list[str] = []
+    stop_after = 150  # kill once this many were acknowledged, while the client keeps sending
+
+    def client(start: int, step: int) -> None:
+        i = start
+        while i < TOTAL:
+            try:
+                with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+                    while i < TOTAL:
+                        s.send_message(_message(i))
+                        acked.append(i)  # send_message returned: the server said 250
+                        i += step
+            except (OSError, smtplib.SMTPException) as exc:
+                errors.append(f"{i}: {exc!r}")
+                return
+
+    threads = [threading.Thread(target=client, args=(k, 4)) for k in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(acked) >= stop_after, timeout=120, what=f"{stop_after} acks")
+    gateway.kill()  # SIGKILL: no clean shutdown, the worker may be mid-transaction
+    for t in threads:
+        t.join(30)
+    assert errors, "the clients should have seen the connection die"
+    acked_set = set(acked)
+    assert len(acked_set) < TOTAL
+
+    # After a restart the worker finishes whatever was durable but not processed
+    gateway.start()
+    engine = home.engine()
+
+    def processed() -> bool:
+        with engine.connect() as c:
+            return c.scalar(select(func.count()).select_from(m.Inbound)
+                            .where(m.Inbound.state == "pending")) == 0
+
+    wait_until(processed, timeout=120, what="the backlog to drain")
+    gateway.stop()
+    with engine.connect() as c:
+        stored = c.execute(select(m.Article.message_id).where(m.Article.direction == "in")).scalars().all()
+        inbound = c.scalar(select(func.count()).select_from(m.Inbound))
+        quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
+                               .where(m.Inbound.state == "quarantined"))
+    ids = [int(x.split("-")[1].split("@")[0]) for x in stored]
+    # Every acknowledged message is there...
+    assert acked_set <= set(ids), sorted(acked_set - set(ids))[:10]
+    # ...exactly once, and nothing is stored twice
+    assert len(ids) == len(set(ids))
+    assert inbound == len(ids)
+    assert quarantined == 0
+    engine.dispose()

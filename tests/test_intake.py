@@ -1,0 +1,100 @@
+"""The SMTP/LMTP edge: exact status codes, and 250 only once the message is durable."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+from sqlalchemy import func, select, text
+
+from tests.conftest import free_port, wait_until
+from tests.test_e2e_smtp import customer_mail
+
+
+def _count(home) -> int:  # type: ignore[no-untyped-def]
+    from mailgw.store import models as m
+
+    engine = home.engine()
+    try:
+        with engine.connect() as c:
+            return c.scalar(select(func.count()).select_from(m.Inbound))
+    finally:
+        engine.dispose()
+
+
+def test_unknown_recipient_is_refused_at_rcpt(home, gateway):
+    gateway.start()
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        s.mail("alice@customer.test")
+        code, reply = s.rcpt("nobody@example.com")
+        assert code == 550 and reply.startswith(b"5.1.1")
+        # a served address with a +detail is accepted (RFC 5233 subaddressing)
+        assert s.rcpt("support+urgent@example.com")[0] == 250
+
+
+def test_oversized_message_is_refused_with_552(home, gateway):
+    home.update_config(smtp={"listen": "127.0.0.1:2525", "max_message_size": 20000})
+    gateway.start()
+    msg = customer_mail("big", "x" * 60 + "\n" * 1 + ("y" * 70 + "\n") * 400)
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        with pytest.raises(smtplib.SMTPResponseException) as err:
+            s.send_message(msg)
+        assert err.value.smtp_code == 552
+    assert _count(home) == 0
+
+
+def test_lines_longer_than_rfc5321_are_accepted(home, gateway):
+    # Real senders (Amazon SES, Outlook HTML) exceed 998 characters a line; refusing loses mail.
+    gateway.start()
+    body = "word " * 3000  # one 15,000-character line
+    msg = customer_mail("long line", "")
+    msg.set_content(body, cte="8bit")
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        assert s.send_message(msg) == {}
+    wait_until(lambda: _count(home) == 1, what="stored message")
+
+
+def test_store_failure_answers_451_and_mta_retry_succeeds(home, gateway):
+    # Given a running gateway whose inbound table disappears (a real store failure)
+    gateway.start()
+    engine = home.engine()
+    with engine.begin() as c:
+        c.execute(text("ALTER TABLE inbound RENAME TO inbound_away"))
+    msg = customer_mail("during outage", "hello")
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            s.send_message(msg)
+        # Then the sender is told to retry later, with the enhanced status 4.3.0
+        assert err.value.smtp_code == 451
+        assert err.value.smtp_error.startswith(b"4.3.0")
+    # When the store is back, the retried message is accepted and stored once
+    with engine.begin() as c:
+        c.execute(text("ALTER TABLE inbound_away RENAME TO inbound"))
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        assert s.send_message(msg) == {}
+    engine.dispose()
+    assert _count(home) == 1
+
+
+def test_lmtp_answers_once_per_recipient(home, gateway):
+    port = free_port()
+    home.update_config(lmtp={"listen": f"127.0.0.1:{port}"})
+    gateway.start()
+    client = smtplib.LMTP("127.0.0.1", port, timeout=10)
+    try:
+        client.ehlo_or_helo_if_needed()
+        assert client.mail("alice@customer.test")[0] == 250
+        assert client.rcpt("support@example.com")[0] == 250
+        assert client.rcpt("billing@example.com")[0] == 250
+        assert client.rcpt("stranger@example.com")[0] == 550
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(b"From: alice@customer.test\r\nSubject: via LMTP\r\n\r\nhi\r\n.\r\n")
+        statuses = [client.getreply() for _ in range(2)]
+    finally:
+        client.close()
+    assert [code for code, _ in statuses] == [250, 250]
+    assert b"support@example.com" in statuses[0][1]
+    assert b"billing@example.com" in statuses[1][1]
+    wait_until(lambda: _count(home) == 1, what="stored message")

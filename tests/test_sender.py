@@ -1,0 +1,100 @@
+"""The outbox sender against a real SMTP sink: retries with backoff, dead letters, no relay."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from mailgw.outbound.sender import Sender
+from mailgw.queue import now
+from mailgw.settings import Relay
+from mailgw.settings import Sender as SenderCfg
+from mailgw.store import models as m
+from tests.helpers import Harness, mail
+
+
+@pytest.fixture
+def hx(home):  # type: ignore[no-untyped-def]
+    h = Harness(home)
+    h.put(mail("Need help", msgid="n@c"))
+    h.drain()
+    yield h
+    h.close()
+
+
+def _sender(hx: Harness, port: int, **cfg) -> Sender:  # type: ignore[no-untyped-def]
+    return Sender(hx.engine, Relay(host="127.0.0.1", port=port, timeout=5),
+                  hx.home.path / "store" / "outbox",
+                  SenderCfg(backoff_initial=30, backoff_max=600, **cfg))
+
+
+def _make_due(hx: Harness) -> None:
+    with hx.engine.begin() as c:
+        c.execute(update(m.Outbox).values(next_attempt_at=now() - timedelta(seconds=1)))
+
+
+def test_temporary_refusal_is_retried_with_backoff_then_sent(hx, sink):
+    sink.refusals = ["451 4.3.0 try later", "421 4.3.2 shutting down"]
+    sender = _sender(hx, sink.port)
+    assert sender.run_once() == 1
+    [row] = hx.outbox()
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert "451" in row.last_error
+    delay = (row.next_attempt_at.replace(tzinfo=None) - now().replace(tzinfo=None)).total_seconds()
+    assert 20 < delay <= 30  # first backoff step
+    assert sender.run_once() == 0  # not due yet: nothing is sent early
+    _make_due(hx)
+    sender.run_once()
+    [row] = hx.outbox()
+    assert row.attempts == 2
+    delay = (row.next_attempt_at.replace(tzinfo=None) - now().replace(tzinfo=None)).total_seconds()
+    assert 50 < delay <= 60  # doubled
+    _make_due(hx)
+    sender.run_once()
+    [row] = hx.outbox()
+    assert (row.state, row.attempts) == ("sent", 3)
+    assert len(sink.messages) == 1
+    out = [a for a in hx.articles() if a.direction == "out"][0]
+    assert out.delivery_state == "sent"
+
+
+def test_permanent_refusal_is_a_dead_letter_and_marks_the_article(hx, sink):
+    sink.refusals = ["550 5.1.1 no such user"]
+    _sender(hx, sink.port).run_once()
+    [row] = hx.outbox()
+    assert row.state == "dead" and "550" in row.last_error
+    out = [a for a in hx.articles() if a.direction == "out"][0]
+    assert out.delivery_state == "failed"
+    assert len(hx.events("delivery_failed")) == 1
+
+
+def test_attempts_run_out_into_a_dead_letter(hx, sink):
+    sink.refusals = ["451 4.3.0 busy"] * 3
+    sender = _sender(hx, sink.port, max_attempts=3)
+    for _ in range(3):
+        _make_due(hx)
+        sender.run_once()
+    [row] = hx.outbox()
+    assert (row.state, row.attempts) == ("dead", 3)
+    assert sink.messages == []
+
+
+def test_unreachable_relay_is_retried(hx):
+    from tests.conftest import free_port
+
+    _sender(hx, free_port()).run_once()
+    [row] = hx.outbox()
+    assert row.state == "pending" and row.attempts == 1
+    assert "Connection refused" in row.last_error or "Errno" in row.last_error
+
+
+def test_no_relay_writes_eml_files_atomically(hx):
+    outdir = hx.home.path / "store" / "outbox"
+    Sender(hx.engine, None, outdir, SenderCfg()).run_once()
+    [f] = list(outdir.glob("*.eml"))
+    assert not list(outdir.glob("*.tmp"))
+    [row] = hx.outbox()
+    assert row.state == "sent"
+    assert f.read_bytes() == row.raw

@@ -1,0 +1,141 @@
+"""The worker on both stores: threading rules, closed-ticket policies, quarantine, duplicates."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from mailgw.store import models as m
+from tests.helpers import Harness, mail
+
+
+@pytest.fixture
+def hx(home):  # type: ignore[no-untyped-def]
+    h = Harness(home)
+    yield h
+    h.close()
+
+
+def _set_policy(hx: Harness, policy: str) -> None:
+    data = hx.home.config()
+    data["queues"][0]["on_closed_reply"] = policy
+    hx.home.write_config(data)
+    hx.settings = hx.home.settings()
+
+
+def _close(hx: Harness, ticket_id: int) -> None:
+    with hx.engine.begin() as c:
+        c.execute(update(m.Ticket).where(m.Ticket.id == ticket_id).values(state="closed"))
+
+
+def test_new_ticket_number_and_customer(hx):
+    hx.put(mail("Hello", msgid="a1@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    assert t.number.startswith(t.created_at.strftime("%Y%m%d") + "10")
+    assert t.number.endswith(str(t.id).rjust(5, "0"))
+    assert (t.customer, t.state, t.queue) == ("alice@customer.test", "new", "support")
+    [ev] = hx.events("article_received")
+    assert ev.data["threaded_by"] == "new_ticket"
+
+
+def test_reference_to_customers_own_earlier_message_threads(hx):
+    # Customers often reply to what they sent themselves (cc'ing more detail)
+    hx.put(mail("Broken", msgid="orig@c"))
+    hx.put(mail("more detail", msgid="second@c", References="<orig@c>"))
+    hx.drain()
+    [t] = hx.tickets()
+    arts = [a for a in hx.articles(t.id) if a.direction == "in"]
+    assert [a.threaded_by for a in arts] == ["new_ticket", "references"]
+    assert "orig@c" in arts[1].thread_reason
+
+
+@pytest.mark.parametrize("policy", ["reopen", "new_ticket", "reject"])
+def test_reply_to_closed_ticket_follows_queue_policy(hx, policy):
+    _set_policy(hx, policy)
+    hx.put(mail("Broken", msgid="orig@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    _close(hx, t.id)
+    hx.put(mail("Re: Broken", msgid="reply@c", In_Reply_To="<orig@c>"))
+    hx.drain()
+    tickets = hx.tickets()
+    acks = hx.outbox()
+    if policy == "reopen":
+        assert len(tickets) == 1 and tickets[0].state == "open"
+        assert len(acks) == 2
+    elif policy == "new_ticket":
+        assert len(tickets) == 2 and tickets[0].state == "closed"
+        assert tickets[1].state == "new"
+        reply = [a for a in hx.articles(tickets[1].id) if a.direction == "in"][0]
+        assert "closed" in reply.thread_reason
+    else:
+        assert len(tickets) == 1 and tickets[0].state == "closed"
+        assert len([a for a in hx.articles(t.id) if a.direction == "in"]) == 2
+        assert len(acks) == 1  # only the first message was acknowledged
+        [sup] = hx.events("auto_response_suppressed")
+        assert "rejects replies" in sup.data["reason"]
+
+
+def test_follow_up_on_pending_ticket_sets_it_open(hx):
+    hx.put(mail("Broken", msgid="orig@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    with hx.engine.begin() as c:
+        c.execute(update(m.Ticket).where(m.Ticket.id == t.id).values(state="pending"))
+    hx.put(mail("Re: Broken", msgid="r@c", In_Reply_To="<orig@c>"))
+    hx.drain()
+    assert hx.tickets()[0].state == "open"
+
+
+def test_same_bytes_delivered_twice_make_one_article(hx):
+    raw = mail("Once", msgid="once@c")
+    hx.put(raw)
+    hx.drain()
+    hx.put(raw)  # an MTA that did not see our 250 retries with the same message
+    hx.drain()
+    assert len([a for a in hx.articles() if a.direction == "in"]) == 1
+    assert len(hx.events("duplicate_ignored")) == 1
+
+
+def test_failure_is_quarantined_with_reason_and_replayable(hx):
+    # A template error makes processing fail: the message is kept, not dropped
+    tmpl = hx.home.path / "templates" / "ack_new.j2"
+    good = tmpl.read_text()
+    tmpl.write_text("{% block subject %}{{ no_such_variable }}{% endblock %}{% block body %}x{% endblock %}")
+    hx.renderer = type(hx.renderer)(hx.home.path / "templates")
+    [iid] = hx.put(mail("Hello", msgid="q@c"), mail("Other", msgid="q2@c", sender="b@c.test"))[:1]
+    hx.drain()
+    row = hx.inbound(iid)
+    assert row.state == "quarantined"
+    assert "no_such_variable" in row.error
+    assert hx.tickets() == []  # the failed message left nothing half-written behind
+    listed = hx.home.cli("quarantine", "list", "--json", check=True).stdout
+    assert b"no_such_variable" in listed
+    # When the admin fixes the template and replays, the message becomes a ticket
+    tmpl.write_text(good)
+    hx.renderer = type(hx.renderer)(hx.home.path / "templates")
+    proc = hx.home.cli("quarantine", "replay", str(iid))
+    assert proc.returncode == 0, proc.stderr
+    hx.drain()
+    assert hx.inbound(iid).state == "done"
+    assert len(hx.tickets()) == 1
+    assert hx.home.cli("quarantine", "replay", str(iid)).returncode == 1
+
+
+def test_recipient_no_queue_serves_is_quarantined(hx):
+    [iid] = hx.put(mail("Lost"), rcpt="nobody@elsewhere.test")
+    hx.drain()
+    row = hx.inbound(iid)
+    assert row.state == "quarantined" and "no configured queue" in row.error
+
+
+def test_nul_bytes_and_broken_mime_are_stored(hx):
+    raw = (b"From: weird@c.test\r\nTo: support@example.com\r\nSubject: nul\x00here\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"zz\"\r\n\r\n--zz\r\n"
+           b"Content-Type: text/plain; charset=x-unknown\r\n\r\nbody\x00with nul \xff\xfe\r\n")
+    [iid] = hx.put(raw)
+    hx.drain()
+    assert hx.inbound(iid).state == "done"
+    [a] = [a for a in hx.articles() if a.direction == "in"]
+    assert "body" in a.body_text and "\x00" not in a.body_text
