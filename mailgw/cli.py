@@ -100,11 +100,13 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--queue", help="Put the message into this queue, whatever its recipients.")
-@click.option("--sender", "mail_from", default="", help="Envelope sender (Postfix: ${sender}).")
+@click.option("--sender", "mail_from", default=None,
+              help="Envelope sender (Postfix: ${sender}; empty for the null sender <>). "
+                   "Unknown when not given.")
 @click.option("--recipient", "recipients", multiple=True,
               help="Envelope recipient (Postfix: ${recipient}); repeatable.")
 @click.pass_obj
-def deliver(obj: Obj, queue: str | None, mail_from: str, recipients: tuple[str, ...]) -> None:
+def deliver(obj: Obj, queue: str | None, mail_from: str | None, recipients: tuple[str, ...]) -> None:
     """Read one message on stdin and queue it durably (for an MTA pipe transport).
 
     Exit 0 once the message is durable, 65 (EX_DATAERR) if the input is not mail at all,
@@ -137,7 +139,7 @@ def deliver(obj: Obj, queue: str | None, mail_from: str, recipients: tuple[str, 
 
         engine = obj.engine()
         inbound_id = put(engine, Envelope(
-            raw=raw, mail_from=mail_from.strip("<>"), rcpt_tos=tuple(recipients),
+            raw=raw, mail_from=None if mail_from is None else mail_from.strip("<>"), rcpt_tos=tuple(recipients),
             source="pipe", received_at=datetime.now(UTC), queue=queue,
         ))
     except SystemExit:

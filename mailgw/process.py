@@ -80,7 +80,7 @@ def process(session: Session, row: m.Inbound, ctx: Context) -> None:
 
     mail = parse_message(row.raw)
     queue = queue_for(row, settings)
-    sender = mail.from_addr or row.mail_from.lower()
+    sender = mail.from_addr or (row.mail_from or "").lower()
     auto = automatic_reason(mail, row.mail_from)
 
     match = find_ticket(session, mail, settings.ticket_numbers)
@@ -170,8 +170,13 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
                reopened: bool) -> None:
     cfg = ctx.settings.ticket_numbers
     tag = f"[{cfg.hook}{ticket.number}]"
+    # Templates see plain values, not ORM objects: their variables are a documented contract.
     rendered = ctx.renderer.render(template, {
-        "ticket": ticket, "article": article, "customer": ticket.customer, "tag": tag,
+        "ticket": {"number": ticket.number, "title": ticket.title, "queue": ticket.queue,
+                   "state": ticket.state, "priority": ticket.priority},
+        "article": {"subject": article.subject, "from_addr": article.from_addr,
+                    "from_name": article.from_name, "text": article.body_text},
+        "customer": ticket.customer, "tag": tag,
         "queue": {"name": queue.name, "address": queue.from_address}, "reopened": reopened,
     })
     message_id = make_message_id(ctx.settings.hostname, ticket.id)

@@ -35,9 +35,6 @@ def _host_port(value: str) -> str:
 class Listener(_Strict):
     listen: str = "127.0.0.1:2525"
     max_message_size: int = Field(default=50 * 1024 * 1024, gt=0)
-    # RFC 5321 limits lines to 998 characters, but real senders (Amazon SES, some Outlook HTML)
-    # exceed it; refusing their mail with a 5xx would lose it, so the edge is liberal.
-    max_line_length: int = Field(default=1024 * 1024, ge=1001)
     hostname: str | None = None
 
     @field_validator("listen")

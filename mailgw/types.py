@@ -15,7 +15,9 @@ class Envelope:
     """A message as it arrived, before anything was parsed: what intake makes durable."""
 
     raw: bytes
-    mail_from: str  # envelope sender; "" for the null reverse-path "<>" (bounces)
+    # Envelope sender; "" for the null reverse-path "<>" (bounces); None when unknown
+    # (``mailgw deliver`` run without ``--sender``).
+    mail_from: str | None
     rcpt_tos: tuple[str, ...]
     source: str  # "smtp", "lmtp", "pipe" or "imap"
     received_at: datetime

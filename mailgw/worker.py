@@ -35,7 +35,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, Quarantine):
         return str(exc)
     if isinstance(exc, ParseError):
-        return f"not an email message: {exc}"
+        text = str(exc)
+        return text if text.startswith("not an email message") else f"not an email message: {text}"
     tb = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" (at {tb[0].filename.rsplit('/', 1)[-1]}:{tb[0].lineno})" if tb else ""
     return f"{type(exc).__name__}: {exc}{where}"[:4000]

@@ -48,6 +48,22 @@ def test_deliver_queue_option_overrides_recipient(home, gateway):
     assert tickets[0]["queue"] == "support"
 
 
+def test_deliver_without_sender_is_not_mistaken_for_a_bounce(home):
+    # Without --sender the envelope sender is unknown, not the null sender "<>".
+    from tests.helpers import Harness
+
+    assert home.cli("deliver", "--recipient", "billing@example.com", input=MAIL).returncode == 0
+    assert home.cli("deliver", "--sender", "", "--recipient", "billing@example.com",
+                    input=MAIL.replace(b"inv42", b"inv43")).returncode == 0
+    hx = Harness(home)
+    hx.drain()
+    [sent] = hx.events("auto_response_queued")
+    [suppressed] = hx.events("auto_response_suppressed")
+    hx.close()
+    assert "null sender" in suppressed.data["reason"]
+    assert sent.data["to"] == "carol@customer.test"
+
+
 def test_input_that_is_not_mail_exits_65_and_stores_nothing(home):
     from mailgw.store import models as m
 

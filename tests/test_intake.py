@@ -55,6 +55,16 @@ def test_lines_longer_than_rfc5321_are_accepted(home, gateway):
     wait_until(lambda: _count(home) == 1, what="stored message")
 
 
+def test_bare_lf_message_of_two_megabytes_is_accepted(home, gateway):
+    # A sloppy client sending bare LF makes the whole message one SMTP "line".
+    gateway.start()
+    raw = (b"From: a@customer.test\nTo: support@example.com\nSubject: bare LF\n\n"
+           + b"0123456789abcdef\n" * 130_000)
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as s:
+        assert s.sendmail("a@customer.test", ["support@example.com"], raw) == {}
+    wait_until(lambda: _count(home) == 1, what="stored message")
+
+
 def test_store_failure_answers_451_and_mta_retry_succeeds(home, gateway):
     # Given a running gateway whose inbound table disappears (a real store failure)
     gateway.start()

@@ -72,8 +72,10 @@ def protocol_factory(listener: Listener, handler: IntakeHandler, hostname: str, 
     base = LMTP if lmtp else SMTP
 
     class Protocol(base):  # type: ignore[valid-type, misc]
-        # Liberal at the edge: lines longer than RFC 5321's 1000 octets are accepted.
-        line_length_limit = listener.max_line_length
+        # Liberal at the edge: RFC 5321 limits lines to 1000 octets, but real senders (Amazon
+        # SES, some Outlook HTML, clients that send bare LF) exceed it, and refusing their mail
+        # with a 5xx loses it. Any line fits that fits the size limit.
+        line_length_limit = listener.max_message_size + 2
 
     def make() -> SMTP:
         return Protocol(

@@ -85,6 +85,12 @@ class Sender:
                 except (OSError, smtplib.SMTPException) as exc:
                     conn = self._close(conn)
                     self._failed(oid, f"{type(exc).__name__}: {exc}", permanent=False)
+                except Exception as exc:  # noqa: BLE001 - e.g. an address smtplib cannot encode
+                    # Counted like any failure, so a message that can never be sent ends as a
+                    # dead letter instead of blocking its lease forever.
+                    log.exception("outbox %s: unexpected error while sending", oid)
+                    conn = self._close(conn)
+                    self._failed(oid, f"{type(exc).__name__}: {exc}", permanent=False)
                 else:
                     self._sent(oid)
         finally:

@@ -50,7 +50,7 @@ class Inbound(Base):
     received_at: Mapped[datetime]
     source: Mapped[str] = mapped_column(String(16))
     source_ref: Mapped[str | None] = mapped_column(String(500))
-    mail_from: Mapped[str] = mapped_column(String(998))
+    mail_from: Mapped[str | None] = mapped_column(String(998))  # None: unknown, "": "<>"
     rcpt_tos: Mapped[list[str]] = mapped_column(JSON)
     queue: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)

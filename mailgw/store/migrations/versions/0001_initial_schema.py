@@ -35,7 +35,7 @@ def upgrade() -> None:
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('source', sa.String(length=16), nullable=False),
     sa.Column('source_ref', sa.String(length=500), nullable=True),
-    sa.Column('mail_from', sa.String(length=998), nullable=False),
+    sa.Column('mail_from', sa.String(length=998), nullable=True),
     sa.Column('rcpt_tos', sa.JSON(), nullable=False),
     sa.Column('queue', sa.String(length=64), nullable=True),
     sa.Column('size', sa.Integer(), nullable=False),

@@ -1,0 +1,1 @@
+"""Reading inbound mail: parsing, HTML sanitising and machine-mail detection."""

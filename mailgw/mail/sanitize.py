@@ -1,0 +1,252 @@
+"""Make a customer's HTML safe to show to agents, and readable as plain text.
+
+``sanitize_html`` keeps the structure of a mail (paragraphs, lists, tables, quotes, links)
+and removes everything that can run code, load remote content, submit data or restyle the
+agent's screen. It is an allow-list (bleach): what is not listed below is removed.
+``html_to_text`` renders HTML as plain text for the text body, search and replies.
+"""
+
+from __future__ import annotations
+
+import html as htmllib
+import logging
+import re
+import threading
+from html.parser import HTMLParser
+
+from bleach import html5lib_shim
+from bleach.sanitizer import BleachSanitizerFilter
+
+__all__ = ["html_to_text", "sanitize_html"]
+
+log = logging.getLogger(__name__)
+
+# --- sanitize_html ------------------------------------------------------------------------
+
+ALLOWED_TAGS = frozenset(
+    {
+        "a", "abbr", "acronym", "address", "b", "bdi", "bdo", "big", "blockquote", "br",
+        "caption", "center", "cite", "code", "col", "colgroup", "dd", "del", "dfn", "div",
+        "dl", "dt", "em", "font", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "i", "img",
+        "ins", "kbd", "li", "mark", "ol", "p", "pre", "q", "s", "samp", "small", "span",
+        "strike", "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead",
+        "tr", "tt", "u", "ul", "var", "wbr",
+    }
+)  # fmt: skip
+# Elements removed together with their content: their text is code, CSS, a page title or
+# a fallback for an embedded object, never part of what the customer wrote.
+DROPPED_WITH_CONTENT = frozenset(
+    {"script", "style", "title", "template", "iframe", "object", "applet", "noembed",
+     "noframes", "xml"}
+)  # fmt: skip
+_CELL = ["align", "valign", "width", "height", "colspan", "rowspan", "bgcolor", "nowrap"]
+_GLOBAL = ["title", "lang", "dir"]
+_LINK = re.compile(r"(?:https?|mailto):|#", re.IGNORECASE)
+_INLINE_IMAGE = re.compile(r"cid:", re.IGNORECASE)
+
+
+def _a_attribute(tag: str, name: str, value: str) -> bool:
+    # A relative href would resolve against the help desk's own origin; only absolute
+    # http(s)/mailto links and in-page anchors are kept. bleach's protocol check also runs.
+    if name == "href":
+        return bool(_LINK.match(value.strip()))
+    return name == "name" or name in _GLOBAL
+
+
+def _img_attribute(tag: str, name: str, value: str) -> bool:
+    # Only images carried in the message itself (RFC 2392 cid: URLs): a remote image is a
+    # tracking pixel that tells the sender when an agent opened the ticket.
+    if name == "src":
+        return bool(_INLINE_IMAGE.match(value.strip()))
+    return name in ("alt", "title", "width", "height", "align", "border")
+
+
+# No "style" attribute (CSS can overlay the agent UI or fetch remote URLs) and no event
+# handlers: neither is listed, so both are dropped.
+ALLOWED_ATTRIBUTES = {
+    "*": _GLOBAL,
+    "a": _a_attribute,
+    "abbr": ["title"],
+    "blockquote": ["cite", "type", *_GLOBAL],
+    "col": ["span", "width", "align", "valign"],
+    "colgroup": ["span", "width", "align", "valign"],
+    "font": ["color", "face", "size", *_GLOBAL],
+    "img": _img_attribute,
+    "ol": ["start", "type", *_GLOBAL],
+    "table": ["align", "width", "border", "cellpadding", "cellspacing", "bgcolor", *_GLOBAL],
+    "td": [*_CELL, *_GLOBAL],
+    "th": [*_CELL, "scope", *_GLOBAL],
+    "tr": ["align", "valign", "bgcolor", *_GLOBAL],
+    "ul": ["type", *_GLOBAL],
+}
+ALLOWED_PROTOCOLS = frozenset({"http", "https", "mailto", "cid"})
+
+
+class _Sanitizer:
+    """bleach's Cleaner, plus removal of DROPPED_WITH_CONTENT elements before filtering.
+
+    bleach strips a disallowed tag but keeps its text, so a stylesheet or script would
+    show up as text; those elements are parsed as elements here and cut from the tree.
+    """
+
+    def __init__(self) -> None:
+        self.parser = html5lib_shim.BleachHTMLParser(
+            tags=ALLOWED_TAGS | DROPPED_WITH_CONTENT,
+            strip=True,
+            consume_entities=False,
+            namespaceHTMLElements=False,
+        )
+        self.walker = html5lib_shim.getTreeWalker("etree")
+        self.serializer = html5lib_shim.BleachHTMLSerializer(
+            quote_attr_values="always",
+            omit_optional_tags=False,
+            escape_lt_in_attrs=True,
+            resolve_entities=False,
+            sanitize=False,
+            alphabetical_attributes=False,
+        )
+
+    def clean(self, text: str) -> str:
+        fragment = self.parser.parseFragment(text)
+        _drop_elements(fragment, DROPPED_WITH_CONTENT)
+        stream = BleachSanitizerFilter(
+            source=self.walker(fragment),
+            allowed_tags=ALLOWED_TAGS,
+            attributes=ALLOWED_ATTRIBUTES,
+            allowed_protocols=ALLOWED_PROTOCOLS,
+            strip_disallowed_tags=True,
+            strip_html_comments=True,
+        )
+        return self.serializer.render(stream)
+
+
+def _drop_elements(root, names: frozenset[str]) -> None:
+    """Remove matching elements and their content, keeping the text that follows them."""
+    for parent in list(root.iter()):
+        previous = None
+        for child in list(parent):
+            if child.tag in names:
+                if child.tail:
+                    if previous is None:
+                        parent.text = (parent.text or "") + child.tail
+                    else:
+                        previous.tail = (previous.tail or "") + child.tail
+                parent.remove(child)
+            else:
+                previous = child
+
+
+_local = threading.local()  # bleach's parser keeps state: one per thread
+
+
+def sanitize_html(html: str) -> str:
+    """Allow-listed HTML for display to agents. Never raises."""
+    if not html:
+        return ""
+    try:
+        sanitizer = getattr(_local, "sanitizer", None)
+        if sanitizer is None:
+            sanitizer = _local.sanitizer = _Sanitizer()
+        return sanitizer.clean(html)
+    except Exception:  # anything the HTML parser chokes on: show escaped text instead
+        log.warning("HTML sanitiser failed; showing the text escaped instead", exc_info=True)
+        _local.sanitizer = None
+        return "<pre>" + htmllib.escape(html_to_text(html)) + "</pre>"
+
+
+# --- html_to_text -------------------------------------------------------------------------
+
+# Elements that start on a new line; those in _PARAGRAPHS also leave a blank line.
+_BLOCKS = frozenset(
+    {
+        "address", "article", "aside", "blockquote", "caption", "center", "dd", "details",
+        "dialog", "div", "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form",
+        "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p",
+        "pre", "section", "summary", "table", "tr", "ul",
+    }
+)  # fmt: skip
+_PARAGRAPHS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "table"})
+_CELLS = frozenset({"td", "th"})
+_SKIPPED = DROPPED_WITH_CONTENT
+_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")  # HTML whitespace; "\xa0" stays a hard space
+
+
+class _TextExtractor(HTMLParser):
+    """Collects text; line breaks are owed, not written, until more text follows."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # entities come out unescaped
+        self.out: list[str] = []
+        self.breaks = 0  # newlines owed before the next text
+        self.bullet = ""  # list marker owed before the next text
+        self.line_start = True
+        self.skip = 0  # inside script/style/...
+        self.pre = 0  # inside <pre>: whitespace is content
+
+    def _block(self, tag: str) -> None:
+        self.breaks = max(self.breaks, 2 if tag in _PARAGRAPHS else 1)
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in _SKIPPED:
+            self.skip += 1
+        elif tag == "br":
+            self.breaks += 1
+        elif tag in _BLOCKS:
+            self._block(tag)
+            self.pre += tag == "pre"
+            self.bullet = "- " if tag == "li" else self.bullet
+        elif tag in _CELLS and not (self.line_start or self.breaks):
+            self.out.append(" ")
+
+    def handle_startendtag(self, tag: str, attrs) -> None:
+        if tag not in _SKIPPED:  # "<script/>" opens nothing
+            self.handle_starttag(tag, attrs)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED:
+            self.skip = max(0, self.skip - 1)
+        elif tag in _BLOCKS:
+            self._block(tag)
+            if tag == "pre":
+                self.pre = max(0, self.pre - 1)
+
+    def handle_data(self, data: str) -> None:
+        if self.skip:
+            return
+        if not self.pre:
+            data = _WHITESPACE.sub(" ", data)
+            if self.line_start or self.breaks:
+                data = data.lstrip(" ")
+            if not data:
+                return
+        if self.breaks and self.out:
+            self.out.append("\n" * self.breaks)
+            self.line_start = True
+        self.breaks = 0
+        if self.bullet and self.line_start:
+            self.out.append(self.bullet)
+        self.bullet = ""
+        self.out.append(data)
+        self.line_start = data.endswith("\n")
+
+
+def _tidy(text: str) -> str:
+    lines = [line.rstrip() for line in text.replace("\xa0", " ").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+_TAG = re.compile(r"<[^>]*>")
+
+
+def html_to_text(html: str) -> str:
+    """Readable plain text from HTML. Never raises."""
+    if not html:
+        return ""
+    extractor = _TextExtractor()
+    try:
+        extractor.feed(html)
+        extractor.close()
+        text = "".join(extractor.out)
+    except Exception:  # html.parser is lenient, but not guaranteed never to assert
+        text = htmllib.unescape(_TAG.sub(" ", html))
+    return _tidy(text)
