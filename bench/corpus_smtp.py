@@ -102,7 +102,9 @@ def run_once(messages: list[bytes], store: str | None, connections: int) -> dict
                                   .where(m.Outbox.attempts == 0))
             if unsent == 0:
                 break
-            time.sleep(0.02)
+            if os.environ.get("BENCH_DEBUG"):
+                print(f"{time.perf_counter() - t0:6.1f}s unsent {unsent} sink {len(received)}")
+            time.sleep(0.5 if os.environ.get("BENCH_DEBUG") else 0.02)
         t_sent = time.perf_counter() - t0
         with engine.connect() as c:
             acks = c.scalar(select(func.count()).select_from(m.Outbox))
@@ -117,7 +119,7 @@ def run_once(messages: list[bytes], store: str | None, connections: int) -> dict
     sink.stop()
     n = len(messages)
     return {"intake_per_s": n / t_intake, "processed_per_s": n / t_done,
-            "acks_sent_per_s": acks / t_sent if acks else 0.0, "acks": acks}
+            "acks": acks, "acks_done_s_after_processed": t_sent - t_done}
 
 
 def main() -> None:
@@ -134,9 +136,10 @@ def main() -> None:
     results = [run_once(messages, args.store, args.connections) for _ in range(args.runs)]
     print(f"{len(messages)} messages, {args.connections} connections, {args.runs} runs, "
           f"store {'SQLite' if not args.store else args.store.split('@')[-1]}")
-    for key in ("intake_per_s", "processed_per_s", "acks_sent_per_s"):
+    print(f"  acknowledgements queued: {results[0]['acks']} (automatic mail gets none)")
+    for key in ("intake_per_s", "processed_per_s", "acks_done_s_after_processed"):
         vals = [r[key] for r in results]
-        print(f"  {key:<16} median {statistics.median(vals):8.1f}   runs "
+        print(f"  {key:<28} median {statistics.median(vals):8.1f}   runs "
               + " ".join(f"{v:.1f}" for v in vals))
 
 

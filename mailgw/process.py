@@ -7,6 +7,7 @@ outbox and the inbound row's ``done`` mark are committed together or not at all.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ from mailgw.settings import Queue, Settings
 from mailgw.store import models as m
 from mailgw.threader import find_ticket
 from mailgw.types import ParsedMail
+
+# Good enough to tell an address from junk such as "@host" or "undisclosed-recipients:;".
+_ADDRESS = re.compile(r"[^@\s<>,;:]+@[^@\s<>,;:]+\.[^@\s<>,;:]+")
 
 
 class Quarantine(Exception):
@@ -128,8 +132,8 @@ def process(session: Session, row: m.Inbound, ctx: Context) -> None:
         else None
     )
     recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
-    if why_not is None and not recipient:
-        why_not = "the message has no sender address to answer"
+    if why_not is None and not _ADDRESS.fullmatch(recipient):
+        why_not = f"no valid address to answer ({recipient or 'none'})"
     if why_not:
         _event(session, "auto_response_suppressed", row, ticket, article, reason=why_not)
     else:

@@ -139,3 +139,11 @@ def test_nul_bytes_and_broken_mime_are_stored(hx):
     assert hx.inbound(iid).state == "done"
     [a] = [a for a in hx.articles() if a.direction == "in"]
     assert "body" in a.body_text and "\x00" not in a.body_text
+
+
+def test_no_acknowledgement_to_an_address_that_is_not_one(hx):
+    hx.put(mail("junk sender", sender="@sblab.att.com", msgid="j@c"))
+    hx.drain()
+    assert hx.outbox() == []
+    [sup] = hx.events("auto_response_suppressed")
+    assert "no valid address" in sup.data["reason"]

@@ -26,6 +26,7 @@ from mailgw.queue import now
 from mailgw.settings import Relay
 from mailgw.settings import Sender as SenderSettings
 from mailgw.store import models as m
+from mailgw.store.db import read_session
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
@@ -67,9 +68,10 @@ class Sender:
         if not ids:
             return 0
         conn: smtplib.SMTP | None = None
+        outcomes: list[tuple[int, str | None, bool]] = []  # (id, error or None, permanent)
         try:
             for oid in ids:
-                with Session(self.engine) as s:
+                with read_session(self.engine) as s:  # no write lock for reading
                     row = s.get(m.Outbox, oid)
                     if row is None:
                         continue
@@ -81,20 +83,24 @@ class Sender:
                         conn = conn or self._connect()
                         self._send(conn, mail_from, rcpts, raw)
                 except PermanentFailure as exc:
-                    self._failed(oid, str(exc), permanent=True)
-                except (OSError, smtplib.SMTPException) as exc:
-                    conn = self._close(conn)
-                    self._failed(oid, f"{type(exc).__name__}: {exc}", permanent=False)
-                except Exception as exc:  # noqa: BLE001 - e.g. an address smtplib cannot encode
+                    outcomes.append((oid, str(exc), True))
+                except Exception as exc:  # noqa: BLE001 - network, relay, or anything else
                     # Counted like any failure, so a message that can never be sent ends as a
-                    # dead letter instead of blocking its lease forever.
-                    log.exception("outbox %s: unexpected error while sending", oid)
+                    # dead letter instead of holding its lease forever.
+                    if not isinstance(exc, OSError | smtplib.SMTPException):
+                        log.exception("outbox %s: unexpected error while sending", oid)
                     conn = self._close(conn)
-                    self._failed(oid, f"{type(exc).__name__}: {exc}", permanent=False)
+                    outcomes.append((oid, f"{type(exc).__name__}: {exc}", False))
                 else:
-                    self._sent(oid)
+                    outcomes.append((oid, None, False))
+                # Results are committed in groups: one transaction (one fsync) for many mails.
+                if len(outcomes) >= 25:
+                    self._record(outcomes)
+                    outcomes = []
         finally:
             self._close(conn)
+            if outcomes:
+                self._record(outcomes)
         return len(ids)
 
     def _connect(self) -> smtplib.SMTP:
@@ -119,8 +125,15 @@ class Sender:
 
     @staticmethod
     def _send(conn: smtplib.SMTP, mail_from: str, rcpts: list[str], raw: bytes) -> None:
+        options: list[str] = []
+        if not all(a.isascii() for a in [mail_from, *rcpts]):
+            # RFC 6531: an internationalised address needs a relay that offers SMTPUTF8.
+            conn.ehlo_or_helo_if_needed()
+            if not conn.has_extn("smtputf8"):
+                raise PermanentFailure("the address needs SMTPUTF8, which the relay does not offer")
+            options.append("SMTPUTF8")
         try:
-            refused = conn.sendmail(mail_from, rcpts, raw)
+            refused = conn.sendmail(mail_from, rcpts, raw, mail_options=options)
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             if all(500 <= c < 600 for c in codes):
@@ -144,39 +157,37 @@ class Sender:
             os.fsync(f.fileno())
         os.replace(tmp, final)
 
-    def _sent(self, oid: int) -> None:
+    def _record(self, outcomes: list[tuple[int, str | None, bool]]) -> None:
         with Session(self.engine) as s, s.begin():
-            row = s.get(m.Outbox, oid)
-            if row is None:
-                return
-            row.state, row.sent_at, row.lease_until = "sent", now(), None
-            row.attempts += 1
-            if row.article_id:
-                s.execute(update(m.Article).where(m.Article.id == row.article_id)
-                          .values(delivery_state="sent"))
+            for oid, error, permanent in outcomes:
+                row = s.get(m.Outbox, oid)
+                if row is None:
+                    continue
+                row.attempts += 1
+                row.lease_until = None
+                if error is None:
+                    row.state, row.sent_at = "sent", now()
+                    self._article_state(s, row, "sent")
+                elif permanent or row.attempts >= self.cfg.max_attempts:
+                    row.state, row.last_error = "dead", error[:4000]
+                    self._article_state(s, row, "failed")
+                    s.add(m.Event(type="delivery_failed", ticket_id=row.ticket_id,
+                                  article_id=row.article_id, created_at=now(),
+                                  data={"error": error[:1000], "attempts": row.attempts}))
+                    log.error("outbox %s dead after %d attempt(s): %s", oid, row.attempts, error)
+                else:
+                    delay = min(self.cfg.backoff_initial * 2 ** (row.attempts - 1),
+                                self.cfg.backoff_max)
+                    row.last_error = error[:4000]
+                    row.next_attempt_at = now() + timedelta(seconds=delay)
+                    log.warning("outbox %s attempt %d failed, retry in %.0fs: %s", oid,
+                                row.attempts, delay, error)
 
-    def _failed(self, oid: int, error: str, *, permanent: bool) -> None:
-        with Session(self.engine) as s, s.begin():
-            row = s.get(m.Outbox, oid)
-            if row is None:
-                return
-            row.attempts += 1
-            row.last_error, row.lease_until = error[:4000], None
-            if permanent or row.attempts >= self.cfg.max_attempts:
-                row.state = "dead"
-                if row.article_id:
-                    s.execute(update(m.Article).where(m.Article.id == row.article_id)
-                              .values(delivery_state="failed"))
-                s.add(m.Event(type="delivery_failed", ticket_id=row.ticket_id,
-                              article_id=row.article_id, created_at=now(),
-                              data={"error": error[:1000], "attempts": row.attempts}))
-                log.error("outbox %s dead after %d attempt(s): %s", oid, row.attempts, error)
-            else:
-                delay = min(self.cfg.backoff_initial * 2 ** (row.attempts - 1),
-                            self.cfg.backoff_max)
-                row.next_attempt_at = now() + timedelta(seconds=delay)
-                log.warning("outbox %s attempt %d failed, retry in %.0fs: %s", oid,
-                            row.attempts, delay, error)
+    @staticmethod
+    def _article_state(s: Session, row: m.Outbox, state: str) -> None:
+        if row.article_id:
+            s.execute(update(m.Article).where(m.Article.id == row.article_id)
+                      .values(delivery_state=state))
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
         while not stop.is_set():
