@@ -83,7 +83,7 @@ def init(directory: str, exist_ok: bool) -> None:
 @click.pass_obj
 def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
     """Run the gateway (SMTP/LMTP listeners, worker, sender, scheduler) until SIGINT/SIGTERM."""
-    from mailgw.gateway import ROLES, Gateway
+    from mailgw.gateway import ROLES, Gateway, ListenError
 
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("mailgw").setLevel(logging.INFO)
@@ -95,7 +95,12 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
             _host_port(smtp)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--smtp") from None
-    sys.exit(Gateway(obj.home, settings, roles or ROLES, smtp).run())
+    try:
+        code = Gateway(obj.home, settings, roles or ROLES, smtp).run()
+    except ListenError as exc:
+        click.echo(f"mailgw run: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    sys.exit(code)
 
 
 @main.command()
@@ -158,7 +163,10 @@ def tickets() -> None:
 
 
 def _iso(dt: datetime | None) -> str | None:
-    return dt.isoformat() if dt else None
+    # Everything is stored in UTC; SQLite hands datetimes back without their zone.
+    if dt is None:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat()
 
 
 @tickets.command("list")
@@ -257,6 +265,32 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
         for att in a["attachments"]:
             click.echo(f"   attachment: {att['filename']} ({att['content_type']}, {att['size']} B)")
         click.echo("   " + "\n   ".join((a["text"] or "").strip().splitlines()[:40]))
+
+
+@tickets.command("state")
+@click.argument("number")
+@click.argument("state", type=click.Choice(["new", "open", "pending", "closed"]))
+@click.pass_obj
+def tickets_state(obj: Obj, number: str, state: str) -> None:
+    """Set a ticket's STATE (new, open, pending, closed); recorded in the event log."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from mailgw.queue import now
+    from mailgw.store.models import Event, Ticket
+
+    number = number.removeprefix(obj.settings().ticket_numbers.hook).strip("[]# ")
+    with Session(obj.engine()) as s, s.begin():
+        t = s.scalars(select(Ticket).where(Ticket.number == number)).first()
+        if t is None:
+            click.echo(f"no ticket {number}", err=True)
+            sys.exit(1)
+        old, stamp = t.state, now()
+        t.state, t.updated_at = state, stamp
+        t.closed_at = stamp if state == "closed" else None
+        s.add(Event(type="state_changed", ticket_id=t.id, created_at=stamp,
+                    data={"old": old, "new": state, "reason": "mailgw tickets state"}))
+    click.echo(f"{number}: {old} -> {state}")
 
 
 @main.group()

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 ROLES = ("smtp", "worker", "sender", "scheduler")
 
 
+class ListenError(Exception):
+    """A listener could not be opened (address in use, permission denied…)."""
+
+
 @dataclass
 class Gateway:
     home: Home
@@ -112,7 +116,11 @@ class Gateway:
                 host, _, port = addr.rpartition(":")
                 handler = IntakeHandler(self.settings, writer, source=name)
                 factory = protocol_factory(listener, handler, self.settings.hostname, lmtp)
-                server = await loop.create_server(factory, host.strip("[]"), int(port))
+                try:
+                    server = await loop.create_server(factory, host.strip("[]"), int(port))
+                except OSError as exc:
+                    raise ListenError(f"cannot listen for {name.upper()} on {addr}: "
+                                      f"{exc.strerror or exc}") from None
                 servers.append(server)
                 handlers.append(handler)
                 log.info("mailgw listening for %s on %s", name.upper(), addr)

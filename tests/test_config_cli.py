@@ -10,7 +10,7 @@ import pytest
 from mailgw.settings import ConfigError, Home, load_settings
 
 COMMANDS = [[], ["init"], ["run"], ["deliver"], ["tickets"], ["tickets", "list"],
-            ["tickets", "show"], ["config"], ["config", "check"], ["quarantine"],
+            ["tickets", "show"], ["tickets", "state"], ["config"], ["config", "check"], ["quarantine"],
             ["quarantine", "list"], ["quarantine", "replay"]]
 
 
@@ -115,3 +115,21 @@ def test_init_refuses_existing_home_and_keeps_edits(tmp_path):
     assert cfg.read_text().endswith("# my edit\n")
     assert (tmp_path / "templates" / "ack_new.j2").is_file()
     assert (tmp_path / "store").is_dir()
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    from mailgw.home import init_home
+
+    init_home(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailgw", "--home", str(tmp_path), "run", "--smtp",
+             f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert f"cannot listen for SMTP on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

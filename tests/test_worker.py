@@ -24,8 +24,9 @@ def _set_policy(hx: Harness, policy: str) -> None:
 
 
 def _close(hx: Harness, ticket_id: int) -> None:
-    with hx.engine.begin() as c:
-        c.execute(update(m.Ticket).where(m.Ticket.id == ticket_id).values(state="closed"))
+    [number] = [t.number for t in hx.tickets() if t.id == ticket_id]
+    proc = hx.home.cli("tickets", "state", f"Ticket#{number}", "closed", check=True)
+    assert b"new -> closed" in proc.stdout
 
 
 def test_new_ticket_number_and_customer(hx):
