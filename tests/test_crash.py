@@ -81,3 +81,47 @@ def test_sigkill_during_500_messages_loses_and_duplicates_nothing(home, gateway)
     assert inbound == len(ids)
     assert quarantined == 0
     engine.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_under_load_exits_0_and_keeps_every_acknowledged_message(home, gateway):
+    from mailgw.store import models as m
+
+    gateway.start()
+    acked: list[int] = []
+
+    def client(start: int) -> None:
+        i = start
+        try:
+            with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+                while i < TOTAL:
+                    s.send_message(_message(i))
+                    acked.append(i)
+                    i += 2
+        except (OSError, smtplib.SMTPException):
+            return  # the server went away mid-session: only acknowledged mail counts
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(acked) >= 100, timeout=120, what="100 acks")
+    # Then a clean shutdown while mail is still arriving
+    assert gateway.stop() == 0, gateway.output()
+    for t in threads:
+        t.join(30)
+    gateway.start()
+    engine = home.engine()
+
+    def drained() -> bool:
+        with engine.connect() as c:
+            return c.scalar(select(func.count()).select_from(m.Inbound)
+                            .where(m.Inbound.state == "pending")) == 0
+
+    wait_until(drained, timeout=120, what="the backlog to drain")
+    gateway.stop()
+    with engine.connect() as c:
+        stored = c.execute(select(m.Article.message_id).where(m.Article.direction == "in")).scalars().all()
+    engine.dispose()
+    ids = [int(x.split("-")[1].split("@")[0]) for x in stored]
+    assert set(acked) <= set(ids)
+    assert len(ids) == len(set(ids))
