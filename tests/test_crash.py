@@ -24,9 +24,32 @@ def _message(i: int) -> EmailMessage:
     return msg
 
 
+def _restart_and_drain(home, gateway) -> tuple[list[int], int, int]:  # type: ignore[no-untyped-def]
+    """Start the gateway again, let it process the backlog, stop it; report what is stored."""
+    from mailgw.store import models as m
+
+    gateway.start()
+    engine = home.engine()
+
+    def drained() -> bool:
+        with engine.connect() as c:
+            return c.scalar(select(func.count()).select_from(m.Inbound)
+                            .where(m.Inbound.state == "pending")) == 0
+
+    wait_until(drained, timeout=120, what="the backlog to drain")
+    assert gateway.stop() == 0
+    with engine.connect() as c:
+        stored = c.execute(select(m.Article.message_id)
+                           .where(m.Article.direction == "in")).scalars().all()
+        inbound = c.scalar(select(func.count()).select_from(m.Inbound))
+        quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
+                               .where(m.Inbound.state == "quarantined"))
+    engine.dispose()
+    return [int(x.split("-")[1].split("@")[0]) for x in stored], inbound, quarantined
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_during_500_messages_loses_and_duplicates_nothing(home, gateway):
-    from mailgw.store import models as m
 
     gateway.start()
     acked: list[int] = []
@@ -58,35 +81,17 @@ def test_sigkill_during_500_messages_loses_and_duplicates_nothing(home, gateway)
     assert len(acked_set) < TOTAL
 
     # After a restart the worker finishes whatever was durable but not processed
-    gateway.start()
-    engine = home.engine()
-
-    def processed() -> bool:
-        with engine.connect() as c:
-            return c.scalar(select(func.count()).select_from(m.Inbound)
-                            .where(m.Inbound.state == "pending")) == 0
-
-    wait_until(processed, timeout=120, what="the backlog to drain")
-    gateway.stop()
-    with engine.connect() as c:
-        stored = c.execute(select(m.Article.message_id).where(m.Article.direction == "in")).scalars().all()
-        inbound = c.scalar(select(func.count()).select_from(m.Inbound))
-        quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
-                               .where(m.Inbound.state == "quarantined"))
-    ids = [int(x.split("-")[1].split("@")[0]) for x in stored]
+    ids, inbound, quarantined = _restart_and_drain(home, gateway)
     # Every acknowledged message is there...
     assert acked_set <= set(ids), sorted(acked_set - set(ids))[:10]
     # ...exactly once, and nothing is stored twice
     assert len(ids) == len(set(ids))
     assert inbound == len(ids)
     assert quarantined == 0
-    engine.dispose()
 
 
 @pytest.mark.timeout(300)
 def test_sigterm_under_load_exits_0_and_keeps_every_acknowledged_message(home, gateway):
-    from mailgw.store import models as m
-
     gateway.start()
     acked: list[int] = []
 
@@ -109,19 +114,6 @@ def test_sigterm_under_load_exits_0_and_keeps_every_acknowledged_message(home, g
     assert gateway.stop() == 0, gateway.output()
     for t in threads:
         t.join(30)
-    gateway.start()
-    engine = home.engine()
-
-    def drained() -> bool:
-        with engine.connect() as c:
-            return c.scalar(select(func.count()).select_from(m.Inbound)
-                            .where(m.Inbound.state == "pending")) == 0
-
-    wait_until(drained, timeout=120, what="the backlog to drain")
-    gateway.stop()
-    with engine.connect() as c:
-        stored = c.execute(select(m.Article.message_id).where(m.Article.direction == "in")).scalars().all()
-    engine.dispose()
-    ids = [int(x.split("-")[1].split("@")[0]) for x in stored]
+    ids, _, _ = _restart_and_drain(home, gateway)
     assert set(acked) <= set(ids)
     assert len(ids) == len(set(ids))
