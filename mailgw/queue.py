@@ -13,7 +13,7 @@ import hashlib
 import logging
 import queue as stdqueue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, select, update
@@ -83,6 +83,7 @@ class GroupCommitWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        # This thread must never die: every SMTP session's answer depends on it.
         stopping = False
         while not stopping:
             item = self._q.get()
@@ -99,16 +100,39 @@ class GroupCommitWriter:
                     break
                 group.append(nxt)
             try:
-                ids = put_many(self.engine, [env for env, _ in group])
-            except Exception as exc:  # the store failed: every caller answers 451
-                log.exception("inbound queue commit failed for %d message(s)", len(group))
-                for _, fut in group:
-                    fut.set_exception(exc)
-                continue
-            for (_, fut), mid in zip(group, ids, strict=True):
-                fut.set_result(mid)
+                self._commit(group)
+            except Exception:  # noqa: BLE001 - logged; the callers were already answered
+                log.exception("intake writer: unexpected error")
             if self.on_commit:
                 self.on_commit()
+
+    def _commit(self, group: list[tuple[Envelope, Future[int]]]) -> None:
+        try:
+            ids = put_many(self.engine, [env for env, _ in group])
+        except Exception as exc:
+            if len(group) > 1:
+                # One bad envelope (a value the database refuses) must not fail the others:
+                # commit them one by one, so only that message is answered 451.
+                for one in group:
+                    self._commit([one])
+                return
+            log.exception("inbound queue commit failed")
+            _settle(group[0][1], exc=exc)
+            return
+        for (_, fut), inbound_id in zip(group, ids, strict=True):
+            _settle(fut, result=inbound_id)
+
+
+def _settle(fut: Future[int], *, result: int | None = None, exc: BaseException | None = None) -> None:
+    """Answer a caller. A client that hung up has cancelled its future: the row is committed
+    anyway (it will be processed; the sender retries and the duplicate check catches it)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass
 
 
 def quarantined(engine: Engine) -> list[Inbound]:

@@ -108,3 +108,47 @@ def test_lmtp_answers_once_per_recipient(home, gateway):
     assert b"support@example.com" in statuses[0][1]
     assert b"billing@example.com" in statuses[1][1]
     wait_until(lambda: _count(home) == 1, what="stored message")
+
+
+def test_client_hanging_up_during_a_slow_commit_does_not_stall_intake(home, gateway):
+    # Given a store that is busy (another transaction holds the lock the intake needs)
+    import socket
+    import sqlite3
+    import time
+
+    import psycopg
+
+    gateway.start()
+    if home.store_url.startswith("sqlite"):
+        blocker = sqlite3.connect(home.store_url.removeprefix("sqlite:///"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+    else:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(home.store_url)
+        blocker = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
+                                  options=u.query["options"])
+        blocker.execute("LOCK TABLE inbound IN EXCLUSIVE MODE")
+    # When a client sends a whole message and hangs up before the answer
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        f = sock.makefile("rwb")
+        f.readline()
+        for line in (b"HELO me", b"MAIL FROM:<a@customer.test>", b"RCPT TO:<support@example.com>",
+                     b"DATA"):
+            f.write(line + b"\r\n")
+            f.flush()
+            f.readline()
+        f.write(b"Subject: gone\r\n\r\nbye\r\n.\r\n")
+        f.flush()
+        time.sleep(0.5)
+        f.close()  # the socket closes only once its file object is closed too
+    time.sleep(0.5)
+    if home.store_url.startswith("sqlite"):
+        blocker.execute("ROLLBACK")
+    else:
+        blocker.rollback()
+    blocker.close()
+    # Then the next client is still answered, and both messages are stored
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        assert s.send_message(customer_mail("after", "still here?")) == {}
+    wait_until(lambda: _count(home) == 2, what="both messages stored")

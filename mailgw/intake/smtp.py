@@ -60,6 +60,12 @@ class IntakeHandler:
             self.in_flight -= 1
         return self._per_recipient(envelope, f"250 2.0.0 OK queued as {inbound_id}")
 
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd answers 500 (permanent: the sender bounces the mail) by default. A fault of
+        # ours is temporary: the sending MTA should keep the message and retry.
+        log.exception("SMTP session error", exc_info=error)
+        return "451 4.3.0 Temporary local error, try again later"
+
     def _per_recipient(self, envelope: SmtpEnvelope, status: str) -> str:
         # LMTP (RFC 2033 4.2) answers DATA once per accepted recipient; SMTP once in all.
         if self.source != "lmtp":
