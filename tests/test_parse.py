@@ -617,3 +617,18 @@ def test_html_to_text_collapses_whitespace_and_never_raises():
     assert html_to_text("<p>  many \n\n  spaces\t here </p>") == "many spaces here"
     for html in ["", "<", "<!--", "<![CDATA[x", "</p></p>", "<script>never closed"]:
         assert isinstance(html_to_text(html), str)
+
+
+def test_oversized_headers_are_truncated_with_a_defect_not_parsed_whole():
+    # Given a subject of 400,000 characters made of unclosed encoded-words and a huge
+    # References header without any id (both cost quadratic time to naive regexes)
+    raw = (b"From: a@customer.test\r\nTo: support@example.com\r\nSubject: "
+           + b"=?utf-8?q?x " * 40_000 + b"\r\nReferences: " + b"a" * 400_000
+           + b" <last@customer.test>\r\n\r\nbody\r\n")
+    # When it is parsed
+    parsed = parse_message(raw)
+    # Then both are cut to a bounded size, the cut is recorded, and the newest reference kept
+    assert len(parsed.subject) <= 32 * 1024
+    assert any("subject header" in d and "truncated" in d for d in parsed.defects)
+    assert parsed.references == ["last@customer.test"]
+    assert parsed.text.strip() == "body"

@@ -186,7 +186,9 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 _FOLD = re.compile(r"[ \t]*(?:\r\n|\r|\n)[ \t]*")
 # RFC 2047 §2 encoded-word; the encoded text is matched leniently (some encoders put spaces
 # or "?" in Q words), the closing "?=" ends it.
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?(.*?)\?=")
+# RFC 2047 §2: encoded-text never contains "?" (Q encodes it as =3F). Matching "[^?]*" instead
+# of ".*?" keeps the scan linear: a header full of unclosed "=?" must not cost quadratic time.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,75})\?([bBqQ])\?([^?]*)\?=")
 _BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
 
 
@@ -278,6 +280,9 @@ def _clean(text: str, defects: list[str]) -> str:
     return text
 
 
+_MAX_HEADER = 32 * 1024
+
+
 class _Headers:
     """Each header once unfolded (``raw``, for structured parsing) and fully decoded."""
 
@@ -290,6 +295,11 @@ class _Headers:
             if "\n" in value or "\r" in value:  # the common header is one line: skip the regex
                 value = _FOLD.sub(" ", value)
             value = value.strip()
+            if len(value) > _MAX_HEADER:
+                # Real headers stay far below this (References with 50 ids: ~5 KB); longer is
+                # an attack or a broken mailer. The raw message keeps the whole value.
+                defects.append(f"{key} header of {len(value)} characters truncated")
+                value = value[-_MAX_HEADER:] if key in ("references", "in-reply-to") else value[:_MAX_HEADER]
             self.raw.setdefault(key, []).append(value)
             decoded = _clean(_decode_rfc2047(value, defects), defects)
             self.decoded.setdefault(key, []).append(decoded)
@@ -302,7 +312,9 @@ class _Headers:
 # --- Structured headers -------------------------------------------------------------------
 
 _BRACKETED_ID = re.compile(r"<([^<>]*)>")
-_BARE_ID = re.compile(r"[^\s<>,;()\"']+@[^\s<>,;()\"']+")
+# Splitting on separators, then keeping tokens with an "@", is linear; a findall of
+# "[^sep]+@[^sep]+" retries every start position of a long run and is quadratic.
+_ID_SEPARATORS = re.compile(r"[\s<>,;()\"']+")
 
 
 def _message_ids(values: list[str]) -> list[str]:
@@ -315,7 +327,9 @@ def _message_ids(values: list[str]) -> list[str]:
     ids: list[str] = []
     for value in values:
         found = ["".join(m.split()) for m in _BRACKETED_ID.findall(value)]
-        found = [i for i in found if i] or _BARE_ID.findall(value)
+        found = [i for i in found if i] or [
+            t for t in _ID_SEPARATORS.split(value) if "@" in t.strip("@")
+        ]
         ids.extend(found)
     return list(dict.fromkeys(ids))  # a reference loop or repeat adds nothing
 
