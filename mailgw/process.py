@@ -69,7 +69,10 @@ def queue_for(row: m.Inbound, settings: Settings) -> Queue:
     raise Quarantine(f"no configured queue serves {', '.join(row.rcpt_tos) or 'an empty recipient list'}")
 
 
-def process(session: Session, row: m.Inbound, ctx: Context) -> None:
+def process(session: Session, row: m.Inbound, ctx: Context,
+            parsed: ParsedMail | Exception | None = None) -> None:
+    """Store one message. ``parsed`` is the message parsed beforehand (outside the write
+    transaction), or the exception parsing raised; None parses here."""
     settings = ctx.settings
     duplicate = session.scalar(
         select(m.Inbound.id).where(
@@ -82,7 +85,9 @@ def process(session: Session, row: m.Inbound, ctx: Context) -> None:
         _event(session, "duplicate_ignored", row, None, same_as_inbound=duplicate)
         return
 
-    mail = parse_message(row.raw)
+    if isinstance(parsed, Exception):
+        raise parsed
+    mail = parsed if parsed is not None else parse_message(row.raw)
     queue = queue_for(row, settings)
     sender = mail.from_addr or (row.mail_from or "").lower()
     auto = automatic_reason(mail, row.mail_from)

@@ -154,6 +154,6 @@ def replay(engine: Engine, inbound_id: int) -> bool:
         res = conn.execute(
             update(Inbound)
             .where(Inbound.id == inbound_id, Inbound.state == "quarantined")
-            .values(state="pending", attempts=0, error=None)
+            .values(state="pending", attempts=0, error=None, claimed_until=None, claimed_by=None)
         )
         return res.rowcount == 1

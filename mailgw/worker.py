@@ -1,34 +1,45 @@
 """The worker: claim pending inbound messages, process them, commit in groups.
 
-A batch is one transaction. Each message runs in its own SAVEPOINT, so a message that fails is
-rolled back alone and quarantined with its error, while the rest of the batch commits. On
-PostgreSQL the claim is ``FOR UPDATE SKIP LOCKED``: several workers, on one node or many, take
-disjoint rows, and a worker that dies mid-batch releases its rows (its transaction aborts) for
-another to take. A message is marked ``done`` in the transaction that stores its ticket, so it
-is processed exactly once.
+A batch goes through three steps:
+1. Claim (a short committed transaction): lease up to ``batch_size`` pending rows to this
+   worker and count an attempt on each. On PostgreSQL the claim is ``FOR UPDATE SKIP
+   LOCKED``, so workers on any number of nodes take disjoint rows.
+2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
+3. Store: one transaction for the batch, a SAVEPOINT per message. A message marked ``done``
+   is marked so in the transaction that stores its ticket: it is processed exactly once.
+   An application error (parse, config, template) rolls back that message alone and
+   quarantines it with the reason; the rest of the batch commits.
 
-Database errors (a deadlock, a lost connection, a value the database refuses) abort the whole
-transaction; the worker then retries message by message, counting attempts, and quarantines
-a message only after ``worker.max_attempts`` failures, so a passing fault loses nothing.
+A database error rolls the whole batch back; its rows are released at once and, their
+attempts being counted, retried one at a time. A row whose worker crashed or hung keeps its
+lease until it expires (or, on the same host, until a new worker sees the old process gone)
+and is then retried alone. After ``worker.max_attempts`` claims a row is quarantined, so no
+message can stop the queue, and a passing fault loses nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from mailgw.mail.parse import parse_message
 from mailgw.process import Context, Quarantine, process
 from mailgw.queue import now
 from mailgw.store import models as m
-from mailgw.types import ParseError
+from mailgw.store.db import read_session
+from mailgw.types import ParsedMail, ParseError
 
 log = logging.getLogger(__name__)
+LEASE = timedelta(minutes=5)
 
 
 def _describe(exc: BaseException) -> str:
@@ -50,42 +61,93 @@ class Worker:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.on_outbox = on_outbox
-        self._one_by_one = False
+        self.me = f"{socket.gethostname()}:{os.getpid()}"[:200]
+        self._pg = engine.dialect.name == "postgresql"
+        release_dead_claims(engine)
 
-    def _claim(self, session: Session, limit: int) -> list[m.Inbound]:
-        q = select(m.Inbound).where(m.Inbound.state == "pending").order_by(m.Inbound.id).limit(limit)
-        if self.engine.dialect.name == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        return list(session.scalars(q))
+    def _claim(self) -> list[int]:
+        """Lease up to one batch of pending rows and count an attempt on each (committed).
+
+        A row with attempts already counted was claimed before and not finished: its worker
+        crashed, hung or hit a database error. Such a row is processed alone, so one bad
+        message cannot take a batch down with it again; past ``max_attempts`` it is quarantined.
+        """
+        stamp = now()
+        with Session(self.engine) as s, s.begin():
+            q = (select(m.Inbound.id, m.Inbound.attempts)
+                 .where(m.Inbound.state == "pending",
+                        or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
+                 .order_by(m.Inbound.id).limit(self.batch_size))
+            if self._pg:
+                q = q.with_for_update(skip_locked=True)
+            rows = s.execute(q).all()
+            if not rows:
+                return []
+            if rows[0].attempts >= self.max_attempts:
+                reason = (f"processing did not complete in {rows[0].attempts} attempts "
+                          "(the worker crashed, hung or hit a database error)")
+                row = s.get(m.Inbound, rows[0].id)
+                row.error = f"{reason}; last error: {row.error}" if row.error else reason
+                row.state, row.processed_at, row.claimed_until = "quarantined", stamp, None
+                s.add(m.Event(type="quarantined", inbound_id=row.id, created_at=stamp,
+                              data={"reason": row.error, "attempts": row.attempts}))
+                log.error("inbound %s quarantined: %s", row.id, row.error)
+                return [-1]  # progress was made; nothing to process
+            if rows[0].attempts:
+                ids = [rows[0].id]
+            else:
+                ids = [r.id for r in rows[: next((i for i, r in enumerate(rows) if r.attempts),
+                                                  len(rows))]]
+            s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
+                attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
+                claimed_by=self.me))
+        return ids
+
+    def _parse(self, ids: list[int]) -> dict[int, ParsedMail | Exception]:
+        """Parse outside the write transaction: intake (and SQLite's one writer) need not wait."""
+        out: dict[int, ParsedMail | Exception] = {}
+        with read_session(self.engine) as s:
+            for iid, raw in s.execute(select(m.Inbound.id, m.Inbound.raw)
+                                      .where(m.Inbound.id.in_(ids))):
+                try:
+                    out[iid] = parse_message(raw)
+                except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
+                    out[iid] = exc
+        return out
 
     def run_batch(self) -> int:
         """Process up to one batch; returns how many messages were handled."""
-        limit = 1 if self._one_by_one else self.batch_size
+        ids = self._claim()
+        if not ids or ids == [-1]:
+            return len(ids)
         ctx = self.context()
-        self._current: int | None = None
+        parsed = self._parse(ids)
+        current: int | None = None
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                rows = self._claim(session, limit)
-                for row in rows:
-                    self._current = row.id
-                    self._process_one(session, row, ctx)
+                q = (select(m.Inbound).where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
+                                             m.Inbound.claimed_by == self.me)
+                     .order_by(m.Inbound.id))
+                if self._pg:
+                    q = q.with_for_update(skip_locked=True)
+                for row in session.scalars(q).all():
+                    current = row.id
+                    self._process_one(session, row, ctx, parsed.get(row.id))
         except DBAPIError as exc:
-            if self._one_by_one and self._current is not None:
-                self._count_failure(self._current, exc)
-            else:
-                log.warning("batch rolled back by a database error, retrying one by one: %s",
-                            _describe(exc))
-            self._one_by_one = True
+            reason = _describe(exc)
+            log.warning("batch of %d rolled back by a database error (at inbound %s); its "
+                        "messages are retried one by one: %s", len(ids), current, reason)
+            self._release(ids, current, reason)
             return 0
-        self._one_by_one = False
-        if rows and self.on_outbox:
+        if self.on_outbox:
             self.on_outbox()
-        return len(rows)
+        return len(ids)
 
-    def _process_one(self, session: Session, row: m.Inbound, ctx: Context) -> None:
+    def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
+                     parsed: ParsedMail | Exception | None) -> None:
         savepoint = session.begin_nested()
         try:
-            process(session, row, ctx)
+            process(session, row, ctx, parsed)
             savepoint.commit()
         except DBAPIError:
             raise
@@ -93,29 +155,18 @@ class Worker:
             savepoint.rollback()
             reason = _describe(exc)
             log.warning("inbound %s quarantined: %s", row.id, reason)
-            row.state, row.error, row.attempts = "quarantined", reason, row.attempts + 1
-            row.processed_at = now()
+            row.state, row.error, row.processed_at = "quarantined", reason, now()
             session.add(m.Event(type="quarantined", inbound_id=row.id, created_at=now(),
                                 data={"reason": reason}))
 
-    def _count_failure(self, inbound_id: int, exc: DBAPIError) -> None:
-        """One message failed on its own with a database error: count it, maybe quarantine."""
-        reason = _describe(exc)
-        with Session(self.engine) as session, session.begin():
-            q = select(m.Inbound).where(m.Inbound.id == inbound_id, m.Inbound.state == "pending")
-            if self.engine.dialect.name == "postgresql":
-                q = q.with_for_update(skip_locked=True)
-            row = session.scalars(q).first()
-            if row is None:
-                return
-            row.attempts += 1
-            row.error = reason
-            if row.attempts >= self.max_attempts:
-                row.state, row.processed_at = "quarantined", now()
-                session.add(m.Event(type="quarantined", inbound_id=row.id, created_at=now(),
-                                    data={"reason": reason, "attempts": row.attempts}))
-                log.error("inbound %s quarantined after %d attempts: %s", row.id, row.attempts,
-                          reason)
+    def _release(self, ids: list[int], failed: int | None, reason: str) -> None:
+        """Give a rolled-back batch back at once (its attempts stay counted)."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(update(m.Inbound)
+                      .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending")
+                      .values(claimed_until=None, claimed_by=None))
+            if failed is not None:
+                s.execute(update(m.Inbound).where(m.Inbound.id == failed).values(error=reason))
 
     def run(self, stop: threading.Event, wake: threading.Event, poll_interval: float) -> None:
         while not stop.is_set():
@@ -128,6 +179,37 @@ class Worker:
                 n = 0
             if n == 0:
                 wake.wait(poll_interval)
+
+
+def release_dead_claims(engine: Engine) -> int:
+    """Free the leases of workers on this host that no longer run (crashed or killed), so a
+    restart goes on at once instead of waiting for the leases to expire. Leases of other
+    hosts expire on their own."""
+    host = socket.gethostname()
+    freed = 0
+    with Session(engine) as s, s.begin():
+        owners = s.scalars(select(m.Inbound.claimed_by).distinct().where(
+            m.Inbound.state == "pending", m.Inbound.claimed_by.like(f"{host}:%"))).all()
+        for owner in owners:
+            pid = int(owner.rsplit(":", 1)[1])
+            if pid != os.getpid() and _alive(pid):
+                continue
+            freed += s.execute(update(m.Inbound).where(
+                m.Inbound.state == "pending", m.Inbound.claimed_by == owner
+            ).values(claimed_until=None, claimed_by=None)).rowcount
+    if freed:
+        log.info("released %d message(s) claimed by workers that are gone", freed)
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pending_count(engine: Engine) -> int:

@@ -148,3 +148,62 @@ def test_no_acknowledgement_to_an_address_that_is_not_one(hx):
     assert hx.outbox() == []
     [sup] = hx.events("auto_response_suppressed")
     assert "no valid address" in sup.data["reason"]
+
+
+def test_message_whose_worker_died_is_retried_alone_then_quarantined(hx):
+    import socket
+    from datetime import timedelta
+
+    from mailgw.queue import now
+    from mailgw.worker import Worker
+
+    # Given two messages leased by a worker of this host that no longer runs (it crashed
+    # while processing them), one of them already claimed max_attempts times
+    ids = hx.put(mail("crashed once", msgid="c1@c"), mail("crashes always", msgid="c2@c"),
+                 mail("fresh", msgid="c3@c"))
+    dead = f"{socket.gethostname()}:{2**22 + 12345}"  # above pid_max: cannot be running
+    with hx.engine.begin() as c:
+        c.execute(update(m.Inbound).where(m.Inbound.id.in_(ids[:2])).values(
+            claimed_by=dead, claimed_until=now() + timedelta(minutes=5), attempts=1))
+        c.execute(update(m.Inbound).where(m.Inbound.id == ids[1]).values(attempts=3))
+    # When a new worker starts
+    w = Worker(hx.engine, hx.worker.context, batch_size=64, max_attempts=3)
+    # Then the one that crashed once is processed alone (oldest first)
+    assert w.run_batch() == 1
+    assert hx.inbound(ids[0]).state == "done" and hx.inbound(ids[2]).state == "pending"
+    # And the row that used up its attempts is quarantined with the reason
+    assert w.run_batch() == 1
+    assert hx.inbound(ids[1]).state == "quarantined"
+    assert "did not complete in 3 attempts" in hx.inbound(ids[1]).error
+    assert w.run_batch() == 1
+    assert hx.inbound(ids[2]).state == "done"
+
+
+def _refuse_subject_in_db(hx: Harness, subject: str) -> None:
+    """A real database error for one message: a trigger refusing its article."""
+    with hx.engine.begin() as c:
+        if hx.engine.dialect.name == "sqlite":
+            c.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON articles WHEN NEW.subject = "
+                f"'{subject}' BEGIN SELECT RAISE(ABORT, 'refused by test trigger'); END")
+        else:
+            c.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.subject = "
+                f"'{subject}' THEN RAISE EXCEPTION 'refused by test trigger'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql")
+            c.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON articles "
+                              "FOR EACH ROW EXECUTE FUNCTION refuse()")
+
+
+def test_database_error_rolls_back_the_batch_and_quarantines_only_the_culprit(hx):
+    # Given a batch in which one message makes the database refuse the transaction
+    _refuse_subject_in_db(hx, "poison")
+    ids = hx.put(mail("good 1", msgid="g1@c"), mail("poison", msgid="p@c"),
+                 mail("good 2", msgid="g2@c", sender="bob@customer.test"))
+    # When the worker drains the queue
+    hx.drain()
+    # Then the good messages are stored once, and the culprit is quarantined with the error
+    assert [hx.inbound(i).state for i in ids] == ["done", "quarantined", "done"]
+    assert "refused by test trigger" in hx.inbound(ids[1]).error
+    assert hx.inbound(ids[1]).attempts == 3
+    assert len([a for a in hx.articles() if a.direction == "in"]) == 2

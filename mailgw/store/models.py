@@ -58,7 +58,11 @@ class Inbound(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     # pending -> done | quarantined; quarantined -> pending again on replay.
     state: Mapped[str] = mapped_column(String(16), default="pending")
+    # Attempts are counted when a worker claims the row, before it processes it, so a message
+    # that crashes or hangs its worker is quarantined after worker.max_attempts claims.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_until: Mapped[datetime | None]  # a worker's lease; expired leases are free
+    claimed_by: Mapped[str | None] = mapped_column(String(200))  # "host:pid" of that worker
     error: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None]
     ticket_id: Mapped[int | None] = mapped_column(BigId)
