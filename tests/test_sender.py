@@ -98,3 +98,39 @@ def test_no_relay_writes_eml_files_atomically(hx):
     [row] = hx.outbox()
     assert row.state == "sent"
     assert f.read_bytes() == row.raw
+
+
+def test_relay_that_never_answers_costs_one_attempt_not_one_per_mail(hx):
+    import socket
+
+    # Given three more acknowledgements queued and a relay that accepts TCP but never greets
+    hx.put(mail("two", msgid="t2@c", sender="b@customer.test"),
+           mail("three", msgid="t3@c", sender="c@customer.test"),
+           mail("four", msgid="t4@c", sender="d@customer.test"))
+    hx.drain()
+    assert len(hx.outbox()) == 4
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        sender = Sender(hx.engine, Relay(host="127.0.0.1", port=mute.getsockname()[1], timeout=1),
+                        hx.home.path / "store" / "outbox", SenderCfg())
+        # When the sender makes a pass
+        sender.run_once()
+    # Then one mail is charged an attempt, the others wait uncharged and unleased
+    rows = hx.outbox()
+    assert sorted(r.attempts for r in rows) == [0, 0, 0, 1]
+    assert all(r.state == "pending" for r in rows)
+    assert [r.lease_until for r in rows if r.attempts == 0] == [None, None, None]
+
+
+def test_stop_requested_ends_the_pass_and_releases_the_rest(hx, sink):
+    import threading
+
+    hx.put(mail("two", msgid="s2@c", sender="b@customer.test"))
+    hx.drain()
+    stop = threading.Event()
+    stop.set()
+    _sender(hx, sink.port).run_once(stop)
+    rows = hx.outbox()
+    assert [(r.state, r.attempts, r.lease_until) for r in rows] == [("pending", 0, None)] * 2
+    assert sink.messages == []

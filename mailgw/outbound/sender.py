@@ -44,6 +44,10 @@ class Sender:
         self.outbox_dir = outbox_dir
         self.cfg = cfg
         self.batch_size = batch_size
+        # A lease must outlast the slowest pass over a batch, or another node would take rows
+        # that are still being sent.
+        per_mail = relay.timeout if relay else 1.0
+        self.lease = max(LEASE, timedelta(seconds=2 * batch_size * per_mail))
 
     def _claim(self) -> list[int]:
         stamp = now()
@@ -60,27 +64,38 @@ class Sender:
             ids = list(s.scalars(q))
             if ids:
                 s.execute(update(m.Outbox).where(m.Outbox.id.in_(ids))
-                          .values(lease_until=stamp + LEASE))
+                          .values(lease_until=stamp + self.lease))
         return ids
 
-    def run_once(self) -> int:
+    def run_once(self, stop: threading.Event | None = None) -> int:
         ids = self._claim()
         if not ids:
             return 0
         conn: smtplib.SMTP | None = None
         outcomes: list[tuple[int, str | None, bool]] = []  # (id, error or None, permanent)
+        done: set[int] = set()
         try:
             for oid in ids:
+                if stop is not None and stop.is_set():
+                    break  # shutting down: the rest is released below, nothing charged
                 with read_session(self.engine) as s:  # no write lock for reading
                     row = s.get(m.Outbox, oid)
                     if row is None:
                         continue
                     mail_from, rcpts, raw, mid = row.mail_from, row.rcpt_tos, row.raw, row.message_id
+                done.add(oid)
                 try:
                     if self.relay is None:
                         self._write_file(oid, mid, raw)
                     else:
-                        conn = conn or self._connect()
+                        if conn is None:
+                            try:
+                                conn = self._connect()
+                            except (OSError, smtplib.SMTPException) as exc:
+                                # The relay is down: one attempt is charged to this mail only;
+                                # the rest of the batch waits for the next pass, uncharged.
+                                outcomes.append((oid, f"{type(exc).__name__}: {exc}", False))
+                                break
                         self._send(conn, mail_from, rcpts, raw)
                 except PermanentFailure as exc:
                     outcomes.append((oid, str(exc), True))
@@ -101,7 +116,14 @@ class Sender:
             self._close(conn)
             if outcomes:
                 self._record(outcomes)
+            self._release([i for i in ids if i not in done])
         return len(ids)
+
+    def _release(self, ids: list[int]) -> None:
+        if ids:
+            with Session(self.engine) as s, s.begin():
+                s.execute(update(m.Outbox).where(m.Outbox.id.in_(ids), m.Outbox.state == "pending")
+                          .values(lease_until=None))
 
     def _connect(self) -> smtplib.SMTP:
         r = self.relay
@@ -193,7 +215,7 @@ class Sender:
         while not stop.is_set():
             wake.clear()
             try:
-                n = self.run_once()
+                n = self.run_once(stop)
             except Exception:
                 log.exception("sender pass failed")
                 n = 0
