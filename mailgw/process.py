@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw.mail.machine import automatic_reason
@@ -69,16 +69,29 @@ def queue_for(row: m.Inbound, settings: Settings) -> Queue:
     raise Quarantine(f"no configured queue serves {', '.join(row.rcpt_tos) or 'an empty recipient list'}")
 
 
+def _redelivery_of(session: Session, row: m.Inbound) -> int | None:
+    """The id of an earlier, processed copy of this very delivery (same bytes, same envelope
+    recipients, same forced queue), or None. The same message delivered for another queue or
+    recipient is not a redelivery: each delivery makes its article."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Two workers holding two copies at once would each see no processed copy; the
+        # second waits here until the first commits, then sees it.
+        session.execute(select(func.pg_advisory_xact_lock(int(row.sha256[:15], 16))))
+    for other_id, rcpts, queue in session.execute(
+        select(m.Inbound.id, m.Inbound.rcpt_tos, m.Inbound.queue).where(
+            m.Inbound.sha256 == row.sha256, m.Inbound.id != row.id, m.Inbound.state == "done")
+    ):
+        if sorted(rcpts) == sorted(row.rcpt_tos) and queue == row.queue:
+            return other_id
+    return None
+
+
 def process(session: Session, row: m.Inbound, ctx: Context,
             parsed: ParsedMail | Exception | None = None) -> None:
     """Store one message. ``parsed`` is the message parsed beforehand (outside the write
     transaction), or the exception parsing raised; None parses here."""
     settings = ctx.settings
-    duplicate = session.scalar(
-        select(m.Inbound.id).where(
-            m.Inbound.sha256 == row.sha256, m.Inbound.id != row.id, m.Inbound.state == "done"
-        ).limit(1)
-    )
+    duplicate = _redelivery_of(session, row)
     if duplicate is not None:
         # An MTA that missed our 250 delivers the same bytes again: one article is enough.
         row.state, row.processed_at = "done", now()
@@ -92,10 +105,15 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     sender = mail.from_addr or (row.mail_from or "").lower()
     auto = automatic_reason(mail, row.mail_from)
 
-    match = find_ticket(session, mail, settings.ticket_numbers)
+    match = find_ticket(session, mail, settings.ticket_numbers, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
     reopened = rejected = False
-    if ticket is not None and ticket.state == "closed":
+    if ticket is not None and ticket.state == "closed" and auto:
+        # An out-of-office or other automatic answer is kept on the ticket but neither
+        # reopens it nor opens a new one.
+        rejected = True
+        reason += "; the ticket is closed and automatic mail does not reopen it"
+    elif ticket is not None and ticket.state == "closed":
         policy = (settings.queue(ticket.queue) or queue).on_closed_reply
         if policy == "reopen":
             reopened = True
@@ -119,7 +137,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         _event(session, "ticket_created", row, ticket, queue=queue.name, number=ticket.number)
     elif not rejected:
         old = ticket.state
-        if ticket.state in ("closed", "pending"):
+        if ticket.state in ("closed", "pending") and not auto:
             ticket.state, ticket.closed_at = "open", None
             _event(session, "state_changed", row, ticket, old=old, new="open",
                    reason="customer follow-up")
@@ -189,7 +207,14 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         "queue": {"name": queue.name, "address": queue.from_address}, "reopened": reopened,
     })
     message_id = make_message_id(ctx.settings.hostname, ticket.id)
-    references = (mail.references + ([mail.message_id] if mail.message_id else []))[-20:]
+    # RFC 5322 3.6.4: the parent's References plus the parent's id. The ticket's first message
+    # leads, so clients keep the whole ticket in one thread even when the customer's mail
+    # referred to it only by the number in the subject.
+    root = session.scalar(select(m.Article.message_id).where(
+        m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
+        .order_by(m.Article.id).limit(1))
+    chain = mail.references + ([mail.message_id] if mail.message_id else [])
+    references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     subject = tag_subject(cfg, ticket.number or "", rendered.subject)
     raw = build_message(
         from_addr=queue.from_address, from_name=queue.sender_name, to=[recipient],
@@ -206,7 +231,8 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     )
     out = m.Article(
         ticket_id=ticket.id, direction="out", sender_type="system",
-        from_addr=queue.from_address, from_name=queue.sender_name or "", to_addrs=recipient,
+        from_addr=queue.from_address, from_name=queue.sender_name or "",
+        to_addrs=_clean(recipient),
         subject=subject, message_id=message_id, in_reply_to=mail.message_id,
         references=" ".join(references) or None, body_text=rendered.body,
         threaded_by="auto_response", thread_reason=f"acknowledgement ({template})",

@@ -31,16 +31,21 @@ class ThreadMatch:
     reason: str
 
 
-def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers) -> ThreadMatch:
+def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers,
+                sender: str | None = None) -> ThreadMatch:
+    """``sender`` is who the message is from (From:, else the envelope sender)."""
+    sender = sender if sender is not None else mail.from_addr
+    # Ids come from strangers: no NUL (PostgreSQL refuses it), no absurd lengths.
     refs = list(dict.fromkeys(mail.in_reply_to + list(reversed(mail.references))))
-    refs = [r for r in refs if r][:MAX_REFERENCES]
+    refs = [r for r in refs if r and "\x00" not in r and len(r) <= 998][:MAX_REFERENCES]
     notes = []
     if refs:
         rows = session.execute(
             select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(refs))
+            .order_by(Article.id.desc())
         ).all()
         found = {}
-        for mid, tid in rows:
+        for mid, tid in rows:  # newest article first: an id on two tickets means the newer
             found.setdefault(mid, tid)
         for ref in refs:
             if ref in found:
@@ -56,14 +61,14 @@ def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers) -> Threa
         if ticket is None:
             notes.append(f"subject names {cfg.hook}{number}, which does not exist")
             continue
-        if _sender_on_ticket(session, ticket, mail.from_addr):
+        if _sender_on_ticket(session, ticket, sender):
             return ThreadMatch(
                 ticket,
                 "subject_number",
-                f"subject names {cfg.hook}{number} and {mail.from_addr} is on that ticket",
+                f"subject names {cfg.hook}{number} and {sender} is on that ticket",
             )
         notes.append(
-            f"subject names {cfg.hook}{number} but {mail.from_addr or 'the sender'} is not on"
+            f"subject names {cfg.hook}{number} but {sender or 'the sender'} is not on"
             " that ticket"
         )
     return ThreadMatch(None, "new_ticket", "; ".join(notes) or "no reference to a known ticket")
@@ -76,7 +81,10 @@ def _sender_on_ticket(session: Session, ticket: Ticket, sender: str) -> bool:
         return True
     hit = session.scalar(
         select(Article.id)
-        .where(Article.ticket_id == ticket.id, Article.from_addr == sender)
+        # Only mail received on the ticket counts: our own outgoing articles are "from" the
+        # queue address, which anyone can forge.
+        .where(Article.ticket_id == ticket.id, Article.from_addr == sender,
+               Article.direction == "in")
         .limit(1)
     )
     return hit is not None

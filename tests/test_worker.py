@@ -207,3 +207,83 @@ def test_database_error_rolls_back_the_batch_and_quarantines_only_the_culprit(hx
     assert "refused by test trigger" in hx.inbound(ids[1]).error
     assert hx.inbound(ids[1]).attempts == 3
     assert len([a for a in hx.articles() if a.direction == "in"]) == 2
+
+
+def test_ack_to_a_follow_up_by_subject_number_references_the_tickets_first_message(hx):
+    hx.put(mail("VPN down", msgid="first@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    hx.put(mail(f"[Ticket#{t.number}] still down", msgid="second@c"))
+    hx.drain()
+    from email import message_from_bytes
+
+    acks = [message_from_bytes(o.raw) for o in hx.outbox()]
+    assert acks[1]["In-Reply-To"] == "<second@c>"
+    assert acks[1]["References"].split() == ["<first@c>", "<second@c>"]
+
+
+def test_same_bytes_for_another_queue_is_not_a_duplicate(hx):
+    # A pipe transport delivers one copy per recipient: both queues must get the message
+    raw = mail("For both", msgid="both@c")
+    hx.put(raw, rcpt="support@example.com")
+    hx.put(raw, rcpt="billing@example.com")
+    hx.drain()
+    assert sorted(t.queue for t in hx.tickets()) == ["billing", "support"]
+    assert hx.events("duplicate_ignored") == []
+
+
+def test_out_of_office_does_not_reopen_a_closed_ticket(hx):
+    hx.put(mail("Broken", msgid="orig@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    _close(hx, t.id)
+    hx.put(mail("Abwesenheit", msgid="ooo@c", In_Reply_To="<orig@c>",
+                Auto_Submitted="auto-replied"))
+    hx.drain()
+    [t] = hx.tickets()
+    assert t.state == "closed"
+    assert len([a for a in hx.articles(t.id) if a.direction == "in"]) == 2
+
+
+def test_our_own_address_quoting_a_number_is_not_on_the_ticket(hx):
+    hx.put(mail("Broken", msgid="orig@c"))
+    hx.drain()
+    [t] = hx.tickets()
+    # Anyone can write From: support@example.com; our outgoing articles do not count
+    hx.put(mail(f"[Ticket#{t.number}] hi", sender="support@example.com", msgid="forged@c"))
+    hx.drain()
+    assert len(hx.tickets()) == 2
+
+
+def test_two_workers_holding_two_copies_of_one_delivery_store_it_once(hx):
+    # On PostgreSQL two workers can hold the original and the MTA's retry at the same time.
+    if hx.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer: two transactions cannot overlap")
+    import threading
+
+    from sqlalchemy.orm import Session
+
+    from mailgw.process import Context, process
+
+    raw = mail("Once only", msgid="race@c")
+    first, second = hx.put(raw, raw)
+    ctx = Context(hx.settings, hx.renderer)
+    a = Session(hx.engine)
+    a.begin()
+    process(a, a.get(m.Inbound, first), ctx)  # worker A stored it, not yet committed
+    finished = threading.Event()
+
+    def worker_b() -> None:
+        with Session(hx.engine) as b, b.begin():
+            process(b, b.get(m.Inbound, second), ctx)
+        finished.set()
+
+    t = threading.Thread(target=worker_b)
+    t.start()
+    assert not finished.wait(1.0)  # B waits for A instead of storing a second copy
+    a.commit()
+    a.close()
+    t.join(30)
+    assert finished.is_set()
+    assert len([x for x in hx.articles() if x.direction == "in"]) == 1
+    assert len(hx.events("duplicate_ignored")) == 1
