@@ -21,11 +21,13 @@ class Obj:
         self.home = home
         self._settings: Settings | None = None
 
-    def settings(self) -> Settings:
+    def settings(self, *, raise_errors: bool = False) -> Settings:
         if self._settings is None:
             try:
                 self._settings = load_settings(self.home)
             except ConfigError as exc:
+                if raise_errors:
+                    raise
                 for line in exc.errors:
                     click.echo(f"config error: {line}", err=True)
                 sys.exit(EX_CONFIG)
@@ -128,7 +130,7 @@ def deliver(obj: Obj, queue: str | None, mail_from: str | None, recipients: tupl
         click.echo("mailgw deliver: input is not an email message", err=True)
         sys.exit(EX_DATAERR)
     try:
-        settings = load_settings(obj.home)
+        settings = obj.settings(raise_errors=True)
     except ConfigError as exc:
         click.echo("mailgw deliver: " + "; ".join(exc.errors), err=True)
         sys.exit(EX_TEMPFAIL)
@@ -162,6 +164,12 @@ def tickets() -> None:
     """List and show tickets."""
 
 
+def _number(obj: Obj, text: str) -> str:
+    """A ticket number as typed: 2026…, Ticket#2026… or [Ticket#2026…]."""
+    hook = obj.settings().ticket_numbers.hook
+    return text.strip().strip("[]").strip().removeprefix(hook).strip("#: ")
+
+
 def _iso(dt: datetime | None) -> str | None:
     # Everything is stored in UTC; SQLite hands datetimes back without their zone.
     if dt is None:
@@ -184,10 +192,9 @@ def tickets_list(obj: Obj, as_json: bool, state: str | None, queue: str | None,
     from mailgw.store.models import Article, Ticket
 
     with read_session(obj.engine()) as s:
-        counts = (select(Article.ticket_id, func.count().label("n"))
-                  .group_by(Article.ticket_id).subquery())
-        q = (select(Ticket, counts.c.n).join(counts, counts.c.ticket_id == Ticket.id, isouter=True)
-             .order_by(Ticket.id.desc()).limit(limit))
+        n_articles = (select(func.count()).where(Article.ticket_id == Ticket.id)
+                      .correlate(Ticket).scalar_subquery())
+        q = select(Ticket, n_articles).order_by(Ticket.id.desc()).limit(limit)
         if state:
             q = q.where(Ticket.state == state)
         if queue:
@@ -221,7 +228,7 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
     from mailgw.store.models import Article, Attachment, Ticket
 
     settings = obj.settings()
-    number = number.removeprefix(settings.ticket_numbers.hook).strip("[]# ")
+    number = _number(obj, number)
     with read_session(obj.engine()) as s:
         t = s.scalars(select(Ticket).where(Ticket.number == number)).first()
         if t is None:
@@ -279,7 +286,7 @@ def tickets_state(obj: Obj, number: str, state: str) -> None:
     from mailgw.queue import now
     from mailgw.store.models import Event, Ticket
 
-    number = number.removeprefix(obj.settings().ticket_numbers.hook).strip("[]# ")
+    number = _number(obj, number)
     with Session(obj.engine()) as s, s.begin():
         t = s.scalars(select(Ticket).where(Ticket.number == number)).first()
         if t is None:

@@ -52,6 +52,9 @@ def test_mail_becomes_ticket_ack_threads_and_reply_lands_on_same_ticket(home, ga
     assert ticket["title"] == "Printer on fire"
     assert len(ticket["number"]) >= 14 and ticket["number"].isdigit()
 
+    # And `tickets show` takes the number as typed, tag included
+    assert show(home, f"[Ticket#{ticket['number']}]")["number"] == ticket["number"]
+
     # And the acknowledgement reaches the sink, threaded to the customer's message
     [ack] = sink.wait_for(1)
     assert ack["To"] == "alice@customer.test"

@@ -44,6 +44,22 @@ def test_oversized_message_is_refused_with_552(home, gateway):
     assert _count(home) == 0
 
 
+def test_oversized_data_without_size_parameter_is_refused_with_552(home, gateway):
+    # A client that does not announce SIZE is stopped when DATA passes the limit.
+    home.update_config(smtp={"listen": "127.0.0.1:2525", "max_message_size": 20000})
+    gateway.start()
+    raw = b"From: a@customer.test\r\nSubject: big\r\n\r\n" + b"y" * 70 + b"\r\n" * 1
+    raw += (b"z" * 70 + b"\r\n") * 400
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        s.esmtp_features.pop("size", None)  # so smtplib sends no SIZE= at MAIL FROM
+        assert s.mail("a@customer.test")[0] == 250
+        assert s.rcpt("support@example.com")[0] == 250
+        code, _ = s.data(raw)
+        assert code == 552
+    assert _count(home) == 0
+
+
 def test_lines_longer_than_rfc5321_are_accepted(home, gateway):
     # Real senders (Amazon SES, Outlook HTML) exceed 998 characters a line; refusing loses mail.
     gateway.start()
