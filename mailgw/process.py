@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailgw.mail.machine import automatic_reason
+from mailgw.mail.machine import automatic_reason, unanswerable
 from mailgw.mail.parse import parse_message
 from mailgw.numbers import format_number, tag_subject
 from mailgw.outbound.render import Renderer, build_message, make_message_id
@@ -104,6 +104,8 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     queue = queue_for(row, settings)
     sender = mail.from_addr or (row.mail_from or "").lower()
     auto = automatic_reason(mail, row.mail_from)
+    if auto is None and settings.loop_header.lower() != "x-loop" and mail.header(settings.loop_header):
+        auto = f"{settings.loop_header} header present (our own loop header)"
 
     match = find_ticket(session, mail, settings.ticket_numbers, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
@@ -151,16 +153,20 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     why_not = (
         f"the message is automatic: {auto}" if auto
         else "the queue does not send auto responses" if not ticket_queue.auto_response
-        else "the ticket is closed and the queue rejects replies" if rejected
         else None
     )
     recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
     if why_not is None and not _ADDRESS.fullmatch(recipient):
         why_not = f"no valid address to answer ({recipient or 'none'})"
+    if why_not is None and unanswerable(recipient):
+        why_not = f"the reply address {recipient} does not take replies"
     if why_not:
         _event(session, "auto_response_suppressed", row, ticket, article, reason=why_not)
     else:
-        template = "ack_new" if by == "new_ticket" else "ack_followup"
+        # A reply to a closed ticket the queue does not reopen gets a notice saying so (OTRS's
+        # "auto reject"), so the customer knows to write a new request.
+        template = ("reject_closed" if rejected else
+                    "ack_new" if by == "new_ticket" else "ack_followup")
         _queue_ack(session, row, ctx, ticket, ticket_queue, article, mail, recipient, template,
                    reopened)
 

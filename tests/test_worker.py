@@ -73,9 +73,10 @@ def test_reply_to_closed_ticket_follows_queue_policy(hx, policy):
     else:
         assert len(tickets) == 1 and tickets[0].state == "closed"
         assert len([a for a in hx.articles(t.id) if a.direction == "in"]) == 2
-        assert len(acks) == 1  # only the first message was acknowledged
-        [sup] = hx.events("auto_response_suppressed")
-        assert "rejects replies" in sup.data["reason"]
+        # the customer is told the ticket stays closed (OTRS "auto reject")
+        [queued] = [e for e in hx.events("auto_response_queued") if e.data["template"] != "ack_new"]
+        assert queued.data["template"] == "reject_closed"
+        assert b"is closed" in acks[1].raw
 
 
 def test_follow_up_on_pending_ticket_sets_it_open(hx):
@@ -287,3 +288,23 @@ def test_two_workers_holding_two_copies_of_one_delivery_store_it_once(hx):
     assert finished.is_set()
     assert len([x for x in hx.articles() if x.direction == "in"]) == 1
     assert len(hx.events("duplicate_ignored")) == 1
+
+
+def test_no_acknowledgement_to_a_no_reply_reply_to(hx):
+    hx.put(mail("Order 77 shipped?", msgid="nr@c", Reply_To="no-reply@shop.test"))
+    hx.drain()
+    assert hx.outbox() == []
+    [sup] = hx.events("auto_response_suppressed")
+    assert "no-reply@shop.test does not take replies" in sup.data["reason"]
+
+
+def test_configured_loop_header_marks_mail_automatic(hx):
+    data = hx.home.config()
+    data["loop_header"] = "X-Helpdesk-Loop"
+    hx.home.write_config(data)
+    hx.settings = hx.home.settings()
+    hx.put(mail("Re: ours", msgid="lh@c", X_Helpdesk_Loop="support@other.test"))
+    hx.drain()
+    assert hx.outbox() == []
+    [sup] = hx.events("auto_response_suppressed")
+    assert "X-Helpdesk-Loop" in sup.data["reason"]

@@ -12,7 +12,7 @@ import re
 
 from mailgw.types import ParsedMail
 
-__all__ = ["automatic_reason"]
+__all__ = ["automatic_reason", "unanswerable"]
 
 _MAILER_DAEMON = re.compile(r"mailer[-_]?daemon", re.IGNORECASE)
 # no-reply, noreply, no_reply, do-not-reply, donotreply..., also as a suffix
@@ -120,3 +120,11 @@ def automatic_reason(parsed: ParsedMail, mail_from: str | None) -> str | None:
         or _list_reason(parsed)
         or _no_reply_reason(parsed, mail_from)
     )
+
+
+def unanswerable(address: str) -> bool:
+    """True for an address that must never get an automatic answer (MAILER-DAEMON,
+    postmaster, no-reply…), e.g. a Reply-To pointing at one."""
+    local = _local_part(address)
+    return bool(_MAILER_DAEMON.fullmatch(local) or local == "postmaster"
+                or _NO_REPLY.search(local))

@@ -20,7 +20,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
-REQUIRED = ("ack_new", "ack_followup")
+REQUIRED = ("ack_new", "ack_followup", "reject_closed")
 
 
 @dataclass(frozen=True)
