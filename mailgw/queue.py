@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import Future, InvalidStateError
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, insert, update
 
 from mailgw.store.models import Inbound
 from mailgw.types import Envelope
@@ -47,11 +47,9 @@ def _row(env: Envelope) -> dict:
 def put_many(engine: Engine, envelopes: list[Envelope]) -> list[int]:
     """Insert envelopes in one transaction; returns their ids once committed."""
     with engine.begin() as conn:
-        ids = []
-        for env in envelopes:
-            # One INSERT ... RETURNING per row keeps ids in order on both backends.
-            ids.append(conn.execute(insert(Inbound).returning(Inbound.id), _row(env)).scalar_one())
-    return ids
+        # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
+        stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
+        return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())
 
 
 def put(engine: Engine, envelope: Envelope) -> int:
@@ -133,19 +131,6 @@ def _settle(fut: Future[int], *, result: int | None = None, exc: BaseException |
             fut.set_result(result)  # type: ignore[arg-type]
     except InvalidStateError:
         pass
-
-
-def quarantined(engine: Engine) -> list[Inbound]:
-    from mailgw.store.db import read_session
-
-    with read_session(engine) as s:
-        return list(
-            s.scalars(
-                select(Inbound)
-                .where(Inbound.state == "quarantined")
-                .order_by(Inbound.id)
-            )
-        )
 
 
 def replay(engine: Engine, inbound_id: int) -> bool:
