@@ -168,3 +168,14 @@ def test_client_hanging_up_during_a_slow_commit_does_not_stall_intake(home, gate
     with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
         assert s.send_message(customer_mail("after", "still here?")) == {}
     wait_until(lambda: _count(home) == 2, what="both messages stored")
+
+
+def test_nul_in_the_envelope_sender_does_not_cost_the_message(home, gateway):
+    gateway.start()
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        assert s.docmd("MAIL FROM:<odd\x00one@customer.test>")[0] == 250
+        assert s.rcpt("support@example.com")[0] == 250
+        code, _ = s.data(b"From: odd@customer.test\r\nSubject: nul\r\n\r\nhi\r\n")
+        assert code == 250
+    wait_until(lambda: _count(home) == 1, what="stored message")

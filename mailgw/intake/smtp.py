@@ -43,8 +43,9 @@ class IntakeHandler:
         peer = session.peer
         env = Envelope(
             raw=raw,
-            mail_from=(envelope.mail_from or "").strip("<>"),
-            rcpt_tos=tuple(envelope.rcpt_tos),
+            # aiosmtpd lets a NUL through in addresses; the database would refuse the row.
+            mail_from=(envelope.mail_from or "").strip("<>").replace("\x00", ""),
+            rcpt_tos=tuple(r.replace("\x00", "") for r in envelope.rcpt_tos),
             source=self.source,
             received_at=datetime.now(UTC),
             source_ref=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer),
