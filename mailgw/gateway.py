@@ -77,6 +77,10 @@ class Gateway:
                 self._wait_for_signal()
         finally:
             self.stop.set()
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: log.warning(
+                        "already stopping: finishing work in progress (SIGKILL aborts)"))
             worker_wake.set()
             sender_wake.set()
             for t in threads:
@@ -91,6 +95,7 @@ class Gateway:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
         log.info("mailgw running roles %s", ", ".join(self.roles))
+        print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
             pass
 

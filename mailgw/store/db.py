@@ -96,11 +96,10 @@ def current_revision(engine: Engine) -> str | None:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (Alembic); cheap when it already is."""
-    from alembic import command
-
     with _migrate_lock:
         if current_revision(engine) == SCHEMA_REVISION:
             return
+        from alembic import command
         if engine.dialect.name == "postgresql":
             # Two gateway nodes starting at once must not both create the tables.
             with engine.begin() as conn:
