@@ -103,9 +103,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     mail = parsed if parsed is not None else parse_message(row.raw)
     queue = queue_for(row, settings)
     sender = mail.from_addr or (row.mail_from or "").lower()
-    auto = automatic_reason(mail, row.mail_from)
-    if auto is None and settings.loop_header.lower() != "x-loop" and mail.header(settings.loop_header):
-        auto = f"{settings.loop_header} header present (our own loop header)"
+    auto = automatic_reason(mail, row.mail_from, settings.loop_header)
 
     match = find_ticket(session, mail, settings.ticket_numbers, sender)
     ticket, by, reason = match.ticket, match.by, match.reason

@@ -65,12 +65,13 @@ class Worker:
         self._pg = engine.dialect.name == "postgresql"
         release_dead_claims(engine)
 
-    def _claim(self) -> list[int]:
+    def _claim(self) -> list[int] | None:
         """Lease up to one batch of pending rows and count an attempt on each (committed).
 
         A row with attempts already counted was claimed before and not finished: its worker
         crashed, hung or hit a database error. Such a row is processed alone, so one bad
-        message cannot take a batch down with it again; past ``max_attempts`` it is quarantined.
+        message cannot take a batch down with it again; past ``max_attempts`` it is quarantined,
+        and None says so (one message handled, none to process).
         """
         stamp = now()
         with Session(self.engine) as s, s.begin():
@@ -92,7 +93,7 @@ class Worker:
                 s.add(m.Event(type="quarantined", inbound_id=row.id, created_at=stamp,
                               data={"reason": row.error, "attempts": row.attempts}))
                 log.error("inbound %s quarantined: %s", row.id, row.error)
-                return [-1]  # progress was made; nothing to process
+                return None
             if rows[0].attempts:
                 ids = [rows[0].id]
             else:
@@ -118,8 +119,10 @@ class Worker:
     def run_batch(self) -> int:
         """Process up to one batch; returns how many messages were handled."""
         ids = self._claim()
-        if not ids or ids == [-1]:
-            return len(ids)
+        if ids is None:
+            return 1  # one message quarantined for its attempts
+        if not ids:
+            return 0
         ctx = self.context()
         parsed = self._parse(ids)
         current: int | None = None

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 PG_BASE = os.environ.get("MAILGW_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

@@ -304,4 +304,4 @@ def test_configured_loop_header_marks_mail_automatic(hx):
     hx.drain()
     assert hx.outbox() == []
     [sup] = hx.events("auto_response_suppressed")
-    assert "X-Helpdesk-Loop" in sup.data["reason"]
+    assert "X-Helpdesk-Loop: support@other.test" in sup.data["reason"]

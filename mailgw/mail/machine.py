@@ -69,7 +69,7 @@ def _bounce_reason(parsed: ParsedMail, mail_from: str | None) -> str | None:
     return None
 
 
-def _auto_reply_reason(parsed: ParsedMail) -> str | None:
+def _auto_reply_reason(parsed: ParsedMail, loop_header: str) -> str | None:
     auto_submitted = parsed.header("auto-submitted")
     if auto_submitted is not None and _first_token(auto_submitted) != "no":  # RFC 3834 §5
         return f"Auto-Submitted: {_short(auto_submitted) or '(empty)'}"
@@ -86,9 +86,10 @@ def _auto_reply_reason(parsed: ParsedMail) -> str | None:
     precedence = parsed.header("precedence")
     if precedence is not None and _first_token(precedence) in _BULK_PRECEDENCE:
         return f"Precedence: {_first_token(precedence)}"
-    x_loop = parsed.header("x-loop")
-    if x_loop is not None:
-        return f"X-Loop: {_short(x_loop) or '(empty)'}"
+    for name in dict.fromkeys(("X-Loop", loop_header)):  # ours may be configured otherwise
+        value = parsed.header(name)
+        if value is not None:
+            return f"{name}: {_short(value) or '(empty)'}"
     return None
 
 
@@ -109,14 +110,16 @@ def _no_reply_reason(parsed: ParsedMail, mail_from: str) -> str | None:
     return None
 
 
-def automatic_reason(parsed: ParsedMail, mail_from: str | None) -> str | None:
+def automatic_reason(parsed: ParsedMail, mail_from: str | None,
+                     loop_header: str = "X-Loop") -> str | None:
     """None for mail from a person; else why the message is machine-generated.
 
-    ``mail_from`` is the envelope sender, "" for the null reverse-path.
+    ``mail_from`` is the envelope sender, "" for the null reverse-path, None when unknown;
+    ``loop_header`` is the loop header our own automatic mail carries (setting loop_header).
     """
     return (
         _bounce_reason(parsed, mail_from)
-        or _auto_reply_reason(parsed)
+        or _auto_reply_reason(parsed, loop_header)
         or _list_reason(parsed)
         or _no_reply_reason(parsed, mail_from)
     )
