@@ -37,7 +37,6 @@ the problems listed in ``defects``.
 from __future__ import annotations
 
 import binascii
-import codecs
 import email
 import re
 from collections.abc import Iterator
@@ -46,9 +45,9 @@ from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
-from functools import lru_cache
 from io import BytesIO
 
+from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
 from mailgw.mail.sanitize import html_to_text, sanitize_html
 from mailgw.types import Attachment, ParsedMail, ParseError
 
@@ -90,93 +89,10 @@ def looks_like_mail(raw: bytes) -> bool:
 
 # --- Charsets -----------------------------------------------------------------------------
 
-# Labels Python does not know, or knows only as a subset of what senders really use; the
-# targets are the supersets the WHATWG Encoding Standard maps these labels to.
-_CHARSET_ALIASES = {
-    "ks_c_5601-1987": "cp949",
-    "ks_c_5601": "cp949",
-    "ksc5601": "cp949",
-    "euc-kr": "cp949",
-    "gb2312": "gb18030",
-    "gb_2312-80": "gb18030",
-    "gbk": "gb18030",
-    "x-gbk": "gb18030",
-    "euc-cn": "gb18030",
-    "cn-gb": "gb18030",
-    "big5": "cp950",
-    "shift_jis": "cp932",
-    "shift-jis": "cp932",
-    "sjis": "cp932",
-    "x-sjis": "cp932",
-    "windows-31j": "cp932",
-    "tis-620": "cp874",
-    "windows-874": "cp874",
-    "iso-8859-11": "cp874",
-    "iso-8859-8-i": "iso-8859-8",
-    "iso-8859-9": "cp1254",
-    "unicode-1-1-utf-7": "utf-7",
-}
-# Single-byte Latin labels: WHATWG decodes them as windows-1252, which is what the senders
-# almost always meant (0x80-0x9F are curly quotes and dashes, not C1 controls).
-_LATIN1_SUPERSET = "cp1252"
-# Codecs too weak to be worth a lossy decode: for these, other guesses come first.
-_WEAK_CODECS = frozenset({"ascii"})
-_LABEL_JUNK = "\"'` ;"
-
-
-@lru_cache(maxsize=256)
-def _codec(label: str | None) -> str | None:
-    """The Python codec for a charset label from the wire, or None when unusable."""
-    if not label:
-        return None
-    name = label.strip(_LABEL_JUNK).lower()
-    if name.startswith("charset="):  # seen in the wild: charset="charset=us-ascii"
-        name = name[len("charset=") :].strip(_LABEL_JUNK)
-    name = name.split("*", 1)[0]  # RFC 2231 §5 language suffix: "utf-8*en"
-    name = _CHARSET_ALIASES.get(name, name)
-    try:
-        info = codecs.lookup(name)
-    except (LookupError, ValueError):
-        return None
-    # "base64", "zlib", "rot13"... are codecs too, but not text encodings.
-    if not getattr(info, "_is_text_encoding", True):
-        return None
-    return _LATIN1_SUPERSET if info.name == "iso8859-1" else info.name
-
-
-def _decode_bytes(data: bytes, label: str | None, defects: list[str] | None = None) -> str:
-    """Decode text in the declared charset, falling back without ever raising.
-
-    Order: the declared charset; UTF-8 (the most common mislabelling, and text that is not
-    UTF-8 rarely validates as UTF-8); windows-1252 when nothing usable was declared; then
-    a lossy decode in the declared charset or, failing that, UTF-8 with replacement.
-    """
-    codec = _codec(label)
-    if codec is not None:
-        try:
-            return data.decode(codec)
-        except (UnicodeError, LookupError):
-            pass
-    try:
-        text = data.decode("utf-8")
-    except UnicodeError:
-        pass
-    else:
-        if label and codec is None and defects is not None:
-            defects.append(f"unknown charset {label[:40]!r}, decoded as utf-8")
-        return text
-    if codec is None or codec in _WEAK_CODECS:
-        try:
-            text = data.decode(_LATIN1_SUPERSET)
-        except UnicodeError:
-            codec = "utf-8"
-        else:
-            if label and defects is not None:
-                defects.append(f"bytes invalid in charset {label[:40]!r}, decoded as windows-1252")
-            return text
-    if defects is not None:
-        defects.append(f"bytes invalid in charset {(label or '')[:40]!r}, decoded with replacement")
-    return data.decode(codec, "replace")
+# The label table and the fallbacks live in mailgw.mail.charsets (never raises).
+_codec = codec_for
+_decode_bytes = decode
+_LATIN1_SUPERSET = LATIN1_SUPERSET
 
 
 # --- Header values ------------------------------------------------------------------------
