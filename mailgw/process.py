@@ -14,10 +14,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailgw.mail.machine import automatic_reason, unanswerable
+from mailgw import loops
+from mailgw.machine_mail import handle_machine_mail, ours_for
+from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
+from mailgw.mail.reply import split_html_reply, split_reply
 from mailgw.numbers import format_number, tag_subject
-from mailgw.outbound.render import Renderer, build_message, make_message_id
+from mailgw.outbound.render import Renderer, build_message
+from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
 from mailgw.settings import Queue, Settings
 from mailgw.store import models as m
@@ -101,9 +105,15 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     if isinstance(parsed, Exception):
         raise parsed
     mail = parsed if parsed is not None else parse_message(row.raw)
+    # Classified once (docs/machine-mail.md). Bounces and our own mail coming back never
+    # open a ticket: they attach to the ticket of the mail they refer to, or are recorded.
+    cls = classify(mail, row.mail_from, raw=row.raw, rcpt_tos=row.rcpt_tos,
+                   ours=ours_for(settings))
+    if handle_machine_mail(session, row, mail, cls, _store_article, _event):
+        return
     queue = queue_for(row, settings)
     sender = mail.from_addr or (row.mail_from or "").lower()
-    auto = automatic_reason(mail, row.mail_from, settings.loop_header)
+    auto = cls.reason
 
     match = find_ticket(session, mail, settings.ticket_numbers, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
@@ -143,7 +153,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
                    reason="customer follow-up")
         ticket.updated_at = stamp
 
-    article = _store_article(session, row, ticket, mail, sender, by, reason, auto)
+    article = _store_article(session, row, ticket, mail, sender, by, reason, auto, cls)
     _event(session, "article_received", row, ticket, article, source=row.source,
            threaded_by=by, reason=reason, automatic=auto)
 
@@ -158,6 +168,10 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         why_not = f"no valid address to answer ({recipient or 'none'})"
     if why_not is None and unanswerable(recipient):
         why_not = f"the reply address {recipient} does not take replies"
+    if why_not is None:
+        why_not = loops.limit_reason(session, settings.loop_protection, recipient, ticket.id)
+        if why_not:
+            _event(session, "rate_limit_hit", row, ticket, article, to=recipient, reason=why_not)
     if why_not:
         _event(session, "auto_response_suppressed", row, ticket, article, reason=why_not)
     else:
@@ -172,8 +186,19 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
 
 
+def _reply_parts(mail: ParsedMail):
+    parts = split_reply(mail.text)
+    if not parts.quoted and mail.html:  # HTML mail: the quote may show only in the markup
+        from_html = split_html_reply(mail.html)
+        if from_html.quoted:
+            return from_html
+    return parts
+
+
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
-                   sender: str, by: str, reason: str, auto: str | None) -> m.Article:
+                   sender: str, by: str, reason: str, auto: str | None,
+                   cls: Classification | None = None) -> m.Article:
+    parts = _reply_parts(mail)
     article = m.Article(
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),
@@ -184,6 +209,9 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         body_text=_clean(mail.text), body_html=_clean(mail.html) or None,
         threaded_by=by, thread_reason=_clean(reason), is_automatic=auto is not None,
         automatic_reason=auto, created_at=now(),
+        mail_class=cls.kind if cls is not None else (by if auto else None),
+        visible_text=_clean(parts.visible), signature_text=_clean(parts.signature) or None,
+        quoted_text=_clean(parts.quoted) or None,
     )
     session.add(article)
     session.flush()
@@ -210,7 +238,8 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         "customer": ticket.customer, "tag": tag,
         "queue": {"name": queue.name, "address": queue.from_address}, "reopened": reopened,
     })
-    message_id = make_message_id(ctx.settings.hostname, ticket.id)
+    signer = signer_for(ctx.settings)
+    message_id = signer.message_id(ticket.id)  # signed: recognised if it ever comes back
     # RFC 5322 3.6.4: the parent's References plus the parent's id. The ticket's first message
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
@@ -246,8 +275,12 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     session.add(out)
     session.flush()
     stamp = now()
+    # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
+    envelope_from = (signer.verp_address(out.id, queue.from_address) if signer.verp
+                     else queue.from_address)
+    loops.record(session, recipient, ticket.id)
     session.add(m.Outbox(
-        ticket_id=ticket.id, article_id=out.id, mail_from=queue.from_address,
+        ticket_id=ticket.id, article_id=out.id, mail_from=envelope_from,
         rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending", attempts=0,
         next_attempt_at=stamp, created_at=stamp,
     ))

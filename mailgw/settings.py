@@ -98,6 +98,26 @@ class Sender(_Strict):
     poll_interval: float = Field(default=1.0, gt=0)
 
 
+class MachineMail(_Strict):
+    """Machine mail (docs/machine-mail.md): bounce tracking and our signed identifiers."""
+
+    # Key for the HMAC in VERP return paths and in our Message-IDs. `mailgw init` writes a
+    # random one; without it a key is derived from hostname and queue addresses (stable, but
+    # guessable by anyone who knows them: set one, the same on every node).
+    secret: str | None = Field(default=None, min_length=16)
+    # Envelope sender of our outgoing mail: bounces+TOKEN@<domain of the queue address>.
+    verp: bool = True
+    verp_local: str = Field(default="bounces", pattern=r"^[A-Za-z0-9._-]{1,40}$")
+
+
+class LoopProtection(_Strict):
+    """Rate limits for automatic mail (acknowledgements, notices); 0 sends none."""
+
+    max_per_sender: int = Field(default=40, ge=0)  # per recipient address and window (OTRS: 40)
+    max_per_ticket: int = Field(default=20, ge=0)  # per ticket and window
+    window_hours: float = Field(default=24.0, gt=0)
+
+
 class Settings(_Strict):
     store_url: str | None = None  # default: SQLite in the home's store/
     smtp: Listener = Listener()
@@ -110,6 +130,8 @@ class Settings(_Strict):
     worker: Worker = Worker()
     sender: Sender = Sender()
     loop_header: str = "X-Loop"
+    machine_mail: MachineMail = MachineMail()
+    loop_protection: LoopProtection = LoopProtection()
 
     @model_validator(mode="after")
     def _check_queues(self) -> Settings:

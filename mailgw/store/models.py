@@ -120,6 +120,14 @@ class Article(Base):
     automatic_reason: Mapped[str | None] = mapped_column(Text)
     delivery_state: Mapped[str | None] = mapped_column(String(16))  # outgoing: queued/sent/failed
     created_at: Mapped[datetime]
+    # Machine mail (mailgw.mail.classify / reply): the class of an incoming message, its new
+    # text apart from the signature and the quoted history (body_text keeps it all), and
+    # for outgoing mail why delivery failed (a bounce).
+    mail_class: Mapped[str | None] = mapped_column(String(32))
+    visible_text: Mapped[str | None] = mapped_column(Text)
+    signature_text: Mapped[str | None] = mapped_column(Text)
+    quoted_text: Mapped[str | None] = mapped_column(Text)
+    delivery_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Attachment(Base):
@@ -173,4 +181,19 @@ class Outbox(Base):
             postgresql_where=text("state = 'pending'"),
             sqlite_where=text("state = 'pending'"),
         ),
+    )
+
+
+class AutoReply(Base):
+    """One automatic mail we sent: what the loop protection counts (mailgw.loops)."""
+
+    __tablename__ = "auto_replies"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    ticket_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ix_auto_replies_recipient_created_at", "recipient", "created_at"),
+        Index("ix_auto_replies_ticket_id_created_at", "ticket_id", "created_at"),
     )

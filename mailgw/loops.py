@@ -1,0 +1,48 @@
+"""Loop protection: how many automatic mails one address and one ticket may get.
+
+Classification already keeps us from answering machine mail (``mailgw.mail.classify``), and
+our own automatic mail says it is automatic (RFC 3834), so two well-behaved systems do not
+loop. The rate limit is the backstop for the ones that are not: an autoresponder that
+strips every header, a forwarding chain. OTRS's default is 40 automatic mails a day per
+address (``PostmasterMaxEmails``); we count per recipient address and per ticket in a
+sliding window (``loop_protection`` in config/mailgw.yaml). Each count is one indexed
+COUNT on the ``auto_replies`` table, written in the same transaction as the mail.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailgw.queue import now
+from mailgw.settings import LoopProtection
+from mailgw.store import models as m
+
+__all__ = ["limit_reason", "record"]
+
+
+def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
+                 ticket_id: int | None) -> str | None:
+    """Why one more automatic mail to ``recipient`` on this ticket would break a limit."""
+    since = now() - timedelta(hours=cfg.window_hours)
+    recipient = recipient.strip().lower()
+    window = f"{cfg.window_hours:g} h"
+    sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
+        m.AutoReply.recipient == recipient, m.AutoReply.created_at >= since)) or 0
+    if sent >= cfg.max_per_sender:
+        return (f"rate limit: {sent} automatic mails to {recipient} in {window} "
+                f"(loop_protection.max_per_sender {cfg.max_per_sender})")
+    if ticket_id is not None:
+        sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
+            m.AutoReply.ticket_id == ticket_id, m.AutoReply.created_at >= since)) or 0
+        if sent >= cfg.max_per_ticket:
+            return (f"rate limit: {sent} automatic mails on this ticket in {window} "
+                    f"(loop_protection.max_per_ticket {cfg.max_per_ticket})")
+    return None
+
+
+def record(session: Session, recipient: str, ticket_id: int | None) -> None:
+    session.add(m.AutoReply(recipient=recipient.strip().lower()[:320], ticket_id=ticket_id,
+                            created_at=now()))

@@ -1,0 +1,122 @@
+"""Machine mail in the worker: bounces, delays, complaints and our own mail coming back.
+
+Called by ``mailgw.process`` once the message is classified, before any queue or ticket is
+chosen. Such mail never opens a ticket. It is attached to the ticket whose outgoing mail it
+refers to, and trusted only when it does refer to one of ours:
+
+1. the envelope recipient is a VERP address of ours with a valid HMAC token
+   (``bounces+TOKEN@…``, ``mailgw.outbound.verp``): it names the outgoing article;
+2. else the bounce quotes the Message-ID of an outgoing article of ours (in the returned
+   original, quoted headers, In-Reply-To or References).
+
+A trusted bounce is stored as an automatic article on that ticket and marks the outgoing
+article ``delivery_state = failed`` with the reason; a delay only records it. An untrusted
+one (backscatter from spam that forged our address, a bounce of mail we never sent) is
+recorded as an event on the inbound message and nothing else: no ticket, no article, no
+answer. Our own mail coming back (``own_loop``) is recorded the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgw.mail.classify import Classification, Ours
+from mailgw.outbound.verp import signer_for
+from mailgw.queue import now
+from mailgw.settings import Settings
+from mailgw.store import models as m
+from mailgw.types import ParsedMail
+
+__all__ = ["handle_machine_mail", "ours_for"]
+
+_REPORTS = ("bounce", "delay", "feedback_report")
+_CACHE: dict[int, tuple[Settings, Ours]] = {}
+
+
+def ours_for(settings: Settings) -> Ours:
+    """What identifies our own mail, built once per settings object."""
+    cached = _CACHE.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    signer = signer_for(settings)
+    addresses = {a for q in settings.queues for a in q.addresses}
+    addresses |= {q.from_address.lower() for q in settings.queues}
+    ours = Ours(addresses=frozenset(addresses), loop_header=settings.loop_header,
+                is_our_message_id=signer.is_our_message_id, verp_article=signer.verp_article)
+    if len(_CACHE) > 16:
+        _CACHE.clear()
+    _CACHE[id(settings)] = (settings, ours)
+    return ours
+
+
+def _summary(cls: Classification) -> dict:
+    report = cls.bounce
+    return {
+        "class": cls.kind, "evidence": list(cls.evidence[:6]),
+        "failed": [r.as_dict() for r in report.recipients[:20]] if report else [],
+        "detector": report.detector if report else None,
+        "original_message_ids": list(report.original_message_ids[:5]) if report else [],
+    }
+
+
+def _target(session: Session, cls: Classification) -> tuple[m.Article | None, str]:
+    if cls.verp_article_id is not None:
+        article = session.get(m.Article, cls.verp_article_id)
+        if article is not None and article.direction == "out":
+            return article, "VERP return path"
+    if cls.kind in _REPORTS and cls.bounce is not None:
+        for mid in cls.bounce.original_message_ids[:20]:
+            article = session.scalars(
+                select(m.Article).where(m.Article.message_id == mid, m.Article.direction == "out")
+                .order_by(m.Article.id.desc()).limit(1)).first()
+            if article is not None:
+                return article, f"original Message-ID {mid}"
+    return None, ""
+
+
+def handle_machine_mail(session: Session, row: m.Inbound, mail: ParsedMail,
+                        cls: Classification, store_article: Callable[..., m.Article],
+                        event: Callable[..., None]) -> bool:
+    """Handle reports and returning mail of ours; False leaves the message to the normal path."""
+    if cls.kind not in (*_REPORTS, "own_loop") and cls.verp_article_id is None:
+        return False
+    target, how = _target(session, cls)
+    stamp = now()
+    if target is None:
+        if cls.kind == "own_loop":
+            event(session, "own_mail_returned", row, None, **_summary(cls))
+        elif cls.kind in _REPORTS:
+            # Not about a message we sent: backscatter or a stranger's bounce. Kept raw in the
+            # inbound row, recorded, and otherwise ignored.
+            event(session, "bounce_untrusted", row, None, **_summary(cls),
+                  reason="refers to no message we sent")
+        else:
+            return False  # an unknown VERP article: let the normal path decide
+        row.state, row.processed_at, row.error = "done", stamp, None
+        return True
+
+    ticket = session.get(m.Ticket, target.ticket_id)
+    sender = mail.from_addr or (row.mail_from or "").lower()
+    reason = f"{cls.kind} of our article {target.id} ({how})"
+    article = store_article(session, row, ticket, mail, sender, cls.kind, reason,
+                            cls.reason or cls.kind)
+    article.sender_type = "system"
+    summary = _summary(cls)
+    if cls.kind == "bounce":
+        failed = cls.bounce.recipients if cls.bounce else ()
+        detail = "; ".join(f"{r.address} {r.status or ''} {r.diagnostic or ''}".strip()
+                           for r in failed[:5]) or "delivery failed (no details in the bounce)"
+        target.delivery_state = "failed"
+        target.delivery_error = detail[:2000]
+        event(session, "delivery_failed", row, ticket, target, by=how, bounce_article=article.id,
+              **summary)
+    elif cls.kind == "delay":
+        event(session, "delivery_delayed", row, ticket, target, by=how, **summary)
+    event(session, "machine_mail_attached", row, ticket, article, by=how, target_article=target.id,
+          **summary)
+    row.state, row.processed_at = "done", stamp
+    row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
+    return True
