@@ -245,6 +245,9 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
                 "threaded_by": a.threaded_by, "thread_reason": a.thread_reason,
                 "automatic": a.automatic_reason, "delivery_state": a.delivery_state,
                 "created_at": _iso(a.created_at),
+                "mail_class": a.mail_class, "visible_text": a.visible_text,
+                "signature": a.signature_text, "quoted_text": a.quoted_text,
+                "delivery_error": a.delivery_error,
                 "attachments": [{"filename": f, "content_type": c, "size": n} for f, c, n in atts],
             })
         data = {
@@ -268,7 +271,8 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
         if a["automatic"]:
             click.echo(f"   automatic: {a['automatic']}")
         if a["delivery_state"]:
-            click.echo(f"   delivery: {a['delivery_state']}")
+            click.echo(f"   delivery: {a['delivery_state']}"
+                       + (f" ({a['delivery_error']})" if a["delivery_error"] else ""))
         for att in a["attachments"]:
             click.echo(f"   attachment: {att['filename']} ({att['content_type']}, {att['size']} B)")
         click.echo("   " + "\n   ".join((a["text"] or "").strip().splitlines()[:40]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
@@ -36,4 +37,11 @@ def init_home(target: Path, *, exist_ok: bool = False) -> list[Path]:
             shutil.copy2(f, dest)
             written.append(dest)
     (target / "store").mkdir(parents=True, exist_ok=True)
+    config = target / "config" / "mailgw.yaml"
+    if config in written:
+        # A key of this home's own for VERP tokens and signed Message-IDs (docs/machine-mail.md).
+        with open(config, "a", encoding="utf-8") as f:
+            f.write("\n# Written by `mailgw init`: the HMAC key for VERP return paths and our\n"
+                    "# Message-IDs. Keep it secret; use the same on every node.\n"
+                    f"machine_mail:\n  secret: \"{secrets.token_urlsafe(32)}\"\n")
     return written
