@@ -37,7 +37,7 @@ _MAX_PARTS = 200
 _ADDRESS_TYPE = re.compile(r"^\s*[\w.-]+\s*;\s*", re.ASCII)  # "rfc822;" address-type
 _ENHANCED_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_REPLY = re.compile(r"(?<![\d.])([45][0-5]\d)(?=[ -]\S)")
-_MESSAGE_ID_LINE = re.compile(r"^[ \t>]*Message-ID[ \t]*:[ \t]*<?([^\s<>]+@[^\s<>]+?)>?[ \t]*$",
+_MESSAGE_ID_LINE = re.compile(r"^[ \t>]*Message-ID[ \t]*:[ \t]*<?([^\s<>]+@[^\s<>]+?)>?[ \t\r]*$",
                               re.IGNORECASE | re.MULTILINE)
 _BRACKETED = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
 
