@@ -188,7 +188,8 @@ def process(session: Session, row: m.Inbound, ctx: Context,
 
 def _reply_parts(mail: ParsedMail):
     parts = split_reply(mail.text)
-    if not parts.quoted and mail.html:  # HTML mail: the quote may show only in the markup
+    if not parts.quoted and mail.html and ("<blockquote" in mail.html or "<hr" in mail.html):
+        # HTML mail: the quote may show only in the markup
         from_html = split_html_reply(mail.html)
         if from_html.quoted:
             return from_html

@@ -121,29 +121,57 @@ def _joined(lines: list[str], i: int, count: int) -> str:
     return " ".join(line.strip() for line in lines[i : i + count])
 
 
+_WROTE_ENDINGS = tuple(w.replace("\\(", "(").replace("\\)", ")") for w in _WROTE.split("|"))
+
+
+def _may_end_attribution(line: str) -> bool:
+    """Cheap pre-check: an attribution ends with a colon, a dash run or the "wrote" word."""
+    end = line.rstrip(" \t*")
+    return end.endswith((":", "：", "-")) or end.lower().endswith(_WROTE_ENDINGS)
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def _attribution_line(line: str) -> bool:
+    """One (possibly joined) line that reads as an attribution. The cheap substring tests
+    come first: most lines fail them, and the regexes run only on the few that pass."""
+    low = line.lower()
+    if any(word in low for word in _WROTE_ENDINGS):
+        if _ATTRIBUTION.match(line) and (_ATTRIBUTION_START.match(line) or "@" in line
+                                         or _DIGIT.search(line)):
+            return True
+        if _DASHED_ATTRIBUTION.match(line):
+            return True
+    if "@" in line and _DIGIT.search(line) and _DATED_ADDRESS.match(line):
+        return True
+    return not line.isascii() and bool(_CJK_ATTRIBUTION.match(line))
+
+
 def _is_attribution(lines: list[str], i: int, depth: int = 0) -> bool:
     line = lines[i]
     if len(line) > 500 or not line.strip():
         return False
-    if _ATTRIBUTION.match(line) and (_ATTRIBUTION_START.match(line) or "@" in line
-                                     or re.search(r"\d", line)):
+    if _may_end_attribution(line) and _attribution_line(line):
         return True
-    if _CJK_ATTRIBUTION.match(line) or _DATED_ADDRESS.match(line) or _DASHED_ATTRIBUTION.match(line):
-        return True
-    if depth < 2 and (_ATTRIBUTION_START.match(line) or re.search(r"\d", line)):
+    if depth < 2 and (_ATTRIBUTION_START.match(line) or _DIGIT.search(line)):
         # Wrapped over two or three lines; unless the attribution really starts below.
-        if (i + 1 < len(lines) and _ATTRIBUTION_START.match(lines[i + 1])
-                and _is_attribution(lines, i + 1, depth + 1)):
-            return False
         for count in (2, 3):
-            if i + count <= len(lines) and all(x.strip() for x in lines[i : i + count]):
-                joined = _joined(lines, i, count)
-                if _ATTRIBUTION.match(joined) or _DATED_ADDRESS.match(joined):
-                    return True
+            if i + count > len(lines) or not _may_end_attribution(lines[i + count - 1]):
+                continue
+            if not all(x.strip() for x in lines[i : i + count]):
+                break
+            if (_ATTRIBUTION_START.match(lines[i + 1])
+                    and _is_attribution(lines, i + 1, depth + 1)):
+                return False
+            if _attribution_line(_joined(lines, i, count)):
+                return True
     return False
 
 
 def _is_header_block(lines: list[str], i: int) -> bool:
+    if ":" not in lines[i] and "：" not in lines[i]:
+        return False
     first_is_from = bool(_FROM_LINE.match(lines[i]))
     if not first_is_from and not _HEADER_LINE.match(lines[i]):
         return False
@@ -154,8 +182,10 @@ def _is_header_block(lines: list[str], i: int) -> bool:
 
 def _is_quote_header(lines: list[str], i: int) -> bool:
     line = lines[i]
-    return bool(_SEPARATOR.match(line) or _is_attribution(lines, i) or _is_header_block(lines, i)
-                or (_UNDERSCORES.match(line) and any(
+    separator = line.lstrip("> \t")[:2] in ("--", "==", "__", "**")
+    return bool((separator and _SEPARATOR.match(line)) or _is_attribution(lines, i)
+                or _is_header_block(lines, i)
+                or (separator and _UNDERSCORES.match(line) and any(
                     _FROM_LINE.match(x) for x in lines[i + 1 : i + 4])))
 
 
