@@ -342,7 +342,10 @@ def classify(parsed: ParsedMail, mail_from: str | None, *, raw: bytes | None = N
     if ooo:
         return Classification("out_of_office", tuple(evidence + auto + lists),
                               verp_article_id=verp_id)
-    if auto and not (lists and all(e.startswith("Precedence: bulk") for e in auto)):
+    # List software sets Precedence: bulk and X-Loop too: with list headers, those alone
+    # make list mail, not an auto-reply.
+    list_like = ("Precedence: bulk", "X-Loop:", f"{ours.loop_header}:")
+    if auto and not (lists and all(e.startswith(list_like) for e in auto)):
         return Classification("auto_reply", tuple(evidence + auto + lists),
                               verp_article_id=verp_id)
     if lists:
