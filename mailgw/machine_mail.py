@@ -102,7 +102,7 @@ def handle_machine_mail(session: Session, row: m.Inbound, mail: ParsedMail,
     sender = mail.from_addr or (row.mail_from or "").lower()
     reason = f"{cls.kind} of our article {target.id} ({how})"
     article = store_article(session, row, ticket, mail, sender, cls.kind, reason,
-                            cls.reason or cls.kind)
+                            cls.reason or cls.kind, cls)
     article.sender_type = "system"
     summary = _summary(cls)
     if cls.kind == "bounce":

@@ -210,7 +210,7 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         body_text=_clean(mail.text), body_html=_clean(mail.html) or None,
         threaded_by=by, thread_reason=_clean(reason), is_automatic=auto is not None,
         automatic_reason=auto, created_at=now(),
-        mail_class=cls.kind if cls is not None else (by if auto else None),
+        mail_class=cls.kind if cls is not None else None,
         visible_text=_clean(parts.visible), signature_text=_clean(parts.signature) or None,
         quoted_text=_clean(parts.quoted) or None,
     )
