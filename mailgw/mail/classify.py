@@ -335,7 +335,7 @@ def classify(parsed: ParsedMail, mail_from: str | None, *, raw: bytes | None = N
         ooo = True
         auto.append("the text says the person is away")
     if ooo:
-        auto.insert(0, f"out-of-office subject ({_short(subject, 60)})")
+        auto.append(f"out-of-office subject ({_short(subject, 60)})")
     lists = _list_evidence(parsed)
     no_reply = next((a for a in _senders(parsed, mail_from)
                      if _NO_REPLY.search(_local_part(a))), None)
