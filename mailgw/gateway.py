@@ -67,6 +67,11 @@ class Gateway:
                               coalesce=True, max_instances=1)
             scheduler.add_job(self._housekeeping, "interval", minutes=1, args=(engine,),
                               id="housekeeping", coalesce=True, max_instances=1)
+            from mailgw.loops import prune  # the loop-protection counters outside the window
+
+            scheduler.add_job(prune, "interval", minutes=10, id="loop-counter-prune",
+                              args=(engine, self.settings.loop_protection),
+                              coalesce=True, max_instances=1)
             scheduler.start()
         for t in threads:
             t.start()

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
 from mailgw.queue import now
 from mailgw.settings import LoopProtection
 from mailgw.store import models as m
 
-__all__ = ["limit_reason", "record"]
+__all__ = ["limit_reason", "prune", "record"]
 
 
 def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
@@ -46,3 +46,11 @@ def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
 def record(session: Session, recipient: str, ticket_id: int | None) -> None:
     session.add(m.AutoReply(recipient=recipient.strip().lower()[:320], ticket_id=ticket_id,
                             created_at=now()))
+
+
+def prune(engine: Engine, cfg: LoopProtection) -> int:
+    """Delete counter rows older than the window (the scheduler runs this); returns how many."""
+    with Session(engine) as s, s.begin():
+        result = s.execute(delete(m.AutoReply).where(
+            m.AutoReply.created_at < now() - timedelta(hours=cfg.window_hours)))
+    return result.rowcount or 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgw import loops
@@ -38,6 +39,10 @@ def test_limits_per_address_and_per_ticket_in_a_sliding_window(store_url):
             assert reason and "3 automatic mails to alice@customer.test" in reason
             # A limit of 0 sends nothing at all
             assert loops.limit_reason(s, LoopProtection(max_per_sender=0), "x@y.test", None)
+        # And pruning removes only the rows outside the window
+        assert loops.prune(engine, cfg) == 1
+        with Session(engine) as s:
+            assert len(list(s.scalars(select(m.AutoReply.id)))) == 3
     finally:
         engine.dispose()
 
