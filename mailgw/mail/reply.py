@@ -195,16 +195,20 @@ def _quote_follows(lines: list[str], i: int) -> bool:
 
 
 def _new_text_follows(lines: list[str], j: int) -> bool:
-    rest = [x for x in lines[j:] if x.strip()]
-    return bool(rest) and not (_SIG_DELIMITER.match(rest[0]) or _MOBILE.match(rest[0]))
+    while j < len(lines) and not lines[j].strip():
+        j += 1
+    return j < len(lines) and not (_SIG_DELIMITER.match(lines[j]) or _MOBILE.match(lines[j]))
 
 
 def _quote_spans(lines: list[str]) -> list[tuple[int, int]]:
     """Line ranges [start, end) that are quoted: inline quotes, then the history."""
     n = len(lines)
     spans: list[tuple[int, int]] = []
+    seen_text = False  # any non-blank line before i
     i = 0
     while i < n:
+        if i and lines[i - 1].strip():
+            seen_text = True
         line = lines[i]
         if _MARK in line:
             spans.append((i, n))
@@ -213,12 +217,13 @@ def _quote_spans(lines: list[str]) -> list[tuple[int, int]]:
             i += 1
             continue
         header = _is_quote_header(lines, i)
-        if header and not any(x.strip() for x in lines[:i]) and not _quote_follows(lines, i):
+        if header and not seen_text and not _quote_follows(lines, i):
             # A header block on the very first lines is what the person pasted or forwarded
             # (nothing new above it): read on past it.
             i += 1
             while i < n and lines[i].strip():
                 i += 1
+            seen_text = True
             continue
         if header or _QUOTED.match(line):
             start = i
@@ -236,7 +241,7 @@ def _quote_spans(lines: list[str]) -> list[tuple[int, int]]:
                 spans.append((_back_to_rule(lines, start), n))
                 break
             spans.append((start, k))  # an interleaved answer: the quote between is history
-            i = k
+            i, seen_text = k, True
             continue
         i += 1
     return spans
