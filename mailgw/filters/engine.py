@@ -1,0 +1,183 @@
+"""Run a compiled pipeline over one message: the decision it makes and the trace of why.
+
+Filters read the message and change only the ``Decision``; they never touch the database
+or send mail. Everything expensive (YAML, validation, regex compilation) happened once at
+load, in ``loader.py``; here each rule is two prepared closures.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from mailgw.types import ParsedMail
+
+_SCORE = re.compile(r"score=(-?[0-9]+(?:\.[0-9]+)?)", re.I)
+
+
+class MessageView:
+    """What conditions read: the parsed mail, its envelope and the ticket it threads into.
+
+    Lower-cased and derived values are computed on first use and shared by every rule.
+    """
+
+    def __init__(self, mail: ParsedMail, *, queue: str, mail_from: str | None = None,
+                 rcpt_tos: tuple[str, ...] | list[str] = (), ticket_state: str | None = None,
+                 ticket_queue: str | None = None, now: datetime | None = None):
+        self.mail = mail
+        self.envelope_from = (mail_from or "").lower()
+        self.rcpt_tos = tuple(r.strip("<>").lower() for r in rcpt_tos)
+        self.follow_up = ticket_state is not None
+        self.ticket_state = ticket_state
+        self.ticket_queue = ticket_queue
+        self.initial_queue = queue
+        self.current_queue = queue  # follows queue actions, for `queue:` conditions
+        self.now = now or datetime.now(UTC)
+        self.subject = mail.subject or ""
+        self.body = mail.text or ""
+        self.headers = mail.headers
+
+    @cached_property
+    def sender(self) -> str:
+        return self.mail.from_addr or self.envelope_from
+
+    @cached_property
+    def sender_domain(self) -> str:
+        return self.sender.rpartition("@")[2]
+
+    @cached_property
+    def recipients(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.mail.to, *self.mail.cc, *self.rcpt_tos)))
+
+    @cached_property
+    def subject_lower(self) -> str:
+        return self.subject.lower()
+
+    @cached_property
+    def body_lower(self) -> str:
+        return self.body.lower()
+
+    @cached_property
+    def spam_flag(self) -> bool:
+        return (self.mail.header("x-spam-flag") or "").strip().upper() == "YES"
+
+    @cached_property
+    def spam_score(self) -> float | None:
+        raw = self.mail.header("x-spam-score")
+        if raw:
+            try:
+                return float(raw.strip().split()[0])
+            except (ValueError, IndexError):
+                pass
+        status = self.mail.header("x-spam-status")
+        m = _SCORE.search(status) if status else None
+        return float(m.group(1)) if m else None
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the pipeline decided; process.py applies it to the ticket."""
+
+    queue: str
+    priority: int | None = None
+    urgency: str | None = None
+    impact: str | None = None
+    type: str | None = None
+    service: str | None = None
+    category: str | None = None
+    tags: list[str] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    customer: str | None = None
+    company: str | None = None
+    owner: str | None = None
+    state: str | None = None
+    ignore: bool = False
+    reject: bool = False
+    # None: the usual acknowledgement; False: none; a string: this template instead.
+    auto_response: bool | str | None = None
+    # Which rule set each field last: {field: rule name}.
+    set_by: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "set_by"}  # type: ignore[attr-defined]
+
+
+# A change made by a rule: (field, old value, new value).
+Change = tuple[str, Any, Any]
+Captures = list["re.Match[str]"]
+
+
+@dataclass(slots=True)
+class CompiledRule:
+    name: str
+    file: str
+    when: Callable[[MessageView, Captures], bool] | None
+    then: Callable[[MessageView, Decision, Captures], list[Change]]
+    stop: bool
+    describe: Callable[[MessageView], str | None] | None = None  # why it did not match
+
+
+@dataclass
+class Trace:
+    """Every rule's verdict for one message, in order."""
+
+    results: list[tuple[CompiledRule, bool, list[Change]]] = field(default_factory=list)
+    stopped_by: str | None = None
+    not_evaluated: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def matched(self) -> list[str]:
+        return [r.name for r, ok, _ in self.results if ok]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "matched": [{"rule": r.name, "file": r.file, "stop": r.stop,
+                         "changes": {f: [old, new] for f, old, new in ch}}
+                        for r, ok, ch in self.results if ok],
+            "not_matched": [r.name for r, ok, _ in self.results if not ok],
+            "stopped_by": self.stopped_by,
+            "not_evaluated": self.not_evaluated,
+            **({"errors": self.errors} if self.errors else {}),
+        }
+
+
+@dataclass
+class Pipeline:
+    rules: list[CompiledRule]
+    files: dict[str, float] = field(default_factory=dict)  # path -> mtime, for hot reload
+    priority_of: Callable[[str, str], int] | None = None
+
+    def run(self, view: MessageView, decision: Decision | None = None) -> tuple[Decision, Trace]:
+        decision = decision or Decision(queue=view.initial_queue)
+        trace = Trace()
+        results = trace.results
+        rules = self.rules
+        for i, rule in enumerate(rules):
+            caps: Captures = []
+            try:
+                ok = rule.when is None or rule.when(view, caps)
+                changes = rule.then(view, decision, caps) if ok else []
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not lose the mail
+                trace.errors.append(f"rule {rule.name!r}: {type(exc).__name__}: {exc}")
+                results.append((rule, False, []))
+                continue
+            results.append((rule, ok, changes))
+            if ok:
+                for f, _, _ in changes:
+                    decision.set_by[f] = rule.name
+                if rule.stop:
+                    trace.stopped_by = rule.name
+                    trace.not_evaluated = [r.name for r in rules[i + 1:]]
+                    break
+        if decision.priority is None and (decision.urgency or decision.impact) \
+                and self.priority_of:
+            # ITIL: priority from urgency x impact; a missing one counts as medium.
+            u, i = decision.urgency or "medium", decision.impact or "medium"
+            decision.priority = self.priority_of(u, i)
+            decision.set_by["priority"] = f"matrix: urgency {u} x impact {i}"
+        return decision, trace
