@@ -102,6 +102,10 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
     except ListenError as exc:
         click.echo(f"mailgw run: {exc}", err=True)
         sys.exit(EX_CONFIG)
+    except ConfigError as exc:  # the filters in filters/ are invalid: refuse to start
+        for line in exc.errors:
+            click.echo(f"filters error: {line}", err=True)
+        sys.exit(EX_CONFIG)
     sys.exit(code)
 
 
@@ -373,3 +377,10 @@ def quarantine_replay(obj: Obj, ids: tuple[int, ...]) -> None:
             click.echo(f"{i}: not in quarantine", err=True)
             failed = True
     sys.exit(1 if failed else 0)
+
+
+# Filter pipelines and decision records (issue 4): mailgw/filters/cli.py.
+from mailgw.filters.cli import explain, filters  # noqa: E402
+
+main.add_command(filters)
+main.add_command(explain)

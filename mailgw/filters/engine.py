@@ -149,7 +149,7 @@ class Trace:
 @dataclass
 class Pipeline:
     rules: list[CompiledRule]
-    files: dict[str, float] = field(default_factory=dict)  # path -> mtime, for hot reload
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)  # for hot reload
     priority_of: Callable[[str, str], int] | None = None
 
     def run(self, view: MessageView, decision: Decision | None = None) -> tuple[Decision, Trace]:

@@ -36,11 +36,13 @@ def filter_files(directory: Path) -> list[Path]:
                   if p.suffix in (".yaml", ".yml") and p.is_file() and not p.name.startswith("."))
 
 
-def snapshot(directory: Path) -> dict[str, float]:
-    """path -> mtime of every filter file (and the directory, for added/removed files)."""
-    out = {str(p): p.stat().st_mtime for p in filter_files(directory)}
-    if directory.is_dir():
-        out[str(directory)] = directory.stat().st_mtime
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """path -> (mtime in ns, size) of every filter file, and of the directory itself (files
+    added or removed)."""
+    out = {}
+    for p in filter_files(directory) + ([directory] if directory.is_dir() else []):
+        st = p.stat()
+        out[str(p)] = (st.st_mtime_ns, st.st_size)
     return out
 
 
