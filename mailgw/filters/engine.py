@@ -63,7 +63,10 @@ class MessageView:
 
     @cached_property
     def spam_flag(self) -> bool:
-        return (self.mail.header("x-spam-flag") or "").strip().upper() == "YES"
+        # SpamAssassin writes both; some setups only keep X-Spam-Status ("Yes, score=...").
+        if (self.mail.header("x-spam-flag") or "").strip().upper() == "YES":
+            return True
+        return (self.mail.header("x-spam-status") or "").strip()[:3].lower() == "yes"
 
     @cached_property
     def spam_score(self) -> float | None:

@@ -112,7 +112,7 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
     for path in filter_files(directory):
         label = display_path(path)
         try:
-            data, lines = load_yaml_with_lines(path)
+            data, lines = load_yaml_with_lines(Path(label))  # errors name the path as shown
         except ConfigError as exc:
             errors += exc.errors
             continue

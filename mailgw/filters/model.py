@@ -85,8 +85,8 @@ class AttachmentMatch(_Strict):
 
 
 class SpamMatch(_Strict):
-    """``flag``: X-Spam-Flag is YES; ``score_above``: X-Spam-Score (or score= in
-    X-Spam-Status) is greater than N."""
+    """``flag``: X-Spam-Flag is YES (or X-Spam-Status starts with Yes); ``score_above``:
+    X-Spam-Score (or score= in X-Spam-Status) is greater than N."""
 
     flag: bool | None = None
     score_above: float | None = None
