@@ -65,7 +65,7 @@ def drop_message(session: Session, row: m.Inbound, decision: Decision,
     if not (decision.ignore or decision.reject):
         return False
     kind = "reject" if decision.reject else "ignore"
-    _event(session, f"filter_{kind}ed", row, None, rule=decision.set_by.get(kind),
+    _event(session, "filter_rejected" if decision.reject else "filter_ignored", row, None, rule=decision.set_by.get(kind),
            trace=trace_json(decision, trace))
     return True
 
