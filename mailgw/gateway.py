@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -45,19 +45,20 @@ class Gateway:
     filters: PipelineHolder | None = None  # the worker's filter pipeline, hot-reloaded
 
     def run(self) -> int:
-        engine = make_engine(self.home.store_url(self.settings))
-        migrate(engine)
-        renderer = Renderer(self.home.templates)
-        worker_wake, sender_wake = threading.Event(), threading.Event()
-        threads: list[threading.Thread] = []
         if "worker" in self.roles:
             # Refuses to start on invalid filters (FilterError); later edits are checked by
             # mtime once per batch (and at once on SIGHUP), and a bad edit keeps the old rules.
             self.filters = PipelineHolder(
                 self.home.filters_dir(self.settings), self.settings, self.home.templates,
                 interval=self.settings.filters_reload_interval)
+        engine = make_engine(self.home.store_url(self.settings))
+        migrate(engine)
+        ctx = Context(self.settings, Renderer(self.home.templates))
+        worker_wake, sender_wake = threading.Event(), threading.Event()
+        threads: list[threading.Thread] = []
+        if "worker" in self.roles:
             holder = self.filters
-            worker = Worker(engine, lambda: Context(self.settings, renderer, holder.current()),
+            worker = Worker(engine, lambda: replace(ctx, pipeline=holder.current()),  # type: ignore[union-attr]
                             batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
                             on_outbox=sender_wake.set)

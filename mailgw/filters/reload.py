@@ -41,8 +41,10 @@ class PipelineHolder:
         return load_pipeline(self.directory, self.settings, self.templates_dir, self.registry)
 
     def request_reload(self) -> None:
-        """Called from a SIGHUP handler: check the files at the next look."""
+        """Called from a SIGHUP handler: load the files now, off the signal handler's thread
+        (the worker may be idle; the admin wants to see the result in the log at once)."""
         self._forced.set()
+        threading.Thread(target=self.current, name="filters-reload", daemon=True).start()
 
     def current(self) -> Pipeline:
         now = time.monotonic()
