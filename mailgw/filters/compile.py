@@ -369,19 +369,22 @@ def compile_actions(a: Actions, loc: Loc, known: Known, groups: Groups
         except (ValueError, TypeError) as exc:
             raise Problem(loc + (key,), f"plugin action refused its value: {exc}") from None
 
-        def plugin(v: MessageView, d: Decision, caps: Captures, fn=fn, key=key) -> Change | None:
+        def plugin(v: MessageView, d: Decision, caps: Captures, fn=fn) -> list[Change]:
             before = d.as_dict()
             fn(v, d)
             after = d.as_dict()
-            diff = {k: after[k] for k in after if after[k] != before[k]}
-            return (key, None, diff) if diff else None
-        steps.append(plugin)
+            return [(k, before[k], after[k]) for k in after if after[k] != before[k]]
+        steps.append(plugin)  # type: ignore[arg-type]
 
     def apply(v: MessageView, d: Decision, caps: Captures) -> list[Change]:
         out = []
         for step in steps:
             ch = step(v, d, caps)
-            if ch is not None:
+            if ch is None:
+                continue
+            if isinstance(ch, list):  # a plugin action may change several fields
+                out.extend(ch)
+            else:
                 out.append(ch)
         return out
     return apply

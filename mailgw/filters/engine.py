@@ -8,6 +8,7 @@ load, in ``loader.py``; here each rule is two prepared closures.
 from __future__ import annotations
 
 import re
+from copy import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -106,7 +107,9 @@ class Decision:
     set_by: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__ if k != "set_by"}  # type: ignore[attr-defined]
+        # Copies: a plugin that appends to a list must show up as a change.
+        return {k: copy(getattr(self, k)) for k in self.__slots__  # type: ignore[attr-defined]
+                if k != "set_by"}
 
 
 # A change made by a rule: (field, old value, new value).
