@@ -137,7 +137,7 @@ def choose_owner(session: Session, settings: Settings, queue: Queue, *, tags: li
     if cfg.strategy == "round_robin":
         pick = _round_robin(session, queue, agents, everyone, at)
         result.owner = pick.name
-        result.reason += f"round robin: next available agent after the queue's last owner"
+        result.reason += "round robin: next available agent after the queue's last owner"
     elif cfg.strategy == "least_open":
         pick, n = _least_open(session, agents)
         result.owner = pick.name

@@ -109,6 +109,18 @@ def _field(get: Callable[[MessageView], str], spec: Match | str, loc: Loc, group
         # The common case, kept cheap: lower-case the field once per message, not per rule.
         needle = spec.contains.lower()
         return lambda v, caps: needle in lower(v)
+    if spec.regex is not None:
+        rx = _regex(spec.regex, 0, loc + ("regex",))
+        groups.add(rx)
+        search = rx.search
+
+        def regex(v: MessageView, caps: Captures) -> bool:
+            m = search(get(v))
+            if m is None:
+                return False
+            caps.append(m)
+            return True
+        return regex
     test = text_test(spec, loc, groups)
     return lambda v, caps: test(get(v), caps)
 
@@ -119,7 +131,12 @@ def _many(get: Callable[[MessageView], Any], spec: Match | str, loc: Loc, groups
     if not isinstance(spec, str) and spec.exists is not None:
         want = spec.exists
         return lambda v, caps: bool(get(v)) == want
-    return lambda v, caps: any(test(x, caps) for x in get(v))
+    def some(v: MessageView, caps: Captures) -> bool:
+        for x in get(v):
+            if test(x, caps):
+                return True
+        return False
+    return some
 
 
 def _header(h: Any, loc: Loc, groups: Groups) -> Cond:
@@ -128,7 +145,13 @@ def _header(h: Any, loc: Loc, groups: Groups) -> Cond:
         want = h.exists
         return lambda v, caps: (name in v.headers) == want
     test = text_test(Match(**h.model_dump(exclude={"name"}, exclude_none=True)), loc, groups)
-    return lambda v, caps: any(test(x, caps) for x in v.headers.get(name, ()))
+
+    def some(v: MessageView, caps: Captures) -> bool:
+        for x in v.headers.get(name, ()):
+            if test(x, caps):
+                return True
+        return False
+    return some
 
 
 def _attachment(a: AttachmentMatch, loc: Loc, groups: Groups) -> Cond:
@@ -141,7 +164,12 @@ def _attachment(a: AttachmentMatch, loc: Loc, groups: Groups) -> Cond:
         return ((lo is None or size >= lo) and (hi is None or size <= hi)
                 and (name is None or name(att.filename or "", caps))
                 and (ctype is None or ctype(att.content_type or "", caps)))
-    return lambda v, caps: any(one(att, caps) for att in v.mail.attachments)
+    def test(v: MessageView, caps: Captures) -> bool:
+        for att in v.mail.attachments:
+            if one(att, caps):
+                return True
+        return False
+    return test
 
 
 def _spam(s: SpamMatch) -> Cond:
@@ -193,15 +221,43 @@ def _names(values: list[str], allowed: frozenset[str], what: str, loc: Loc) -> f
     return frozenset(values)
 
 
+def _all(parts: list[Cond]) -> Cond:
+    # Plain loops and small cases unrolled: a generator per call costs more than the test.
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        a, b = parts
+        return lambda v, caps: a(v, caps) and b(v, caps)
+
+    def every(v: MessageView, caps: Captures) -> bool:
+        for p in parts:
+            if not p(v, caps):
+                return False
+        return True
+    return every
+
+
+def _any(parts: list[Cond]) -> Cond:
+    if len(parts) == 1:
+        return parts[0]
+
+    def some(v: MessageView, caps: Captures) -> bool:
+        for p in parts:
+            if p(v, caps):
+                return True
+        return False
+    return some
+
+
 def compile_condition(c: Condition, loc: Loc, known: Known, groups: Groups) -> Cond:
     """Every key of the mapping must hold (an implicit all)."""
     parts: list[Cond] = []
     if c.all_ is not None:
-        subs = [compile_condition(x, loc + ("all", i), known, groups) for i, x in enumerate(c.all_)]
-        parts.append(lambda v, caps: all(s(v, caps) for s in subs))
+        parts.append(_all([compile_condition(x, loc + ("all", i), known, groups)
+                           for i, x in enumerate(c.all_)]))
     if c.any_ is not None:
-        alts = [compile_condition(x, loc + ("any", i), known, groups) for i, x in enumerate(c.any_)]
-        parts.append(lambda v, caps: any(s(v, caps) for s in alts))
+        parts.append(_any([compile_condition(x, loc + ("any", i), known, groups)
+                           for i, x in enumerate(c.any_)]))
     if c.not_ is not None:
         # Captures inside a `not` never reach the values: a negated match has none.
         inner = compile_condition(c.not_, loc + ("not",), known, Groups())
@@ -250,9 +306,7 @@ def compile_condition(c: Condition, loc: Loc, known: Known, groups: Groups) -> C
         except (ValueError, TypeError) as exc:
             raise Problem(loc + (key,), f"plugin condition refused its value: {exc}") from None
         parts.append(lambda v, caps, fn=fn: bool(fn(v)))
-    if len(parts) == 1:
-        return parts[0]
-    return lambda v, caps: all(p(v, caps) for p in parts)
+    return _all(parts)
 
 
 def _value(text: str, loc: Loc, groups: Groups) -> Callable[[Captures], str]:

@@ -8,11 +8,10 @@ load, in ``loader.py``; here each rule is two prepared closures.
 from __future__ import annotations
 
 import re
-from copy import copy
 from collections.abc import Callable
+from copy import copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any
 
 from mailgw.types import ParsedMail
@@ -23,7 +22,10 @@ _SCORE = re.compile(r"score=(-?[0-9]+(?:\.[0-9]+)?)", re.I)
 class MessageView:
     """What conditions read: the parsed mail, its envelope and the ticket it threads into.
 
-    Lower-cased and derived values are computed on first use and shared by every rule.
+    Lower-cased and derived values are computed on first use and shared by every rule:
+    ``__getattr__`` runs only for an attribute not set yet, computes it and stores it, so
+    later reads are plain attribute reads (functools.cached_property takes a lock per read
+    on Python 3.11, which costs more than most conditions).
     """
 
     def __init__(self, mail: ParsedMail, *, queue: str, mail_from: str | None = None,
@@ -42,35 +44,36 @@ class MessageView:
         self.body = mail.text or ""
         self.headers = mail.headers
 
-    @cached_property
-    def sender(self) -> str:
+    def __getattr__(self, name: str) -> Any:
+        compute = _LAZY.get(name)
+        if compute is None:
+            raise AttributeError(name)
+        value = compute(self)
+        setattr(self, name, value)
+        return value
+
+    def _sender(self) -> str:
         return self.mail.from_addr or self.envelope_from
 
-    @cached_property
-    def sender_domain(self) -> str:
+    def _sender_domain(self) -> str:
         return self.sender.rpartition("@")[2]
 
-    @cached_property
-    def recipients(self) -> tuple[str, ...]:
+    def _recipients(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*self.mail.to, *self.mail.cc, *self.rcpt_tos)))
 
-    @cached_property
-    def subject_lower(self) -> str:
+    def _subject_lower(self) -> str:
         return self.subject.lower()
 
-    @cached_property
-    def body_lower(self) -> str:
+    def _body_lower(self) -> str:
         return self.body.lower()
 
-    @cached_property
-    def spam_flag(self) -> bool:
+    def _spam_flag(self) -> bool:
         # SpamAssassin writes both; some setups only keep X-Spam-Status ("Yes, score=...").
         if (self.mail.header("x-spam-flag") or "").strip().upper() == "YES":
             return True
         return (self.mail.header("x-spam-status") or "").strip()[:3].lower() == "yes"
 
-    @cached_property
-    def spam_score(self) -> float | None:
+    def _spam_score(self) -> float | None:
         raw = self.mail.header("x-spam-score")
         if raw:
             try:
@@ -80,6 +83,13 @@ class MessageView:
         status = self.mail.header("x-spam-status")
         m = _SCORE.search(status) if status else None
         return float(m.group(1)) if m else None
+
+
+_LAZY: dict[str, Callable[[MessageView], Any]] = {
+    name: getattr(MessageView, f"_{name}") for name in (
+        "sender", "sender_domain", "recipients", "subject_lower", "body_lower", "spam_flag",
+        "spam_score")
+}
 
 
 @dataclass(slots=True)
@@ -114,6 +124,7 @@ class Decision:
 
 # A change made by a rule: (field, old value, new value).
 Change = tuple[str, Any, Any]
+_NO_CHANGES: list[Change] = []  # shared, never appended to
 Captures = list["re.Match[str]"]
 
 
@@ -124,7 +135,9 @@ class CompiledRule:
     when: Callable[[MessageView, Captures], bool] | None
     then: Callable[[MessageView, Decision, Captures], list[Change]]
     stop: bool
-    describe: Callable[[MessageView], str | None] | None = None  # why it did not match
+    # A necessary condition (filters/index.py): when none of these keys is in the message,
+    # the rule cannot match and is not run.
+    guard: frozenset[tuple[str, str, str]] | None = None
 
 
 @dataclass
@@ -157,13 +170,20 @@ class Pipeline:
     rules: list[CompiledRule]
     files: dict[str, tuple[int, int]] = field(default_factory=dict)  # for hot reload
     priority_of: Callable[[str, str], int] | None = None
+    index: Any = None  # filters.index.Index; computes the keys present in a message
+
 
     def run(self, view: MessageView, decision: Decision | None = None) -> tuple[Decision, Trace]:
         decision = decision or Decision(queue=view.initial_queue)
         trace = Trace()
         results = trace.results
         rules = self.rules
+        hits = self.index.hits(view) if self.index is not None else None
         for i, rule in enumerate(rules):
+            guard = rule.guard
+            if guard is not None and hits is not None and guard.isdisjoint(hits):
+                results.append((rule, False, _NO_CHANGES))
+                continue
             caps: Captures = []
             try:
                 ok = rule.when is None or rule.when(view, caps)

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from mailgw.calendar import Calendar
 from mailgw.filters.compile import Groups, Known, Problem, compile_actions, compile_condition
 from mailgw.filters.engine import CompiledRule, Pipeline
+from mailgw.filters.index import Index, anchor_of
 from mailgw.filters.model import Condition, FilterFile, Rule
 from mailgw.filters.registry import Registry, load_registry
 from mailgw.settings import ConfigError, Settings, display_path, load_yaml_with_lines
@@ -109,6 +110,7 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
     errors: list[str] = []
     rules: list[CompiledRule] = []
     seen: dict[str, str] = {}
+    index = Index()
     for path in filter_files(directory):
         label = display_path(path)
         try:
@@ -157,11 +159,15 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
                 key = p.reason in ("unknown condition", "unknown action")
                 errors.append(f"{_where(label, data, lines, p.loc, key)}: {p.reason}")
                 continue
-            rules.append(CompiledRule(rule.name, label, when, then, rule.stop))
+            guard = anchor_of(rule.when) if rule.when is not None else None
+            if guard is not None:
+                index.add(guard)
+            rules.append(CompiledRule(rule.name, label, when, then, rule.stop, guard))
     if errors:
         raise FilterError(errors)
     matrix = settings.priority.matrix
-    return Pipeline(rules, files, priority_of=lambda u, i: matrix[u][i])
+    index.freeze()
+    return Pipeline(rules, files, priority_of=lambda u, i: matrix[u][i], index=index)
 
 
 def check_plugins(registry: Registry) -> list[str]:
