@@ -156,3 +156,14 @@ def test_explain_shows_rules_assignment_and_auto_response(fx):
     assert msg["assignment"]["strategy"] == "round_robin"
     assert msg["auto_response"][0]["template"] == "ack_new"
     assert fx.home.cli("explain", "19990101999").returncode == 1
+
+
+def test_follow_up_to_another_queue_address_stays_where_a_rule_put_it(fx):
+    fx.put(mail("Invoice 5 wrong", msgid="q1@c"))
+    fx.drain()
+    # the customer answers via the support address; no rule moves the ticket
+    fx.put(mail("Re: more on it", msgid="q2@c", In_Reply_To="<q1@c>"))
+    fx.drain()
+    [t] = fx.tickets()
+    assert t.queue == "billing"
+    assert [e.data["changes"] for e in fx.events("filters_applied")][1:] == []

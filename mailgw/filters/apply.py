@@ -78,7 +78,9 @@ def apply_decision(session: Session, settings: Settings, row: m.Inbound, ticket:
     changes: dict[str, list[Any]] = {}
     for key, column in _TICKET_FIELDS.items():
         value = getattr(decision, key)
-        if value is None or key == "queue" and value == ticket.queue:
+        # Only what a rule (or the priority matrix) set: the decision's queue starts as the
+        # recipient's queue, which must not move a follow-up back out of the queue it is in.
+        if value is None or key not in decision.set_by:
             continue
         old = getattr(ticket, column)
         if old != value:
