@@ -312,14 +312,21 @@ def config() -> None:
 @config.command("check")
 @click.pass_obj
 def config_check(obj: Obj) -> None:
-    """Validate config/ and templates/; print each error with its file, line and path."""
+    """Validate config/, filters/ and templates/; print each error with its file, line and path."""
     from mailgw.outbound.render import Renderer
 
     errors: list[str] = []
     try:
-        load_settings(obj.home)
+        settings = load_settings(obj.home)
     except ConfigError as exc:
         errors += exc.errors
+    else:  # the filters refer to queues and agents, so they are checked with a valid config
+        from mailgw.filters.loader import load_pipeline
+
+        try:
+            load_pipeline(obj.home.filters_dir(settings), settings, obj.home.templates)
+        except ConfigError as exc:
+            errors += exc.errors
     errors += Renderer(obj.home.templates).check()
     if errors:
         for e in errors:

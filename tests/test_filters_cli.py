@@ -51,6 +51,11 @@ def test_check_ok_and_errors(h):
     assert proc.returncode == 1
     assert proc.stderr.decode().strip().endswith(
         "filters/60-bad.yaml:3: rule 'bad': then.owner: unknown agent 'nobody'")
+    # `config check` checks the filters too
+    proc = h.cli("config", "check")
+    assert proc.returncode == 1
+    assert "filters/60-bad.yaml:3: rule 'bad': then.owner: unknown agent 'nobody'" in \
+        proc.stderr.decode()
 
 
 def test_test_one_message_prints_every_verdict_and_the_decision(h, tmp_path):
@@ -64,6 +69,11 @@ def test_test_one_message_prints_every_verdict_and_the_decision(h, tmp_path):
     assert any(line.startswith("  MATCH  invoices") and "queue: 'support' -> 'billing'" in line
                for line in lines)
     assert "  no     newsletter" in out and "  MATCH  never-after-stop" in out
+    # a rule that did not match says which key of `when` failed
+    [line] = [x for x in lines if x.startswith("  no     newsletter")]
+    assert line.endswith("(failed: subject)")
+    [line] = [x for x in lines if x.startswith("  no     spam-certain")]
+    assert line.endswith("(failed: spam)")
     assert "  queue: billing  (by invoices)" in lines
     assert "  fields: {'invoice': '815'}  (by invoices)" in lines
     eml.write_bytes(mail("Our newsletter"))

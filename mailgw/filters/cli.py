@@ -128,6 +128,7 @@ def filters_test(obj: Any, path: Path, queue: str | None, ticket_state: str | No
     kind, messages = _messages(path)
     results: list[dict[str, Any]] = []
     detail: tuple[Decision, Trace] | None = None
+    last_view: MessageView | None = None
     for name, raw in messages:
         try:
             mail = parse_message(raw)
@@ -138,7 +139,7 @@ def filters_test(obj: Any, path: Path, queue: str | None, ticket_state: str | No
         view = MessageView(mail, queue=q, ticket_state=ticket_state,
                            ticket_queue=(ticket_queue or q) if ticket_state else None, now=when)
         decision, trace = pipeline.run(view)
-        detail = (decision, trace)
+        detail, last_view = (decision, trace), view
         results.append({"message": name, "subject": mail.subject, "from": view.sender,
                         "decision": _decision_summary(decision), "trace": trace.as_json()})
     if kind == "one" and detail is not None and not as_json:
@@ -148,6 +149,9 @@ def filters_test(obj: Any, path: Path, queue: str | None, ticket_state: str | No
         for rule, ok, changes in trace.results:
             verdict = "MATCH" if ok else "no"
             tail = f"  {_changes(changes)}" if changes else ""
+            if not ok:
+                failed = rule.failed_on(last_view) if last_view is not None else None
+                tail = f"  (failed: {failed})" if failed else ""
             stop = "  (stop)" if ok and rule.stop else ""
             click.echo(f"  {verdict:<6} {rule.name}  [{rule.file}]{tail}{stop}")
         for name in trace.not_evaluated:

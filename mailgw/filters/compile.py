@@ -249,54 +249,61 @@ def _any(parts: list[Cond]) -> Cond:
     return some
 
 
-def compile_condition(c: Condition, loc: Loc, known: Known, groups: Groups) -> Cond:
-    """Every key of the mapping must hold (an implicit all)."""
+def compile_condition(c: Condition, loc: Loc, known: Known, groups: Groups,
+                      labelled: list[tuple[str, Cond]] | None = None) -> Cond:
+    """Every key of the mapping must hold (an implicit all). ``labelled`` collects each
+    key's test, for ``filters test`` to say which key failed."""
     parts: list[Cond] = []
+
+    def add(label: str, fn: Cond) -> None:
+        parts.append(fn)
+        if labelled is not None:
+            labelled.append((label, fn))
     if c.all_ is not None:
-        parts.append(_all([compile_condition(x, loc + ("all", i), known, groups)
+        add("all", _all([compile_condition(x, loc + ("all", i), known, groups)
                            for i, x in enumerate(c.all_)]))
     if c.any_ is not None:
-        parts.append(_any([compile_condition(x, loc + ("any", i), known, groups)
+        add("any", _any([compile_condition(x, loc + ("any", i), known, groups)
                            for i, x in enumerate(c.any_)]))
     if c.not_ is not None:
         # Captures inside a `not` never reach the values: a negated match has none.
         inner = compile_condition(c.not_, loc + ("not",), known, Groups())
-        parts.append(lambda v, caps: not inner(v, []))
+        add("not", lambda v, caps: not inner(v, []))
     if c.header is not None:
         for i, h in enumerate(c.header):
-            parts.append(_header(h, loc + ("header", i), groups))
+            add("header", _header(h, loc + ("header", i), groups))
     if c.sender is not None:
-        parts.append(_field(attrgetter("sender"), c.sender, loc + ("sender",), groups))
+        add("sender", _field(attrgetter("sender"), c.sender, loc + ("sender",), groups))
     if c.sender_domain is not None:
-        parts.append(_field(attrgetter("sender_domain"), c.sender_domain,
+        add("sender_domain", _field(attrgetter("sender_domain"), c.sender_domain,
                             loc + ("sender_domain",), groups))
     if c.recipient is not None:
-        parts.append(_many(attrgetter("recipients"), c.recipient, loc + ("recipient",), groups))
+        add("recipient", _many(attrgetter("recipients"), c.recipient, loc + ("recipient",), groups))
     if c.subject is not None:
-        parts.append(_field(attrgetter("subject"), c.subject, loc + ("subject",), groups,
+        add("subject", _field(attrgetter("subject"), c.subject, loc + ("subject",), groups,
                             attrgetter("subject_lower")))
     if c.body is not None:
-        parts.append(_field(attrgetter("body"), c.body, loc + ("body",), groups,
+        add("body", _field(attrgetter("body"), c.body, loc + ("body",), groups,
                             attrgetter("body_lower")))
     if c.attachment is not None:
-        parts.append(_attachment(c.attachment, loc + ("attachment",), groups))
+        add("attachment", _attachment(c.attachment, loc + ("attachment",), groups))
     if c.spam is not None:
-        parts.append(_spam(c.spam))
+        add("spam", _spam(c.spam))
     if c.time is not None:
-        parts.append(_time(c.time, loc + ("time",), known))
+        add("time", _time(c.time, loc + ("time",), known))
     if c.follow_up is not None:
         want = c.follow_up
-        parts.append(lambda v, caps: v.follow_up == want)
+        add("follow_up", lambda v, caps: v.follow_up == want)
     if c.ticket_state is not None:
         states = frozenset(c.ticket_state)
-        parts.append(lambda v, caps: v.ticket_state in states)
+        add("ticket_state", lambda v, caps: v.ticket_state in states)
     if c.ticket_queue is not None:
         tq = _names(c.ticket_queue, known.queues, "queue", loc + ("ticket_queue",))
-        parts.append(lambda v, caps: v.ticket_queue in tq)
+        add("ticket_queue", lambda v, caps: v.ticket_queue in tq)
     if c.queue is not None:
         qs = _names(c.queue, known.queues, "queue", loc + ("queue",))
         # The queue chosen so far: by recipient, or by an earlier rule's action.
-        parts.append(lambda v, caps: v.current_queue in qs)
+        add("queue", lambda v, caps: v.current_queue in qs)
     for key, arg in (c.model_extra or {}).items():
         factory = known.registry.conditions.get(key)
         if factory is None:
@@ -305,7 +312,7 @@ def compile_condition(c: Condition, loc: Loc, known: Known, groups: Groups) -> C
             fn = factory(arg)
         except (ValueError, TypeError) as exc:
             raise Problem(loc + (key,), f"plugin condition refused its value: {exc}") from None
-        parts.append(lambda v, caps, fn=fn: bool(fn(v)))
+        add(key, lambda v, caps, fn=fn: bool(fn(v)))
     return _all(parts)
 
 

@@ -138,6 +138,19 @@ class CompiledRule:
     # A necessary condition (filters/index.py): when none of these keys is in the message,
     # the rule cannot match and is not run.
     guard: frozenset[tuple[str, str, str]] | None = None
+    # Each top-level key of `when` with its test, to say which one failed.
+    parts: list[tuple[str, Callable[[MessageView, Captures], bool]]] = field(
+        default_factory=list)
+
+    def failed_on(self, view: MessageView) -> str | None:
+        """The first key of `when` that does not hold for this message (for dry runs)."""
+        for label, test in self.parts:
+            try:
+                if not test(view, []):
+                    return label
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug, shown as such
+                return f"{label} ({type(exc).__name__})"
+        return None
 
 
 @dataclass

@@ -151,8 +151,9 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
             if not rule.enabled:
                 continue
             groups = Groups()
+            parts: list[Any] = []
             try:
-                when = (compile_condition(rule.when, loc + ("when",), known, groups)
+                when = (compile_condition(rule.when, loc + ("when",), known, groups, parts)
                         if rule.when is not None else None)
                 then = compile_actions(rule.then, loc + ("then",), known, groups)
             except Problem as p:
@@ -162,7 +163,7 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
             guard = anchor_of(rule.when) if rule.when is not None else None
             if guard is not None:
                 index.add(guard)
-            rules.append(CompiledRule(rule.name, label, when, then, rule.stop, guard))
+            rules.append(CompiledRule(rule.name, label, when, then, rule.stop, guard, parts))
     if errors:
         raise FilterError(errors)
     matrix = settings.priority.matrix
