@@ -89,13 +89,19 @@ def _least_open(session: Session, agents: list[Agent]) -> tuple[Agent, int]:
 
 def _round_robin(session: Session, queue: Queue, agents: list[Agent], everyone: list[Agent],
                  at: datetime) -> Agent:
-    q = select(m.AssignmentCursor).where(m.AssignmentCursor.queue == queue.name)
+    # Create the queue's cursor row if missing without racing another worker (ON CONFLICT
+    # DO NOTHING), then lock it: workers on several nodes take turns instead of both
+    # giving the next ticket to the same agent.
     if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update()
-    cursor = session.scalars(q).first()
-    if cursor is None:
-        cursor = m.AssignmentCursor(queue=queue.name, last_agent=None, updated_at=at)
-        session.add(cursor)
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(m.AssignmentCursor).values(
+        queue=queue.name, last_agent=None, updated_at=at).on_conflict_do_nothing(
+        index_elements=["queue"]))
+    cursor = session.scalars(select(m.AssignmentCursor)
+                             .where(m.AssignmentCursor.queue == queue.name)
+                             .with_for_update()).one()
     order = [a.name for a in everyone]
     start = order.index(cursor.last_agent) + 1 if cursor.last_agent in order else 0
     ring = order[start:] + order[:start]
