@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailgw.filters.engine import MessageView
-from mailgw.filters.index import regex_literals
+from mailgw.filters.index import FOLDS_TO_ASCII, regex_literals
 from mailgw.filters.loader import load_pipeline
 from mailgw.mail.parse import parse_message
 from mailgw.settings import Settings
@@ -36,6 +36,14 @@ from filters_bench import make_rules  # noqa: E402
 def test_required_literals(pattern, expected):
     got = regex_literals(re.compile(pattern))
     assert (got if got is None else (got[0], set(got[1]))) == expected
+
+
+def test_the_non_ascii_characters_that_fold_to_ascii_letters():
+    # The prefilter lower-cases text for (?i) literals and falls back to running the rule when
+    # one of these is present; the list must be exactly what the regex engine folds.
+    letter = re.compile("(?i)[a-z]")
+    found = "".join(chr(c) for c in range(128, sys.maxunicode + 1) if letter.match(chr(c)))
+    assert found == FOLDS_TO_ASCII
 
 
 def test_same_verdicts_with_and_without_the_prefilter(tmp_path):
@@ -68,7 +76,9 @@ def test_same_verdicts_with_and_without_the_prefilter(tmp_path):
                   to="team2@example.com"),
              mail("[svc4] project-2 reference", body="reference code rc-1-x",
                   sender="x@customer5.example", X_Priority="7"),
-             mail("ſtop the ſervice", sender="x@y.test")]  # long s folds to s in (?i)
+             mail("ſtop the ſervice", sender="x@y.test"),  # long s folds to s in (?i)
+             mail("Ünïcode [VOTE] release", sender="x@y.test"),
+             mail("[svc1] ok", body="Reference Code RC-1-x and reference code rc-12-y")]
     matched = 0
     for raw in raws:
         try:

@@ -32,6 +32,12 @@ Anchor = frozenset[Key]
 _MIN = 3  # shorter literals are too common to be worth a key
 _TEXT_FIELDS = ("subject", "body")
 _VALUE_FIELDS = ("sender", "sender_domain", "recipient")
+# The only non-ASCII characters that an ASCII letter matches under re.IGNORECASE (İ ı ſ K);
+# tests/test_filters_index.py recomputes the list. Text without them can be lower-cased and
+# searched for an ASCII literal with the same result as the regex engine's case folding.
+FOLDS_TO_ASCII = "\u0130\u0131\u017f\u212a"
+_FOLDING = re.compile(f"[{FOLDS_TO_ASCII}]")
+_GROUP = 8  # needles are scanned for by a shared prefix of this length first
 
 
 def _pure_literal(items: Iterable[Any]) -> str | None:
@@ -136,11 +142,18 @@ def anchor_of(c: Condition) -> Anchor | None:
             if a:
                 found.append(a)
     for h in c.header or []:
+        name = f"header:{h.name.lower()}"
         if h.exists is None:
             spec = Match(**h.model_dump(exclude={"name"}, exclude_none=True))
-            a = _match_anchor(f"header:{h.name.lower()}", spec, True)
-            if a:
-                found.append(a)
+            a = _match_anchor(name, spec, True)
+            found.append(a or frozenset({("has", name, "")}))  # a value test needs the header
+        elif h.exists:
+            found.append(frozenset({("has", name, "")}))
+    # Presence: spam tests that need a spam header, attachment tests that need one.
+    if c.spam is not None and (c.spam.flag or c.spam.score_above is not None):
+        found.append(frozenset({("has", "spam", "")}))
+    if c.attachment is not None:
+        found.append(frozenset({("has", "attachment", "")}))
     for sub in c.all_ or []:
         a = anchor_of(sub)
         if a:
@@ -152,8 +165,11 @@ def anchor_of(c: Condition) -> Anchor | None:
     if not found:
         return None
     # Every key of a mapping must hold, so any one anchor will do: exact values first
-    # (they are the most selective), then the one with the fewest keys.
-    return min(found, key=lambda a: (not all(k[0].startswith("eq") for k in a), len(a)))
+    # (the most selective), then substrings, then mere presence; fewer keys first.
+    def rank(a: Anchor) -> tuple[int, int]:
+        kinds = {k[0] for k in a}
+        return (0 if kinds <= {"eq", "eqcs"} else 2 if "has" in kinds else 1, len(a))
+    return min(found, key=rank)
 
 
 @dataclass
@@ -163,6 +179,7 @@ class Index:
     eq: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     eqcs: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     needles: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    present: set[str] = field(default_factory=set)  # "spam", "attachment", "header:NAME"
 
     def add(self, anchor: Anchor) -> None:
         for kind, field_, value in anchor:
@@ -170,13 +187,26 @@ class Index:
                 self.eq[field_].add(value)
             elif kind == "eqcs":
                 self.eqcs[field_].add(value)
+            elif kind == "has":
+                self.present.add(field_)
             else:
                 self.needles[(kind, field_)].add(value)
 
     def freeze(self) -> None:
         self.eq, self.eqcs, self.needles = dict(self.eq), dict(self.eqcs), dict(self.needles)
         self._fields = sorted(set(self.eq) | set(self.eqcs))
-        self._needles = [(kind, f, tuple(sorted(v))) for (kind, f), v in self.needles.items()]
+        # Needles grouped by their first characters: one scan for the shared prefix, and the
+        # needles themselves only where it occurs (rule sets often share a prefix).
+        self._needles = []
+        for (kind, f), values in self.needles.items():
+            groups: dict[str, list[str]] = defaultdict(list)
+            for n in sorted(values):
+                groups[n[:_GROUP]].append(n)
+            self._needles.append((kind, f, tuple(values), tuple(
+                (prefix, tuple(ns)) for prefix, ns in groups.items())))
+        self._headers = [(f, f[7:]) for f in sorted(self.present) if f.startswith("header:")]
+        self._spam = "spam" in self.present
+        self._attachment = "attachment" in self.present
 
     def hits(self, v: MessageView) -> set[Key]:
         out: set[Key] = set()
@@ -197,12 +227,25 @@ class Index:
                         out.add(("eq", f, low))
                 if cs and x in cs:
                     out.add(("eqcs", f, x))
-        for kind, f, needles in self._needles:
+        headers = v.headers
+        if self._spam and ("x-spam-flag" in headers or "x-spam-score" in headers
+                           or "x-spam-status" in headers):
+            out.add(("has", "spam", ""))
+        if self._attachment and v.mail.attachments:
+            out.add(("has", "attachment", ""))
+        for f, name in self._headers:
+            if name in headers:
+                out.add(("has", f, ""))
+        for kind, f, needles, grouped in self._needles:
             text = v.subject if f == "subject" else v.body
-            if kind == "rx" and not text.isascii():
+            if kind == "rx" and not text.isascii() and _FOLDING.search(text):
                 out.update((kind, f, n) for n in needles)  # run those rules in full
                 continue
             hay = text if kind in ("incs", "rxcs") else (
                 v.subject_lower if f == "subject" else v.body_lower)
-            out.update((kind, f, n) for n in needles if n in hay)
+            for prefix, members in grouped:
+                if prefix in hay:
+                    for n in members:
+                        if n in hay:
+                            out.add((kind, f, n))
         return out
