@@ -123,6 +123,11 @@ def test_test_folder_and_mbox_print_a_summary(h, tmp_path):
     out = h.cli("filters", "test", str(tmp_path / "past.mbox"), check=True).stdout.decode()
     assert "3 message(s): ticket 3" in out and "       2  invoices" in out
     assert "past.mbox#2" in out
+    # an mbox inside a folder is read message by message too
+    (folder / "d.eml").unlink()
+    (tmp_path / "past.mbox").rename(folder / "archive.mbox")
+    out = h.cli("filters", "test", str(folder), check=True).stdout.decode()
+    assert "6 message(s): ignore 1, reject 1, ticket 4" in out and "archive.mbox#1" in out
 
 
 def test_corpus_folder(h):

@@ -66,19 +66,27 @@ def filters_schema() -> None:
                           indent=2))
 
 
+def _mbox(path: Path, label: str) -> list[tuple[str, bytes]]:
+    box = mailbox.mbox(path, create=False)
+    try:
+        return [(f"{label}#{i}", box.get_bytes(k)) for i, k in enumerate(box.iterkeys())]
+    finally:
+        box.close()
+
+
 def _messages(path: Path) -> tuple[str, list[tuple[str, bytes]]]:
-    """("one" | "many", [(name, raw)]) for a file, a folder (recursively) or an mbox."""
+    """("one" | "many", [(name, raw)]) for a file, an mbox, or a folder of either
+    (recursively); an mbox is recognised by its leading "From " line."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        return "many", [(str(p.relative_to(path)), p.read_bytes()) for p in files]
+        out: list[tuple[str, bytes]] = []
+        for p in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            raw = p.read_bytes()
+            name = str(p.relative_to(path))
+            out += _mbox(p, name) if raw.startswith(b"From ") else [(name, raw)]
+        return "many", out
     raw = path.read_bytes()
     if raw.startswith(b"From "):
-        box = mailbox.mbox(path, create=False)
-        try:
-            return "many", [(f"{path.name}#{i}", box.get_bytes(k))
-                            for i, k in enumerate(box.iterkeys())]
-        finally:
-            box.close()
+        return "many", _mbox(path, path.name)
     return "one", [(path.name, raw)]
 
 
@@ -172,10 +180,10 @@ def filters_test(obj: Any, path: Path, queue: str | None, ticket_state: str | No
     if kind == "one":  # the message could not be parsed
         click.echo(f"{results[0]['message']}: {results[0]['error']}", err=True)
         sys.exit(1)
-    _summary(results, pipeline)
+    _summary(results, pipeline, settings.priority.default)
 
 
-def _summary(results: list[dict[str, Any]], pipeline: Pipeline) -> None:
+def _summary(results: list[dict[str, Any]], pipeline: Pipeline, default_priority: int) -> None:
     click.echo(f"{'MESSAGE':<40} {'QUEUE':<12} {'PRI':>3} {'TYPE':<16} {'OUTCOME':<8} RULES")
     hits: dict[str, int] = {r.name: 0 for r in pipeline.rules}
     outcomes: dict[str, int] = {}
@@ -191,7 +199,7 @@ def _summary(results: list[dict[str, Any]], pipeline: Pipeline) -> None:
         outcome = "reject" if d.get("reject") else "ignore" if d.get("ignore") else "ticket"
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         click.echo(f"{r['message'][:40]:<40} {d.get('queue', '')[:12]:<12} "
-                   f"{str(d.get('priority', '-')):>3} {str(d.get('type', '-'))[:16]:<16} "
+                   f"{d.get('priority', default_priority):>3} {str(d.get('type', '-'))[:16]:<16} "
                    f"{outcome:<8} {', '.join(matched) or '-'}")
     click.echo(f"\n{len(results)} message(s): "
                + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))

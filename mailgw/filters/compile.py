@@ -40,7 +40,6 @@ class Known:
     templates: frozenset[str] | None  # None: not checked
     calendars: dict[str, Calendar]
     registry: Registry
-    problems: list[Problem] = field(default_factory=list)
 
 
 @dataclass

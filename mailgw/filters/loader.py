@@ -18,12 +18,13 @@ from mailgw.calendar import Calendar
 from mailgw.filters.compile import Groups, Known, Problem, compile_actions, compile_condition
 from mailgw.filters.engine import CompiledRule, Pipeline
 from mailgw.filters.index import Index, anchor_of
-from mailgw.filters.model import Condition, FilterFile, Rule
+from mailgw.filters.model import Actions, Condition, FilterFile, Rule
 from mailgw.filters.registry import Registry, load_registry
 from mailgw.settings import ConfigError, Settings, display_path, load_yaml_with_lines
 
+# Keys a plugin may not take: every built-in condition and action.
 BUILTIN_KEYS = frozenset(Condition.model_fields) | frozenset(
-    f.alias for f in Condition.model_fields.values() if f.alias)
+    f.alias for f in Condition.model_fields.values() if f.alias) | frozenset(Actions.model_fields)
 
 
 class FilterError(ConfigError):
