@@ -87,6 +87,11 @@ def test_ignore_stores_the_mail_without_ticket_or_reply(fx):
     [ev] = fx.events("filter_ignored")
     assert ev.data["rule"] == "newsletter" and ev.inbound_id == iid
     assert ev.data["trace"]["matched"][0]["rule"] == "newsletter"
+    out = fx.home.cli("explain", "--inbound", str(iid), check=True).stdout.decode()
+    assert f"inbound {iid}: done" in out
+    assert "ignored by rule 'newsletter': stored, no ticket, no reply" in out
+    assert "rule MATCH newsletter" in out
+    assert fx.home.cli("explain").returncode == 2  # neither a ticket nor --inbound
 
 
 def test_reject_stores_without_ticket_or_bounce(fx):

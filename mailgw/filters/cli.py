@@ -208,11 +208,57 @@ def _summary(results: list[dict[str, Any]], pipeline: Pipeline, default_priority
         click.echo(f"  {n:>6}  {name}")
 
 
+def _explain_inbound(obj: Any, inbound_id: int, as_json: bool) -> None:
+    """A message that made no ticket (ignored or rejected by a rule): its trace."""
+    from sqlalchemy import select
+
+    from mailgw.store.db import read_session
+    from mailgw.store.models import Event, Inbound, Ticket
+
+    with read_session(obj.engine()) as s:
+        row = s.get(Inbound, inbound_id)
+        if row is None:
+            click.echo(f"no inbound message {inbound_id}", err=True)
+            sys.exit(1)
+        number = (s.scalar(select(Ticket.number).where(Ticket.id == row.ticket_id))
+                  if row.ticket_id else None)
+        events = [{"type": e.type, **e.data} for e in s.scalars(
+            select(Event).where(Event.inbound_id == inbound_id).order_by(Event.id))]
+        data = {"inbound": inbound_id, "state": row.state, "mail_from": row.mail_from,
+                "rcpt_tos": row.rcpt_tos, "error": row.error, "ticket": number,
+                "events": events}
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    click.echo(f"inbound {inbound_id}: {row.state}, from <{row.mail_from}> to "
+               f"{', '.join(row.rcpt_tos)}" + (f", ticket {number}" if number else ""))
+    if row.error:
+        click.echo(f"   error: {row.error}")
+    for ev in events:
+        trace = ev.get("trace")
+        if ev["type"] in ("filter_ignored", "filter_rejected") and trace:
+            click.echo(f"   {ev['type'].removeprefix('filter_')} by rule {ev.get('rule')!r}: "
+                       "stored, no ticket, no reply")
+            for hit in trace["matched"]:
+                ch = ", ".join(f"{f}: {old!r} -> {new!r}" for f, (old, new)
+                               in hit["changes"].items()) or "no change"
+                click.echo(f"   rule MATCH {hit['rule']} [{hit['file']}]: {ch}")
+            if trace["not_matched"]:
+                click.echo(f"   rules not matched: {', '.join(trace['not_matched'])}")
+        else:
+            click.echo(f"   event {ev['type']}")
+    if number:
+        click.echo(f"   (mailgw explain {number} shows the ticket)")
+
+
 @click.command("explain")
-@click.argument("number")
+@click.argument("number", required=False)
+@click.option("--inbound", "inbound_id", type=int,
+              help="Explain this inbound message instead (e.g. one a rule ignored or "
+                   "rejected, which made no ticket).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def explain(obj: Any, number: str, as_json: bool) -> None:
+def explain(obj: Any, number: str | None, inbound_id: int | None, as_json: bool) -> None:
     """Why TICKET looks as it does: per incoming message, how it was threaded, which filter
     rules matched (and which did not), what each changed, who was assigned and why, and
     which auto-responses were sent or suppressed."""
@@ -220,6 +266,12 @@ def explain(obj: Any, number: str, as_json: bool) -> None:
 
     from mailgw.store.db import read_session
     from mailgw.store.models import Article, Event, Ticket
+
+    if inbound_id is not None:
+        _explain_inbound(obj, inbound_id, as_json)
+        return
+    if number is None:
+        raise click.UsageError("give a TICKET number, or --inbound ID")
 
     hook = obj.settings().ticket_numbers.hook
     number = number.strip().strip("[]").strip().removeprefix(hook).strip("#: ")
