@@ -102,6 +102,10 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
     except ListenError as exc:
         click.echo(f"mailgw run: {exc}", err=True)
         sys.exit(EX_CONFIG)
+    except ConfigError as exc:  # the filters in filters/ are invalid: refuse to start
+        for line in exc.errors:
+            click.echo(f"filters error: {line}", err=True)
+        sys.exit(EX_CONFIG)
     sys.exit(code)
 
 
@@ -312,14 +316,21 @@ def config() -> None:
 @config.command("check")
 @click.pass_obj
 def config_check(obj: Obj) -> None:
-    """Validate config/ and templates/; print each error with its file, line and path."""
+    """Validate config/, filters/ and templates/; print each error with its file, line and path."""
     from mailgw.outbound.render import Renderer
 
     errors: list[str] = []
     try:
-        load_settings(obj.home)
+        settings = load_settings(obj.home)
     except ConfigError as exc:
         errors += exc.errors
+    else:  # the filters refer to queues and agents, so they are checked with a valid config
+        from mailgw.filters.loader import load_pipeline
+
+        try:
+            load_pipeline(obj.home.filters_dir(settings), settings, obj.home.templates)
+        except ConfigError as exc:
+            errors += exc.errors
     errors += Renderer(obj.home.templates).check()
     if errors:
         for e in errors:
@@ -377,3 +388,10 @@ def quarantine_replay(obj: Obj, ids: tuple[int, ...]) -> None:
             click.echo(f"{i}: not in quarantine", err=True)
             failed = True
     sys.exit(1 if failed else 0)
+
+
+# Filter pipelines and decision records (issue 4): mailgw/filters/cli.py.
+from mailgw.filters.cli import explain, filters  # noqa: E402
+
+main.add_command(filters)
+main.add_command(explain)

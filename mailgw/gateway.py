@@ -13,10 +13,11 @@ import asyncio
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from mailgw.filters.reload import PipelineHolder
 from mailgw.intake.smtp import IntakeHandler, protocol_factory
 from mailgw.outbound.render import Renderer
 from mailgw.outbound.sender import Sender
@@ -41,15 +42,24 @@ class Gateway:
     roles: tuple[str, ...] = ROLES
     smtp_override: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    filters: PipelineHolder | None = None  # the worker's filter pipeline, hot-reloaded
 
     def run(self) -> int:
+        if "worker" in self.roles:
+            # Refuses to start on invalid filters (FilterError); later edits are checked by
+            # mtime once per batch (and at once on SIGHUP), and a bad edit keeps the old rules.
+            self.filters = PipelineHolder(
+                self.home.filters_dir(self.settings), self.settings, self.home.templates,
+                interval=self.settings.filters_reload_interval)
         engine = make_engine(self.home.store_url(self.settings))
         migrate(engine)
         ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
         threads: list[threading.Thread] = []
         if "worker" in self.roles:
-            worker = Worker(engine, lambda: ctx, batch_size=self.settings.worker.batch_size,
+            holder = self.filters
+            worker = Worker(engine, lambda: replace(ctx, pipeline=holder.current()),  # type: ignore[union-attr]
+                            batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
                             on_outbox=sender_wake.set)
             threads.append(threading.Thread(
@@ -99,6 +109,8 @@ class Gateway:
     def _wait_for_signal(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
+        if self.filters is not None:
+            signal.signal(signal.SIGHUP, lambda *_: self.filters.request_reload())  # type: ignore[union-attr]
         log.info("mailgw running roles %s", ", ".join(self.roles))
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
@@ -115,6 +127,8 @@ class Gateway:
         stopped = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
+        if self.filters is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.filters.request_reload)
         writer = GroupCommitWriter(engine, on_commit=worker_wake.set)
         servers, handlers = [], []
         listeners: list[tuple[str, Listener, bool]] = [("smtp", self.settings.smtp, False)]

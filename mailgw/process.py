@@ -15,6 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw import loops
+from mailgw.filters.apply import apply_decision, drop_message, run_filters
+from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
@@ -40,6 +42,7 @@ class Quarantine(Exception):
 class Context:
     settings: Settings
     renderer: Renderer
+    pipeline: Pipeline | None = None  # the filter rules (issue 4); None: no filters
 
 
 def _clean(text: str | None, limit: int | None = None) -> str:
@@ -135,11 +138,21 @@ def process(session: Session, row: m.Inbound, ctx: Context,
             rejected = True
             reason += "; the ticket is closed and the queue rejects replies (stored, not reopened)"
 
+    # Filter rules (mailgw/filters/): classification, priority, routing; may drop the mail.
+    decision, trace = run_filters(ctx.pipeline, mail, row, queue.name, ticket)
+    if drop_message(session, row, decision, trace):
+        row.state, row.processed_at, row.error = "done", now(), None
+        return
+    new_ticket = ticket is None
+    if new_ticket:
+        queue = settings.queue(decision.queue) or queue
+
     stamp = now()
     if ticket is None:
         ticket = m.Ticket(
             title=_clean(mail.subject, 1000) or "(no subject)", queue=queue.name, state="new",
-            priority=3, customer=_clean(sender, 320), created_at=stamp, updated_at=stamp,
+            priority=settings.priority.default, customer=_clean(sender, 320),
+            created_at=stamp, updated_at=stamp,
         )
         session.add(ticket)
         session.flush()
@@ -156,11 +169,14 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     article = _store_article(session, row, ticket, mail, sender, by, reason, auto, cls)
     _event(session, "article_received", row, ticket, article, source=row.source,
            threaded_by=by, reason=reason, automatic=auto)
+    apply_decision(session, settings, row, ticket, article, decision, trace, new=new_ticket)
 
     ticket_queue = settings.queue(ticket.queue) or queue
     why_not = (
         f"the message is automatic: {auto}" if auto
         else "the queue does not send auto responses" if not ticket_queue.auto_response
+        else f"filter rule {decision.set_by.get('auto_response')!r} suppresses it"
+        if decision.auto_response is False
         else None
     )
     recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
@@ -178,6 +194,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         # A reply to a closed ticket the queue does not reopen gets a notice saying so (OTRS's
         # "auto reject"), so the customer knows to write a new request.
         template = ("reject_closed" if rejected else
+                    decision.auto_response if isinstance(decision.auto_response, str) else
                     "ack_new" if by == "new_ticket" else "ack_followup")
         _queue_ack(session, row, ctx, ticket, ticket_queue, article, mail, recipient, template,
                    reopened)

@@ -17,6 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mailgw.calendar import CalendarConfig, WorkingHours
+
+Level = Literal["high", "medium", "low"]
+
 CONFIG_FILE = "config/mailgw.yaml"
 
 
@@ -63,6 +67,8 @@ class Queue(_Strict):
     # What a reply to a closed ticket does: reopen it (OTRS default), open a new ticket, or be
     # stored without touching the ticket.
     on_closed_reply: Literal["reopen", "new_ticket", "reject"] = "reopen"
+    # Who gets a new ticket in this queue (issue 4; see docs/filters.md).
+    assignment: Assignment | None = None
 
     @field_validator("addresses")
     @classmethod
@@ -75,6 +81,60 @@ class Queue(_Strict):
     @property
     def from_address(self) -> str:
         return self.sender or self.addresses[0]
+
+
+class Assignment(_Strict):
+    """Auto-assignment of new tickets in a queue (mailgw/assign.py)."""
+
+    strategy: Literal["round_robin", "least_open", "skills"] = "round_robin"
+    # A follow-up keeps its owner anyway; sticky also gives a known customer's new ticket to
+    # the owner of their last ticket, when that agent is available.
+    sticky: bool = False
+    # Agents taking part; default: every agent that lists this queue.
+    agents: list[str] | None = None
+
+
+class Agent(_Strict):
+    """A person working tickets. Also used to recognise agents' mail by their addresses."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]+$")
+    addresses: list[str] = []
+    queues: list[str] = []
+    skills: list[str] = []
+    calendar: str | None = None  # a name from calendars:
+    working_hours: WorkingHours | None = None  # or inline hours (calendar wins if both)
+    out_of_office: bool = False
+
+    @field_validator("addresses")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if "@" not in a:
+                raise ValueError(f"not an email address: {a!r}")
+        return [a.strip().lower() for a in v]
+
+
+class PriorityMatrix(_Strict):
+    """ITIL priority from urgency x impact; 1 is the most urgent, 5 the least."""
+
+    default: int = Field(default=3, ge=1, le=5)
+    matrix: dict[Level, dict[Level, int]] = Field(default_factory=lambda: {
+        "high": {"high": 1, "medium": 2, "low": 3},
+        "medium": {"high": 2, "medium": 3, "low": 4},
+        "low": {"high": 3, "medium": 4, "low": 5},
+    })
+
+    @field_validator("matrix")
+    @classmethod
+    def _complete(cls, v: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        for urgency in ("high", "medium", "low"):
+            for impact in ("high", "medium", "low"):
+                p = v.get(urgency, {}).get(impact)
+                if p is None:
+                    raise ValueError(f"missing urgency {urgency} x impact {impact}")
+                if not 1 <= p <= 5:
+                    raise ValueError(f"priority {p} for {urgency} x {impact} is not 1..5")
+        return v
 
 
 class TicketNumbers(_Strict):
@@ -132,6 +192,38 @@ class Settings(_Strict):
     loop_header: str = "X-Loop"
     machine_mail: MachineMail = MachineMail()
     loop_protection: LoopProtection = LoopProtection()
+    # Filter pipelines, agents and calendars (issue 4; docs/filters.md).
+    filters_dir: str = "filters"
+    filters_reload_interval: float = Field(default=2.0, ge=0)
+    calendars: list[CalendarConfig] = []
+    agents: list[Agent] = []
+    priority: PriorityMatrix = PriorityMatrix()
+
+    @model_validator(mode="after")
+    def _check_agents(self) -> Settings:
+        queues = {q.name for q in self.queues}
+        calendars = {c.name for c in self.calendars}
+        agents = [a.name for a in self.agents]
+        dupes = sorted({n for n in agents if agents.count(n) > 1})
+        if dupes:
+            raise ValueError(f"agent names must be unique, repeated: {', '.join(dupes)}")
+        for a in self.agents:
+            for q in a.queues:
+                if q not in queues:
+                    raise ValueError(f"agent {a.name}: unknown queue {q!r}")
+            if a.calendar is not None and a.calendar not in calendars:
+                raise ValueError(f"agent {a.name}: unknown calendar {a.calendar!r}")
+        for q in self.queues:
+            for name in (q.assignment.agents or []) if q.assignment else []:
+                if name not in agents:
+                    raise ValueError(f"queue {q.name}: assignment names unknown agent {name!r}")
+        return self
+
+    def agent(self, name: str) -> Agent | None:
+        for a in self.agents:
+            if a.name == name:
+                return a
+        return None
 
     @model_validator(mode="after")
     def _check_queues(self) -> Settings:
@@ -183,6 +275,9 @@ class Home:
     @property
     def templates(self) -> Path:
         return self.path / "templates"
+
+    def filters_dir(self, settings: Settings) -> Path:
+        return self.path / settings.filters_dir
 
     @property
     def store(self) -> Path:

@@ -94,6 +94,22 @@ class Ticket(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
+    # Set by filter rules (issue 4): ITIL type (incident / service_request / problem /
+    # change), service, category, tags, custom fields, the customer's company, and the
+    # urgency and impact the priority was derived from.
+    type: Mapped[str | None] = mapped_column(String(32))
+    service: Mapped[str | None] = mapped_column(String(200))
+    category: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    custom_fields: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    company: Mapped[str | None] = mapped_column(String(320))
+    urgency: Mapped[str | None] = mapped_column(String(16))
+    impact: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        # Least-open assignment counts each agent's open tickets.
+        Index("ix_tickets_owner_state", "owner", "state"),
+    )
 
 
 class Article(Base):
@@ -128,6 +144,8 @@ class Article(Base):
     signature_text: Mapped[str | None] = mapped_column(Text)
     quoted_text: Mapped[str | None] = mapped_column(Text)
     delivery_error: Mapped[str | None] = mapped_column(Text)
+    # Which filter rules matched this incoming article, which did not, what each changed.
+    filter_trace: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Attachment(Base):
@@ -153,6 +171,15 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime]
+
+
+class AssignmentCursor(Base):
+    """Round robin: the agent who got the last ticket of a queue (locked while choosing)."""
+
+    __tablename__ = "assignment_cursors"
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_agent: Mapped[str | None] = mapped_column(String(320))
+    updated_at: Mapped[datetime]
 
 
 class Outbox(Base):
