@@ -27,7 +27,7 @@ from mailgw.store.db import make_engine, migrate
 from mailgw.worker import Worker, pending_count
 
 log = logging.getLogger(__name__)
-ROLES = ("smtp", "worker", "sender", "scheduler")
+ROLES = ("smtp", "worker", "sender", "scheduler", "imap")
 
 
 class ListenError(Exception):
@@ -70,6 +70,12 @@ class Gateway:
             scheduler.start()
         for t in threads:
             t.start()
+        if "imap" in self.roles and self.settings.mailboxes:
+            # IMAP intake: one poller thread per mailbox (mailgw/intake/imap.py).
+            from mailgw.intake.imap import start_pollers
+
+            threads += start_pollers(engine, self.settings.mailboxes, self.home.path, self.stop,
+                                     on_commit=worker_wake.set)
         try:
             if "smtp" in self.roles:
                 asyncio.run(self._serve(engine, worker_wake))
