@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,25 +158,22 @@ def _identity() -> tuple[str, str, int, int]:
 
 
 @pytest.fixture(scope="session")
-def dovecot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+def dovecot_server() -> Iterator[Dovecot]:
     if DOVECOT is None:
         reason = "dovecot is not installed (apt-get install dovecot-imapd)"
         if os.environ.get("MAILGW_REQUIRE_IMAP") == "1":
             pytest.fail(f"IMAP tests required (MAILGW_REQUIRE_IMAP=1) but {reason}")
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("dovecot")
+    # Not under pytest's basetemp: pytest (ours or a parallel run) keeps that 0700, and
+    # dovecot's auth and mail processes run as the dovecot user when we are root.
+    root = Path(tempfile.mkdtemp(prefix="mailgw-dovecot-"))
     user, group, uid, gid = _identity()
     for d in ("run", "state", "mail", "home", "users"):
         (root / d).mkdir()
+    os.chmod(root, 0o755)
     if os.getuid() == 0:
         for d in ("mail", "home"):
             os.chown(root / d, uid, gid)
-        os.chmod(root, 0o755)
-        for parent in root.parents:
-            # The mail processes run as the dovecot user and must reach the Maildir.
-            if str(parent) in ("/", "/tmp"):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o711)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -206,6 +204,7 @@ def dovecot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
