@@ -114,6 +114,7 @@ class Poller:
         self.lease = lease_seconds(mailbox)
         self._created: set[str] = set()
         self.wake = threading.Event()  # set to poll at once (tests, admin)
+        self._logged_in = False
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -135,17 +136,25 @@ class Poller:
                 self.stop.wait(min(self.lease / 3, self.mb.poll_interval))
                 continue
             holder_logged = None
+            self._logged_in = False
             try:
                 self._session()
+                # Stopped, or a fresh login for a token about to expire (not in a tight loop
+                # when tokens are shorter-lived than the refresh window).
                 backoff = BACKOFF_INITIAL
+                self.stop.wait(min(self.mb.poll_interval, 5.0))
+                continue
             except AuthError as exc:
                 self._failed(str(exc))
                 # Not a network hiccup: retry slowly, but keep saying so.
-                backoff = max(backoff, min(60.0, BACKOFF_MAX))
+                backoff = max(backoff, 60.0)
             except ledger.LeaseLost:
                 log.warning("mailbox %s: lease lost to another poller; standing by", self.mb.name)
+                backoff = BACKOFF_INITIAL
             except Exception as exc:  # noqa: BLE001 - network, server or database trouble
                 self._failed(f"mailbox {self.mb.name}: {type(exc).__name__}: {_answer(exc)}")
+                if self._logged_in:
+                    backoff = BACKOFF_INITIAL  # it worked until now: retry soon
             if self.stop.wait(backoff):
                 break
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -165,6 +174,7 @@ class Poller:
         """One connection: poll, wait (IDLE or sleep), poll again, until stop, error or the
         OAuth2 token needs renewing."""
         client = connect(self.mb, self.creds)
+        self._logged_in = True
         log.info("mailbox %s: logged in to %s:%d as %s (%s)", self.mb.name, self.mb.host,
                  self.mb.real_port, self.mb.username, self.creds.method)
         try:
