@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from sqlalchemy import select
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from mailgw.intake import ledger
 from mailgw.intake.imap import Poller, connect
 from mailgw.store import models as m
+from tests.conftest import wait_until
 from tests.helpers import Harness, mail
 
 
@@ -187,4 +189,94 @@ def test_commit_refused_without_the_lease(home, imap_user):
         client.logout()
     assert h.pending() == 0 and ledger_rows(h) == []
     assert imap_user.uids("INBOX") == [1]  # untouched
+    h.close()
+
+
+class Proxy:
+    """A TCP proxy in front of Dovecot that can cut every connection (a network failure)."""
+
+    def __init__(self, port: int):
+        import socket
+
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list = []
+        self.refuse = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                down, _ = self.server.accept()
+            except OSError:
+                return
+            if self.refuse:
+                down.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.conns = []
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+def test_network_failure_reconnects_with_backoff_and_loses_nothing(home, imap_user):
+    proxy = Proxy(imap_user.server.port)
+    h, p = setup(home, imap_user, port=proxy.port, poll_interval=0.5)
+    stop = threading.Event()
+    t = threading.Thread(target=p.run)
+    t.start()
+    try:
+        imap_user.append(mail("Before the cut"))
+        wait_until(lambda: h.pending() == 1, what="first message")
+        # The network fails (while the poller waits in IDLE) and stays down for a while.
+        proxy.refuse = True
+        proxy.cut()
+        imap_user.append(mail("During the cut"))
+        wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_error"],
+                   what="the failure recorded")
+        err = ledger.mailbox_statuses(h.engine)[0]["last_error"]
+        assert err.startswith(f"mailbox {p.mb.name}: ")
+        time.sleep(1.5)
+        assert h.pending() == 1
+        # It comes back: the poller reconnects by itself and takes the mail in.
+        proxy.refuse = False
+        wait_until(lambda: h.pending() == 2, timeout=30, what="reconnect")
+        wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_error"] is None,
+                   what="error cleared after a good poll")
+    finally:
+        p.stop.set()
+        stop.set()
+        t.join(30)
+        proxy.close()
+    assert len(ledger_rows(h)) == 2 and imap_user.uids("INBOX") == []
     h.close()
