@@ -1,6 +1,7 @@
 """``mailgw run``: every role of the gateway in one process, until SIGINT or SIGTERM.
 
-Roles: ``smtp`` (the SMTP and LMTP listeners), ``worker``, ``sender`` and ``scheduler``. All run
+Roles: ``smtp`` (the SMTP and LMTP listeners), ``worker``, ``sender``, ``scheduler`` and ``imap``
+(one poller per configured IMAP mailbox). All run
 by default; ``--role`` picks some, so roles can be split across processes and nodes sharing
 PostgreSQL. Shutdown is clean and loses nothing: listeners stop accepting, messages already
 being received are committed (or refused with 4xx), the worker finishes its transaction, and

@@ -280,3 +280,13 @@ def test_network_failure_reconnects_with_backoff_and_loses_nothing(home, imap_us
         proxy.close()
     assert len(ledger_rows(h)) == 2 and imap_user.uids("INBOX") == []
     h.close()
+
+
+def test_a_missing_folder_is_reported_and_the_others_are_read(home, imap_user):
+    imap_user.append(mail("Still read"))
+    h, p = setup(home, imap_user, folders=["INBOX", "Gone"])
+    assert poll(p) == 1
+    assert p.folder_errors and p.folder_errors[0].startswith(f"mailbox {p.mb.name} folder Gone: ")
+    assert "Mailbox doesn't exist: Gone" in p.folder_errors[0]
+    assert imap_user.uids("INBOX") == []
+    h.close()

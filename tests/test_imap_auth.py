@@ -152,3 +152,18 @@ def test_bad_mailbox_config_is_refused_with_line(tmp_path, box, reason):
     text = str(exc.value)
     assert reason in text
     assert "mailgw.yaml:" in text
+
+
+def test_check_names_an_unreachable_server(home):
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there
+    home.update_config(mailboxes=[{"name": "nowhere", "host": "127.0.0.1", "port": port,
+                                   "tls": "plain", "username": "u", "password": "p",
+                                   "queue": "support"}])
+    proc = home.cli("mailboxes", "check", "--json")
+    assert proc.returncode == 1
+    [r] = json.loads(proc.stdout)
+    assert r["ok"] is False and r["mailbox"] == "nowhere"
+    assert r["error"] == (f"mailbox nowhere: cannot connect to 127.0.0.1:{port} (plain): "
+                          "ConnectionRefusedError: [Errno 111] Connection refused")

@@ -150,7 +150,9 @@ def test_wrong_password_check_fails_naming_mailbox_and_server_answer(home, imap_
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert f"{good['name']}: logged in to" in out
     assert "folder INBOX: 1 messages" in out and "IDLE" in out
-    assert "helpdesk-bad" in err and "[AUTHENTICATIONFAILED] Authentication failed." in err
+    assert (f"helpdesk-bad: FAILED: mailbox helpdesk-bad: LOGIN as {imap_user.name} on "
+            f"127.0.0.1:{imap_user.server.port} refused: "
+            "[AUTHENTICATIONFAILED] Authentication failed.\n") in err
     assert good["name"] + ": FAILED" not in err
     # The same failure in a running gateway is loud in its log and in `mailgw status`.
     home.update_config(mailboxes=[bad])

@@ -115,6 +115,7 @@ class Poller:
         self._created: set[str] = set()
         self.wake = threading.Event()  # set to poll at once (tests, admin)
         self._logged_in = False
+        self.folder_errors: list[str] = []
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -181,7 +182,8 @@ class Poller:
             idle = self.mb.idle and client.has_capability("IDLE")
             while not self.stop.is_set():
                 self.poll_once(client)
-                ledger.record_status(self.engine, self.mb.name, error=None)
+                ledger.record_status(self.engine, self.mb.name,
+                                     error="; ".join(self.folder_errors) or None)
                 if self.creds.needs_relogin():
                     log.info("mailbox %s: OAuth2 token about to expire; logging in again",
                              self.mb.name)
@@ -222,8 +224,23 @@ class Poller:
     # -- one pass over the folders ----------------------------------------------------------
 
     def poll_once(self, client) -> int:  # type: ignore[no-untyped-def]
-        """Read every folder once; returns how many messages were queued."""
-        return sum(self._folder(client, f) for f in self.mb.folders)
+        """Read every folder once; returns how many messages were queued. A folder the server
+        refuses (deleted, no rights) is reported in ``folder_errors`` and does not keep the
+        other folders from being read; a broken connection raises."""
+        from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+
+        queued = 0
+        self.folder_errors.clear()
+        for folder in self.mb.folders:
+            try:
+                queued += self._folder(client, folder)
+            except IMAPClientAbortError:
+                raise
+            except IMAPClientError as exc:
+                msg = f"mailbox {self.mb.name} folder {folder}: {_answer(exc)}"
+                log.error("%s", msg)
+                self.folder_errors.append(msg)
+        return queued
 
     def _folder(self, client, folder: str) -> int:  # type: ignore[no-untyped-def]
         info = client.select_folder(folder)

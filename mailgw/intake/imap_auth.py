@@ -26,11 +26,17 @@ class TokenError(AuthError):
 
 
 def _answer(exc: BaseException) -> str:
-    """The server's answer inside an imapclient/imaplib exception, as text."""
+    """The server's answer inside an imapclient/imaplib exception (or an OS error), as text."""
+    if isinstance(exc, OSError):
+        return str(exc) or type(exc).__name__
     arg = exc.args[0] if exc.args else exc
     if isinstance(arg, bytes):
         arg = arg.decode(errors="replace")
-    return str(arg).strip()
+    text = str(arg).strip()
+    # imapclient wraps some answers as the repr of bytes: b'[AUTHENTICATIONFAILED] ...'
+    if len(text) > 3 and text[:2] in ("b'", 'b"') and text[-1] == text[1]:
+        text = text[2:-1]
+    return text
 
 
 @dataclass
