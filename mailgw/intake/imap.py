@@ -267,6 +267,8 @@ class Poller:
         if total > PROGRESS_AT:
             log.info("mailbox %s folder %s: %d messages to read", self.mb.name, folder, total)
         for chunk in self._chunks(client, uids):
+            if self.stop.is_set():
+                break  # shutting down: the rest is read at the next start
             batch = self._fetch(client, chunk)
             _failpoint("after_fetch")
             try:
