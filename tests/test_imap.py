@@ -251,8 +251,7 @@ class Proxy:
 
 def test_network_failure_reconnects_with_backoff_and_loses_nothing(home, imap_user):
     proxy = Proxy(imap_user.server.port)
-    h, p = setup(home, imap_user, port=proxy.port, poll_interval=0.5)
-    stop = threading.Event()
+    h, p = setup(home, imap_user, port=proxy.port, poll_interval=0.5, timeout=10)
     t = threading.Thread(target=p.run)
     t.start()
     try:
@@ -275,9 +274,9 @@ def test_network_failure_reconnects_with_backoff_and_loses_nothing(home, imap_us
                    what="error cleared after a good poll")
     finally:
         p.stop.set()
-        stop.set()
         t.join(30)
         proxy.close()
+    assert not t.is_alive()
     assert len(ledger_rows(h)) == 2 and imap_user.uids("INBOX") == []
     h.close()
 
@@ -289,4 +288,19 @@ def test_a_missing_folder_is_reported_and_the_others_are_read(home, imap_user):
     assert p.folder_errors and p.folder_errors[0].startswith(f"mailbox {p.mb.name} folder Gone: ")
     assert "Mailbox doesn't exist: Gone" in p.folder_errors[0]
     assert imap_user.uids("INBOX") == []
+    h.close()
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_poller_stops_promptly_and_releases_its_lease(home, imap_user, idle):
+    h, p = setup(home, imap_user, poll_interval=120, idle=idle)
+    t = threading.Thread(target=p.run)
+    t.start()
+    wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_ok_at"], what="first poll")
+    assert ledger.mailbox_statuses(h.engine)[0]["poller"] == p.me
+    started = time.monotonic()
+    p.stop.set()
+    t.join(30)
+    assert not t.is_alive() and time.monotonic() - started < 5
+    assert ledger.mailbox_statuses(h.engine)[0]["poller"] is None
     h.close()

@@ -86,6 +86,7 @@ def test_xoauth2_login_reads_mail_and_relogs_before_expiry(home, dovecot_server,
     finally:
         stop.set()
         t.join(30)
+    assert not t.is_alive()
     assert runs(tmp_path) >= 3
     assert sum("oauth-user@example.test" in line and "Login:" in line
                for line in dovecot_server.log().splitlines()) >= 3

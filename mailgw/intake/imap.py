@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL, BACKOFF_MAX = 1.0, 300.0
 MAX_BATCH_BYTES = 32 * 1024 * 1024  # bounded memory: at most this much mail fetched at once
+IDLE_MAX = 25 * 60.0  # seconds in one IDLE command at most
 PROGRESS_AT = 200  # a folder with more new messages than this logs its progress per batch
 
 
@@ -113,7 +114,6 @@ class Poller:
         self.me = ledger.holder_id()
         self.lease = lease_seconds(mailbox)
         self._created: set[str] = set()
-        self.wake = threading.Event()  # set to poll at once (tests, admin)
         self._logged_in = False
         self.folder_errors: list[str] = []
 
@@ -191,8 +191,7 @@ class Poller:
                 if idle:
                     self._idle(client)
                 else:
-                    self.wake.wait(self.mb.poll_interval)
-                    self.wake.clear()
+                    self.stop.wait(self.mb.poll_interval)
                 if self.stop.is_set():
                     return
                 if ledger.acquire_lease(self.engine, self.mb.name, self.me, self.lease):
@@ -209,8 +208,9 @@ class Poller:
         client.select_folder(self.mb.folders[0])
         client.idle()
         try:
-            deadline = time.monotonic() + self.mb.poll_interval
-            while not self.stop.is_set() and not self.wake.is_set():
+            # RFC 2177: re-issue IDLE well within the servers' 30-minute inactivity timeout.
+            deadline = time.monotonic() + min(self.mb.poll_interval, IDLE_MAX)
+            while not self.stop.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -218,7 +218,6 @@ class Poller:
                 if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses):
                     break
         finally:
-            self.wake.clear()
             client.idle_done()
 
     # -- one pass over the folders ----------------------------------------------------------
