@@ -34,6 +34,11 @@ def poll(p: Poller) -> int:
         client.logout()
 
 
+def status_of(h: Harness) -> dict:
+    rows = ledger.mailbox_statuses(h.engine)
+    return rows[0] if rows else {}
+
+
 def ledger_rows(h: Harness) -> list[m.ImapMessage]:
     with Session(h.engine) as s:
         return list(s.scalars(select(m.ImapMessage).order_by(m.ImapMessage.id)))
@@ -261,16 +266,15 @@ def test_network_failure_reconnects_with_backoff_and_loses_nothing(home, imap_us
         proxy.refuse = True
         proxy.cut()
         imap_user.append(mail("During the cut"))
-        wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_error"],
-                   what="the failure recorded")
-        err = ledger.mailbox_statuses(h.engine)[0]["last_error"]
+        wait_until(lambda: status_of(h).get("last_error"), what="the failure recorded")
+        err = status_of(h)["last_error"]
         assert err.startswith(f"mailbox {p.mb.name}: ")
         time.sleep(1.5)
         assert h.pending() == 1
         # It comes back: the poller reconnects by itself and takes the mail in.
         proxy.refuse = False
         wait_until(lambda: h.pending() == 2, timeout=30, what="reconnect")
-        wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_error"] is None,
+        wait_until(lambda: status_of(h).get("last_error", 1) is None,
                    what="error cleared after a good poll")
     finally:
         p.stop.set()
@@ -296,11 +300,15 @@ def test_poller_stops_promptly_and_releases_its_lease(home, imap_user, idle):
     h, p = setup(home, imap_user, poll_interval=120, idle=idle)
     t = threading.Thread(target=p.run)
     t.start()
-    wait_until(lambda: ledger.mailbox_statuses(h.engine)[0]["last_ok_at"], what="first poll")
-    assert ledger.mailbox_statuses(h.engine)[0]["poller"] == p.me
-    started = time.monotonic()
-    p.stop.set()
-    t.join(30)
-    assert not t.is_alive() and time.monotonic() - started < 5
-    assert ledger.mailbox_statuses(h.engine)[0]["poller"] is None
+    try:
+        wait_until(lambda: status_of(h).get("last_ok_at"), what="first poll")
+        assert status_of(h)["poller"] == p.me
+        started = time.monotonic()
+        p.stop.set()
+        t.join(30)
+        assert not t.is_alive() and time.monotonic() - started < 5
+    finally:
+        p.stop.set()
+        t.join(30)
+    assert status_of(h)["poller"] is None
     h.close()

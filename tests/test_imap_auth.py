@@ -115,18 +115,19 @@ def test_xoauth2_refused_token_and_failing_command_are_specific(home, dovecot_se
 
 
 def test_password_file(home, imap_user):
+    from mailgw.intake.imap import check
+    from mailgw.intake.imap_auth import AuthError
+
     (home.path / "secret").write_text(imap_user.password + "\n")
-    home.update_config(mailboxes=[imap_user.mailbox_config(password=None,
-                                                           password_file="secret")])
-    cfg = home.config()
-    del cfg["mailboxes"][0]["password"]
-    home.write_config(cfg)
-    proc = home.cli("mailboxes", "check")
-    assert proc.returncode == 0, proc.stderr.decode()
+    cfg = imap_user.mailbox_config(password_file="secret")
+    del cfg["password"]
+    home.update_config(mailboxes=[cfg])
+    mb = home.settings().mailboxes[0]
+    caps, folders = check(mb, home.path)
+    assert "IDLE" in caps and [(f.folder, f.messages) for f in folders] == [("INBOX", 0)]
     (home.path / "secret").unlink()
-    proc = home.cli("mailboxes", "check")
-    assert proc.returncode == 1
-    assert "password_file" in proc.stderr.decode() and "No such file" in proc.stderr.decode()
+    with pytest.raises(AuthError, match=r"password_file .*secret cannot be read: No such file"):
+        check(mb, home.path)
 
 
 @pytest.mark.parametrize(("box", "reason"), [

@@ -158,7 +158,7 @@ def test_wrong_password_check_fails_naming_mailbox_and_server_answer(home, imap_
     home.update_config(mailboxes=[bad])
     gateway.start(*ROLES)
     wait_until(lambda: box(home).get("last_error"), what="error in status")
-    s = status(home)["mailboxes"][0]
+    s = box(home)
     assert "helpdesk-bad" in s["last_error"] and "AUTHENTICATIONFAILED" in s["last_error"]
     assert s["last_ok_at"] is None
     text = home.cli("status", check=True).stdout.decode()
