@@ -80,7 +80,7 @@ def init(directory: str, exist_ok: bool) -> None:
 @click.option("--smtp", "smtp", metavar="HOST:PORT", help="SMTP listen address (overrides "
               "smtp.listen in config/mailgw.yaml; default 127.0.0.1:2525).")
 @click.option("--role", "roles", multiple=True,
-              type=click.Choice(["smtp", "worker", "sender", "scheduler"]),
+              type=click.Choice(["smtp", "worker", "sender", "scheduler", "imap"]),
               help="Run only these roles (repeatable); default all of them.")
 @click.pass_obj
 def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
@@ -395,3 +395,97 @@ from mailgw.filters.cli import explain, filters  # noqa: E402
 
 main.add_command(filters)
 main.add_command(explain)
+@main.group()
+def mailboxes() -> None:
+    """IMAP mailboxes mailgw reads (config/mailgw.yaml: mailboxes)."""
+
+
+@mailboxes.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def mailboxes_check(obj: Obj, as_json: bool) -> None:
+    """Log in to every configured mailbox; report its folders, message counts and capabilities,
+    or the exact error. Exits 1 if any mailbox or folder fails."""
+    from mailgw.intake.imap import check
+    from mailgw.intake.imap_auth import _answer
+
+    settings = obj.settings()
+    results, failed = [], False
+    for mb in settings.mailboxes:
+        r: dict = {"mailbox": mb.name, "host": mb.host, "port": mb.real_port, "tls": mb.tls,
+                   "username": mb.username, "ok": False}
+        try:
+            caps, folders = check(mb, obj.home.path)
+            r["capabilities"] = caps
+            r["folders"] = [{"folder": f.folder, "messages": f.messages, "error": f.error}
+                            for f in folders]
+            r["ok"] = all(f.error is None for f in folders)
+            if not r["ok"]:
+                r["error"] = "; ".join(f"folder {f.folder}: {f.error}" for f in folders if f.error)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, per mailbox
+            msg = str(exc) if type(exc).__name__ == "AuthError" else (
+                f"mailbox {mb.name}: cannot connect to {mb.host}:{mb.real_port} ({mb.tls}): "
+                f"{type(exc).__name__}: {_answer(exc)}")
+            r["error"] = msg
+        failed |= not r["ok"]
+        results.append(r)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        if not results:
+            click.echo("no mailboxes configured")
+        for r in results:
+            if "folders" in r:
+                click.echo(f"{r['mailbox']}: logged in to {r['host']}:{r['port']} ({r['tls']}) "
+                           f"as {r['username']}")
+                for f in r["folders"]:
+                    click.echo(f"  folder {f['folder']}: " + (
+                        f"{f['messages']} messages" if f["error"] is None
+                        else f"ERROR {f['error']}"))
+                click.echo(f"  capabilities: {' '.join(r['capabilities'])}")
+            if not r["ok"]:
+                click.echo(f"{r['mailbox']}: FAILED: {r['error']}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def status(obj: Obj, as_json: bool) -> None:
+    """Queue counts and, per IMAP mailbox, the last poll and the last error (auth failures
+    included)."""
+    from sqlalchemy import func, select
+
+    from mailgw.intake.ledger import mailbox_statuses
+    from mailgw.store.db import read_session
+    from mailgw.store.models import Inbound, Outbox
+
+    settings = obj.settings()
+    engine = obj.engine()
+    with read_session(engine) as s:
+        inbound = dict(s.execute(select(Inbound.state, func.count()).group_by(Inbound.state)).all())
+        outbox = dict(s.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all())
+    known = {r["mailbox"]: r for r in mailbox_statuses(engine)}
+    boxes = []
+    for mb in settings.mailboxes:
+        r = known.get(mb.name, {"mailbox": mb.name, "last_poll_at": None, "last_ok_at": None,
+                                "last_error": None, "last_error_at": None, "ingested": 0,
+                                "ledger": 0, "poller": None})
+        boxes.append({**{k: (_iso(v) if isinstance(v, datetime) else v) for k, v in r.items()},
+                      "queue": mb.queue, "host": f"{mb.host}:{mb.real_port}"})
+    data = {"inbound": {k: inbound.get(k, 0) for k in ("pending", "done", "quarantined")},
+            "outbox": {k: outbox.get(k, 0) for k in ("pending", "sent", "dead")},
+            "mailboxes": boxes}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    i, o = data["inbound"], data["outbox"]
+    click.echo(f"inbound: {i['pending']} pending, {i['done']} done, {i['quarantined']} quarantined")
+    click.echo(f"outbox:  {o['pending']} pending, {o['sent']} sent, {o['dead']} dead")
+    for b in boxes:
+        state = "ERROR" if b["last_error"] else ("ok" if b["last_ok_at"] else "never polled")
+        click.echo(f"mailbox {b['mailbox']} ({b['host']} -> queue {b['queue']}): {state}; "
+                   f"last poll {b['last_poll_at'] or '-'}, last ok {b['last_ok_at'] or '-'}, "
+                   f"{b['ingested']} taken in, poller {b['poller'] or '-'}")
+        if b["last_error"]:
+            click.echo(f"  last error at {b['last_error_at']}: {b['last_error']}")

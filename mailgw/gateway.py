@@ -1,6 +1,7 @@
 """``mailgw run``: every role of the gateway in one process, until SIGINT or SIGTERM.
 
-Roles: ``smtp`` (the SMTP and LMTP listeners), ``worker``, ``sender`` and ``scheduler``. All run
+Roles: ``smtp`` (the SMTP and LMTP listeners), ``worker``, ``sender``, ``scheduler`` and ``imap``
+(one poller per configured IMAP mailbox). All run
 by default; ``--role`` picks some, so roles can be split across processes and nodes sharing
 PostgreSQL. Shutdown is clean and loses nothing: listeners stop accepting, messages already
 being received are committed (or refused with 4xx), the worker finishes its transaction, and
@@ -28,7 +29,7 @@ from mailgw.store.db import make_engine, migrate
 from mailgw.worker import Worker, pending_count
 
 log = logging.getLogger(__name__)
-ROLES = ("smtp", "worker", "sender", "scheduler")
+ROLES = ("smtp", "worker", "sender", "scheduler", "imap")
 
 
 class ListenError(Exception):
@@ -85,6 +86,12 @@ class Gateway:
             scheduler.start()
         for t in threads:
             t.start()
+        if "imap" in self.roles and self.settings.mailboxes:
+            # IMAP intake: one poller thread per mailbox (mailgw/intake/imap.py).
+            from mailgw.intake.imap import start_pollers
+
+            threads += start_pollers(engine, self.settings.mailboxes, self.home.path, self.stop,
+                                     on_commit=worker_wake.set)
         try:
             if "smtp" in self.roles:
                 asyncio.run(self._serve(engine, worker_wake))

@@ -142,3 +142,12 @@ def replay(engine: Engine, inbound_id: int) -> bool:
             .values(state="pending", attempts=0, error=None, claimed_until=None, claimed_by=None)
         )
         return res.rowcount == 1
+
+
+def put_in(conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-untyped-def]
+    """Insert envelopes inside the caller's open transaction (IMAP intake commits its ledger
+    rows with them); durable once the caller commits. Returns the ids in order."""
+    if not envelopes:
+        return []
+    stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
+    return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())

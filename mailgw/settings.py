@@ -176,6 +176,57 @@ class LoopProtection(_Strict):
     max_per_sender: int = Field(default=40, ge=0)  # per recipient address and window (OTRS: 40)
     max_per_ticket: int = Field(default=20, ge=0)  # per ticket and window
     window_hours: float = Field(default=24.0, gt=0)
+class OAuth2(_Strict):
+    """XOAUTH2 bearer token: printed by ``token_command`` or read from ``token_file``; plain
+    text, or JSON with ``access_token`` and ``expires_in`` (seconds) or ``expires_at`` (epoch)."""
+
+    token_command: str | None = None
+    token_file: str | None = None
+    refresh_before: float = Field(default=300.0, ge=0)  # seconds before expiry to refresh
+    lifetime: float = Field(default=3600.0, gt=0)  # assumed when the token does not say
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OAuth2:
+        if (self.token_command is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token_command or token_file")
+        return self
+
+
+class Mailbox(_Strict):
+    """An IMAP mailbox mailgw reads instead of (or besides) receiving by SMTP."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]+$")
+    host: str
+    port: int | None = Field(default=None, gt=0, lt=65536)  # default: 993 imaps, else 143
+    tls: Literal["imaps", "starttls", "plain"] = "imaps"
+    folders: list[str] = Field(default=["INBOX"], min_length=1)
+    username: str
+    password: str | None = None
+    password_file: str | None = None
+    oauth2: OAuth2 | None = None
+    queue: str
+    poll_interval: float = Field(default=60.0, gt=0)
+    idle: bool = True  # use IMAP IDLE when the server offers it
+    after: Literal["move", "flag", "delete"] = "move"
+    move_to: str = "Processed"
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    timeout: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Mailbox:
+        creds = [x for x in (self.password, self.password_file, self.oauth2) if x is not None]
+        if len(creds) != 1:
+            raise ValueError("give exactly one of password, password_file or oauth2")
+        if self.tls == "plain" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("tls: plain sends the password in clear; allowed only for a "
+                             "loopback host (127.0.0.1, ::1, localhost)")
+        if self.after == "move" and self.move_to in self.folders:
+            raise ValueError(f"move_to {self.move_to!r} is also a folder that is read")
+        return self
+
+    @property
+    def real_port(self) -> int:
+        return self.port or (993 if self.tls == "imaps" else 143)
 
 
 class Settings(_Strict):
@@ -198,6 +249,7 @@ class Settings(_Strict):
     calendars: list[CalendarConfig] = []
     agents: list[Agent] = []
     priority: PriorityMatrix = PriorityMatrix()
+    mailboxes: list[Mailbox] = []  # IMAP intake (mailgw/intake/imap.py)
 
     @model_validator(mode="after")
     def _check_agents(self) -> Settings:
@@ -239,6 +291,12 @@ class Settings(_Strict):
                 seen[a] = q.name
         if self.default_queue is not None and self.default_queue not in names:
             raise ValueError(f"default_queue {self.default_queue!r} is not a configured queue")
+        for mb in self.mailboxes:
+            if mb.queue not in names:
+                raise ValueError(f"mailbox {mb.name}: queue {mb.queue!r} is not a configured queue")
+        boxes = [mb.name for mb in self.mailboxes]
+        if len(set(boxes)) != len(boxes):
+            raise ValueError("mailbox names must be unique")
         return self
 
     def queue(self, name: str) -> Queue | None:

@@ -231,3 +231,7 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# The real Dovecot for the IMAP intake tests (session-scoped; skipped when not installed).
+from tests.imap_server import dovecot_server, imap_user  # noqa: E402, F401

@@ -224,3 +224,58 @@ class AutoReply(Base):
         Index("ix_auto_replies_recipient_created_at", "recipient", "created_at"),
         Index("ix_auto_replies_ticket_id_created_at", "ticket_id", "created_at"),
     )
+class ImapMessage(Base):
+    """The IMAP ledger: every message seen in a mailbox folder, by UIDVALIDITY and UID, with
+    the hash of its bytes. Written in the transaction that queues the message, so a message
+    in the ledger is durable, and one not in it was never queued (docs/imap.md)."""
+
+    __tablename__ = "imap_messages"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(String(500))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str | None] = mapped_column(String(998))
+    # Date + From of the message: with the Message-ID, what identifies it when its bytes
+    # changed under a new UIDVALIDITY.
+    identity: Mapped[str | None] = mapped_column(String(1000))
+    # queued: new inbound row; duplicate: the same bytes as an earlier message of this
+    # mailbox; known: matched after a UIDVALIDITY change.
+    status: Mapped[str] = mapped_column(String(16))
+    inbound_id: Mapped[int | None] = mapped_column(BigId)
+    action_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("uq_imap_messages_uid", "mailbox", "folder", "uidvalidity", "uid", unique=True),
+        Index("ix_imap_messages_sha256", "mailbox", "sha256"),
+        Index("ix_imap_messages_message_id", "mailbox", "message_id"),
+        Index("ix_imap_messages_pending_action", "mailbox", "folder",
+              postgresql_where=text("NOT action_done"), sqlite_where=text("NOT action_done")),
+    )
+
+
+class ImapFolder(Base):
+    """Where reading a folder stands: its UIDVALIDITY and the highest UID taken in."""
+
+    __tablename__ = "imap_folders"
+    mailbox: Mapped[str] = mapped_column(String(200), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(500), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MailboxStatus(Base):
+    """One row per configured mailbox: the poller lease (one poller per mailbox across
+    processes and nodes; an expired lease is free) and what ``mailgw status`` shows."""
+
+    __tablename__ = "mailbox_status"
+    mailbox: Mapped[str] = mapped_column(String(200), primary_key=True)
+    lease_holder: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None]
+    last_poll_at: Mapped[datetime | None]
+    last_ok_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    ingested: Mapped[int] = mapped_column(BigInteger, default=0)
