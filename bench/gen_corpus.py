@@ -21,9 +21,9 @@ import argparse
 import base64
 import quopri
 import random
-from email.header import Header
-from email.utils import formataddr, format_datetime
 from datetime import UTC, datetime, timedelta
+from email.header import Header
+from email.utils import format_datetime, formataddr
 from pathlib import Path
 
 WORDS = ("printer invoice login password reset account order delivery refund screen error "

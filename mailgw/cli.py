@@ -82,8 +82,13 @@ def init(directory: str, exist_ok: bool) -> None:
 @click.option("--role", "roles", multiple=True,
               type=click.Choice(["smtp", "worker", "sender", "scheduler"]),
               help="Run only these roles (repeatable); default all of them.")
+@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Worker processes to start (0: the worker runs as a thread of this process).")
+@click.option("--supervised", is_flag=True, hidden=True,
+              help="Internal: a worker process started by --workers (woken through stdin).")
 @click.pass_obj
-def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
+def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int,
+        supervised: bool) -> None:
     """Run the gateway (SMTP/LMTP listeners, worker, sender, scheduler) until SIGINT/SIGTERM."""
     from mailgw.gateway import ROLES, Gateway, ListenError
 
@@ -98,7 +103,8 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--smtp") from None
     try:
-        code = Gateway(obj.home, settings, roles or ROLES, smtp).run()
+        code = Gateway(obj.home, settings, roles or ROLES, smtp, workers=workers,
+                       supervised=supervised).run()
     except ListenError as exc:
         click.echo(f"mailgw run: {exc}", err=True)
         sys.exit(EX_CONFIG)

@@ -41,6 +41,9 @@ class Gateway:
     roles: tuple[str, ...] = ROLES
     smtp_override: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    # Worker processes (mailgw/workers.py): 0 runs the worker as a thread of this process.
+    workers: int = 0
+    supervised: bool = False  # this process is such a worker, started by a gateway
 
     def run(self) -> int:
         engine = make_engine(self.home.store_url(self.settings))
@@ -48,10 +51,22 @@ class Gateway:
         ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
         threads: list[threading.Thread] = []
-        if "worker" in self.roles:
+        pool = None
+        if "worker" in self.roles and self.workers:
+            from mailgw.workers import WorkerPool
+
+            pool = WorkerPool(self.home.path, self.workers, sender_wake.set)
+            pool.start()
+            worker_wake = pool.waker()
+        elif "worker" in self.roles:
+            on_outbox = sender_wake.set
+            if self.supervised:
+                from mailgw.workers import supervised_child
+
+                on_outbox = supervised_child(self.stop, worker_wake)
             worker = Worker(engine, lambda: ctx, batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
-                            on_outbox=sender_wake.set)
+                            on_outbox=on_outbox)
             threads.append(threading.Thread(
                 target=worker.run, name="worker",
                 args=(self.stop, worker_wake, self.settings.worker.poll_interval)))
@@ -83,6 +98,8 @@ class Gateway:
                         "already stopping: finishing work in progress (SIGKILL aborts)"))
             worker_wake.set()
             sender_wake.set()
+            if pool:
+                pool.stop()
             for t in threads:
                 t.join()
             if scheduler:
