@@ -147,14 +147,20 @@ def deliver(obj: Obj, queue: str | None, mail_from: str | None, recipients: tupl
         # A pipe transport without a served recipient: the default queue, else the first.
         queue = settings.default_queue or settings.queues[0].name
     try:
-        from mailgw.queue import put
+        from mailgw.intake.pipe import put_lean
+        from mailgw.store.db import SCHEMA_REVISION
         from mailgw.types import Envelope
 
-        engine = obj.engine()
-        inbound_id = put(engine, Envelope(
+        env = Envelope(
             raw=raw, mail_from=None if mail_from is None else mail_from.strip("<>"), rcpt_tos=tuple(recipients),
             source="pipe", received_at=datetime.now(UTC), queue=queue,
-        ))
+        )
+        # One process per message: the driver alone when it can (mailgw/intake/pipe.py).
+        inbound_id = put_lean(obj.home.store_url(settings), env, SCHEMA_REVISION)
+        if inbound_id is None:
+            from mailgw.queue import put
+
+            inbound_id = put(obj.engine(), env)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the MTA must retry, not bounce
