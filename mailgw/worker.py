@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailgw.mail.parse import parse_message
 from mailgw.process import Context, Quarantine, process
@@ -128,8 +128,11 @@ class Worker:
         current: int | None = None
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                q = (select(m.Inbound).where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
-                                             m.Inbound.claimed_by == self.me)
+                # The raw bytes were read for parsing already: not again into the write
+                # transaction (a message only parsed here loads them on access).
+                q = (select(m.Inbound).options(defer(m.Inbound.raw))
+                     .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
+                            m.Inbound.claimed_by == self.me)
                      .order_by(m.Inbound.id))
                 if self._pg:
                     q = q.with_for_update(skip_locked=True)

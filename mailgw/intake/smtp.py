@@ -129,9 +129,16 @@ class _BulkData:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()
             return
-        data = b"".join(pieces)
         # The end marker goes; each line's leading dot was doubled by the sender (4.5.2).
-        data = (b"\r\n" + data[:-3]).replace(b"\r\n.", b"\r\n")[2:]
+        # Step by step, so no more than two copies of a large message exist at once.
+        data = b"".join(pieces)
+        pieces.clear()
+        stuffed = data.find(b"\r\n.", 0, len(data) - 3) >= 0
+        data = data[:-3]
+        if stuffed:
+            data = data.replace(b"\r\n.", b"\r\n")
+        if data.startswith(b"."):
+            data = data[1:]
         if limit and len(data) > limit:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()
