@@ -76,6 +76,9 @@ class IntakeHandler:
 
 
 _END = b"\r\n.\r\n"
+# The StreamReader's limit: how much DATA is read in one piece when no line ends in a dot.
+# Also the longest command line (RFC 5321 asks for 512 octets; we take far more).
+READ_PIECE = 256 * 1024
 
 
 class _BulkData:
@@ -83,9 +86,12 @@ class _BulkData:
 
     aiosmtpd 1.4 reads the message one line at a time (a ``readuntil`` and a debug log call
     per line): about 10 us a line, 3 ms for a 200 KB attachment, most of the intake's CPU
-    (bench/RESULTS.md). This reads up to each ``.<CRLF>`` at once and finds the end of data
-    (RFC 5321 4.1.1.4: ``<CRLF>.<CRLF>``, the first CRLF being the one that ended the DATA
-    command), then removes dot-stuffing (4.5.2) in one pass. Replies are aiosmtpd's.
+    (bench/RESULTS.md). This reads up to each ``.<CRLF>``, or ``READ_PIECE`` bytes when no
+    line ends in a dot, and finds the end of data (RFC 5321 4.1.1.4: ``<CRLF>.<CRLF>``, the
+    first CRLF being the one that ended the DATA command); then it removes the dot-stuffing
+    (4.5.2). Lines of any length are accepted up to the size limit (the liberal edge). A large
+    message is held at most twice (the pieces while they are joined), never more. Replies
+    are aiosmtpd's.
     """
 
     @syntax("DATA")
@@ -113,32 +119,34 @@ class _BulkData:
                 self._writer.close()
                 raise
             except asyncio.LimitOverrunError as exc:
-                # More than the size limit without a line that ends in a dot: too much.
-                too_much, pieces = True, []
-                piece = await self._reader.read(exc.consumed)
+                # No line ending in a dot within READ_PIECE bytes: take what cannot hold
+                # the start of one (exc.consumed) and go on.
+                piece = await self._reader.readexactly(exc.consumed)
             size += len(piece)
             if not too_much and limit and size > limit + 5:
-                too_much, pieces = True, []
+                too_much = True
+                pieces.clear()
+            window = tail + piece[-5:]
+            end = window.endswith(_END)
+            tail = window[-4:]
+            if end:
+                # The end marker goes ("\r\n" stays: it ends the last line), in the last
+                # piece, which readuntil ended with it.
+                piece = piece[:-3]
             if not too_much:
                 pieces.append(piece)
-            end = (tail + piece)[-5:] == _END
-            tail = (tail + piece)[-4:]
             if end:
                 break
         if too_much:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()
             return
-        # The end marker goes; each line's leading dot was doubled by the sender (4.5.2).
-        # Step by step, so no more than two copies of a large message exist at once.
         data = b"".join(pieces)
         pieces.clear()
-        stuffed = data.find(b"\r\n.", 0, len(data) - 3) >= 0
-        data = data[:-3]
-        if stuffed:
-            data = data.replace(b"\r\n.", b"\r\n")
-        if data.startswith(b"."):
-            data = data[1:]
+        # Each line's leading dot was doubled by the sender (4.5.2): rare in mail, so the
+        # copy that undoes it is made only when one is there.
+        if data.startswith(b".") or b"\r\n." in data:
+            data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
         if limit and len(data) > limit:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()
@@ -157,8 +165,9 @@ def protocol_factory(listener: Listener, handler: IntakeHandler, hostname: str, 
     class Protocol(_BulkData, base):  # type: ignore[valid-type, misc]
         # Liberal at the edge: RFC 5321 limits lines to 1000 octets, but real senders (Amazon
         # SES, some Outlook HTML, clients that send bare LF) exceed it, and refusing their mail
-        # with a 5xx loses it. Any line fits that fits the size limit.
-        line_length_limit = listener.max_message_size + 2
+        # with a 5xx loses it. Any line fits that fits the size limit (_BulkData reads DATA in
+        # pieces of this size, whatever its lines).
+        line_length_limit = READ_PIECE
 
     def make() -> SMTP:
         return Protocol(
