@@ -229,6 +229,8 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                 tickets = c.scalar(select(func.count()).select_from(m.Ticket))
                 quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
                                        .where(m.Inbound.state == "quarantined"))
+                shares = [k for _, k in c.execute(select(m.Inbound.claimed_by, func.count())
+                                                   .group_by(m.Inbound.claimed_by))]
             deadline = time.time() + 600
             while len(acked) < acks and time.time() < deadline:
                 time.sleep(0.02)
@@ -253,6 +255,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
         "commit_p50_ms": pct(lat_commit, 50), "commit_p99_ms": pct(lat_commit, 99),
         "ack_p50_ms": pct(lat_ack, 50), "ack_p99_ms": pct(lat_ack, 99),
         "peak_rss_mb": rss_main / 1024, "worker_peak_rss_mb": max(rss_workers, default=0) / 1024,
+        "busiest_worker_share": max(shares) / n if shares else 0.0,
         "tickets": tickets, "acks": acks, "acks_at_sink": len(acked), "quarantined": quarantined,
     }
 
