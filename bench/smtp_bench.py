@@ -191,11 +191,14 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                         break
                     time.sleep(args.poll)
 
-            def client(chunk: list[tuple[str, bytes]]) -> None:
+            def client(k: int, chunk: list[tuple[str, bytes]]) -> None:
                 try:
                     with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
                         s.ehlo()
-                        for mid, raw in chunk:
+                        for j, (mid, raw) in enumerate(chunk):
+                            if args.rate:  # an offered load: message k + j*connections
+                                due = t0 + (k + j * args.connections) / args.rate
+                                time.sleep(max(0.0, due - time.time()))
                             s.mail("bench@customer.test")
                             s.rcpt("support@example.com")
                             code, resp = s.data(raw)
@@ -212,7 +215,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             w = threading.Thread(target=watcher, daemon=True)
             t0 = time.time()
             w.start()
-            threads = [threading.Thread(target=client, args=(c,)) for c in chunks]
+            threads = [threading.Thread(target=client, args=(k, c)) for k, c in enumerate(chunks)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -271,6 +274,9 @@ def main() -> None:
                     help="pass --workers N to mailgw run (0: its default)")
     ap.add_argument("--batch-size", type=int, default=0, help="worker.batch_size (0: default)")
     ap.add_argument("--poll", type=float, default=0.01, help="commit watcher interval, s")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="offer this many messages per second (0: as fast as possible); "
+                         "latencies below saturation")
     ap.add_argument("--json", action="store_true", help="print the medians as JSON")
     args = ap.parse_args()
     corpus = generate(args.count, args.seed)
