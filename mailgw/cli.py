@@ -82,8 +82,13 @@ def init(directory: str, exist_ok: bool) -> None:
 @click.option("--role", "roles", multiple=True,
               type=click.Choice(["smtp", "worker", "sender", "scheduler", "imap"]),
               help="Run only these roles (repeatable); default all of them.")
+@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Worker processes to start (0: the worker runs as a thread of this process).")
+@click.option("--supervised", is_flag=True, hidden=True,
+              help="Internal: a worker process started by --workers (woken through stdin).")
 @click.pass_obj
-def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
+def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int,
+        supervised: bool) -> None:
     """Run the gateway (SMTP/LMTP listeners, worker, sender, scheduler) until SIGINT/SIGTERM."""
     from mailgw.gateway import ROLES, Gateway, ListenError
 
@@ -98,7 +103,8 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...]) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--smtp") from None
     try:
-        code = Gateway(obj.home, settings, roles or ROLES, smtp).run()
+        code = Gateway(obj.home, settings, roles or ROLES, smtp, workers=workers,
+                       supervised=supervised).run()
     except ListenError as exc:
         click.echo(f"mailgw run: {exc}", err=True)
         sys.exit(EX_CONFIG)
@@ -145,14 +151,20 @@ def deliver(obj: Obj, queue: str | None, mail_from: str | None, recipients: tupl
         # A pipe transport without a served recipient: the default queue, else the first.
         queue = settings.default_queue or settings.queues[0].name
     try:
-        from mailgw.queue import put
+        from mailgw.intake.pipe import put_lean
+        from mailgw.store.db import SCHEMA_REVISION
         from mailgw.types import Envelope
 
-        engine = obj.engine()
-        inbound_id = put(engine, Envelope(
+        env = Envelope(
             raw=raw, mail_from=None if mail_from is None else mail_from.strip("<>"), rcpt_tos=tuple(recipients),
             source="pipe", received_at=datetime.now(UTC), queue=queue,
-        ))
+        )
+        # One process per message: the driver alone when it can (mailgw/intake/pipe.py).
+        inbound_id = put_lean(obj.home.store_url(settings), env, SCHEMA_REVISION)
+        if inbound_id is None:
+            from mailgw.queue import put
+
+            inbound_id = put(obj.engine(), env)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the MTA must retry, not bounce

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -44,6 +45,10 @@ class Gateway:
     smtp_override: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     filters: PipelineHolder | None = None  # the worker's filter pipeline, hot-reloaded
+    # Worker processes (mailgw/workers.py): 0 runs the worker as a thread of this process.
+    workers: int = 0
+    supervised: bool = False  # this process is such a worker, started by a gateway
+    _pool: Any = None  # the WorkerPool when workers > 0
 
     def run(self) -> int:
         if "worker" in self.roles:
@@ -57,12 +62,26 @@ class Gateway:
         ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
         threads: list[threading.Thread] = []
-        if "worker" in self.roles:
+        pool = None
+        if "worker" in self.roles and self.workers:
+            # Each worker process loads (and hot-reloads by mtime) the filters itself.
+            from mailgw.workers import WorkerPool
+
+            pool = WorkerPool(self.home.path, self.workers, sender_wake.set)
+            pool.start()
+            self._pool = pool
+            worker_wake = pool.waker()
+        elif "worker" in self.roles:
+            on_outbox = sender_wake.set
+            if self.supervised:
+                from mailgw.workers import supervised_child
+
+                on_outbox = supervised_child(self.stop, worker_wake)
             holder = self.filters
             worker = Worker(engine, lambda: replace(ctx, pipeline=holder.current()),  # type: ignore[union-attr]
                             batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
-                            on_outbox=sender_wake.set)
+                            on_outbox=on_outbox)
             threads.append(threading.Thread(
                 target=worker.run, name="worker",
                 args=(self.stop, worker_wake, self.settings.worker.poll_interval)))
@@ -105,6 +124,8 @@ class Gateway:
                         "already stopping: finishing work in progress (SIGKILL aborts)"))
             worker_wake.set()
             sender_wake.set()
+            if pool:
+                pool.stop()
             for t in threads:
                 t.join()
             if scheduler:
@@ -113,11 +134,18 @@ class Gateway:
             log.info("mailgw stopped")
         return 0
 
+    def _reload(self) -> None:
+        """SIGHUP: reload the filters now, here and in the worker processes."""
+        if self.filters is not None:
+            self.filters.request_reload()
+        if self._pool is not None:
+            self._pool.signal(signal.SIGHUP)
+
     def _wait_for_signal(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
         if self.filters is not None:
-            signal.signal(signal.SIGHUP, lambda *_: self.filters.request_reload())  # type: ignore[union-attr]
+            signal.signal(signal.SIGHUP, lambda *_: self._reload())
         log.info("mailgw running roles %s", ", ".join(self.roles))
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
@@ -135,7 +163,7 @@ class Gateway:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
         if self.filters is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.filters.request_reload)
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
         writer = GroupCommitWriter(engine, on_commit=worker_wake.set)
         servers, handlers = [], []
         listeners: list[tuple[str, Listener, bool]] = [("smtp", self.settings.smtp, False)]

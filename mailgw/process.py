@@ -261,8 +261,10 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     # RFC 5322 3.6.4: the parent's References plus the parent's id. The ticket's first message
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
-    root = session.scalar(select(m.Article.message_id).where(
-        m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
+    # A ticket opened by this very message has it as its first (no query needed).
+    root = article.message_id if template == "ack_new" else session.scalar(
+        select(m.Article.message_id).where(
+            m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
         .order_by(m.Article.id).limit(1))
     chain = mail.references + ([mail.message_id] if mail.message_id else [])
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))

@@ -9,7 +9,6 @@ commit that contains its own row.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import queue as stdqueue
 import threading
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, update
 
+from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound
 from mailgw.types import Envelope
 
@@ -26,22 +26,6 @@ log = logging.getLogger(__name__)
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def _row(env: Envelope) -> dict:
-    return {
-        "received_at": env.received_at,
-        "source": env.source,
-        "source_ref": env.source_ref,
-        "mail_from": env.mail_from,
-        "rcpt_tos": list(env.rcpt_tos),
-        "queue": env.queue,
-        "size": len(env.raw),
-        "sha256": hashlib.sha256(env.raw).hexdigest(),
-        "raw": env.raw,
-        "state": "pending",
-        "attempts": 0,
-    }
 
 
 def put_many(engine: Engine, envelopes: list[Envelope]) -> list[int]:

@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailgw.mail.parse import parse_message
 from mailgw.process import Context, Quarantine, process
@@ -40,6 +40,9 @@ from mailgw.types import ParsedMail, ParseError
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
+# A batch is parsed whole before it is stored: its raw size is capped too, so a run of large
+# messages does not hold batch_size of them in memory at once (one always fits).
+BATCH_BYTES = 32 * 1024 * 1024
 
 
 def _describe(exc: BaseException) -> str:
@@ -75,7 +78,7 @@ class Worker:
         """
         stamp = now()
         with Session(self.engine) as s, s.begin():
-            q = (select(m.Inbound.id, m.Inbound.attempts)
+            q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
                  .where(m.Inbound.state == "pending",
                         or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
                  .order_by(m.Inbound.id).limit(self.batch_size))
@@ -97,8 +100,12 @@ class Worker:
             if rows[0].attempts:
                 ids = [rows[0].id]
             else:
-                ids = [r.id for r in rows[: next((i for i, r in enumerate(rows) if r.attempts),
-                                                  len(rows))]]
+                ids, total = [], 0
+                for r in rows:
+                    total += r.size
+                    if r.attempts or (ids and total > BATCH_BYTES):
+                        break
+                    ids.append(r.id)
             s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
                 attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
                 claimed_by=self.me))
@@ -128,8 +135,11 @@ class Worker:
         current: int | None = None
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                q = (select(m.Inbound).where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
-                                             m.Inbound.claimed_by == self.me)
+                # The raw bytes were read for parsing already: not again into the write
+                # transaction (a message only parsed here loads them on access).
+                q = (select(m.Inbound).options(defer(m.Inbound.raw))
+                     .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
+                            m.Inbound.claimed_by == self.me)
                      .order_by(m.Inbound.id))
                 if self._pg:
                     q = q.with_for_update(skip_locked=True)

@@ -48,7 +48,6 @@ from email.utils import getaddresses, parsedate_to_datetime
 from io import BytesIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
-from mailgw.mail.sanitize import html_to_text, sanitize_html
 from mailgw.types import Attachment, ParsedMail, ParseError
 
 __all__ = ["looks_like_mail", "parse_message"]
@@ -465,6 +464,9 @@ def _body_and_attachments(msg: Message, defects: list[str]):
             attachments.append(_attachment(part, ctype, filename, defects))
     text = _first_with_content(candidates["text/plain"], "text/plain", defects)
     raw_html = _first_with_content(candidates["text/html"], "text/html", defects)
+    # Imported here: bleach is heavy, and `mailgw deliver` needs only looks_like_mail.
+    from mailgw.mail.sanitize import html_to_text, sanitize_html
+
     html = sanitize_html(raw_html) if candidates["text/html"] else None
     if not text.strip() and raw_html:  # no plain part, or an empty one next to real HTML
         text = html_to_text(raw_html)

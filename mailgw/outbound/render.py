@@ -12,8 +12,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.policy import SMTP
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.policy import compat32
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
@@ -82,10 +84,13 @@ def build_message(
     references: list[str],
     extra_headers: dict[str, str],
 ) -> bytes:
-    msg = EmailMessage(policy=SMTP)
-    msg["From"] = formataddr((from_name, from_addr)) if from_name else from_addr
+    # The compat32 Message API, not EmailMessage: EmailMessage builds a header class for every
+    # header it sets and costs about 3 ms a mail, a quarter of a message's processing (see
+    # bench/RESULTS.md); this makes the same bytes' meaning in a tenth of the time.
+    msg = Message()
+    msg["From"] = formataddr((from_name, from_addr), charset="utf-8") if from_name else from_addr
     msg["To"] = ", ".join(to)
-    msg["Subject"] = subject
+    msg["Subject"] = _header(subject)
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = f"<{message_id}>"
     if in_reply_to:
@@ -93,6 +98,23 @@ def build_message(
     if references:
         msg["References"] = " ".join(f"<{r}>" for r in references)
     for name, value in extra_headers.items():
-        msg[name] = value
-    msg.set_content(body, charset="utf-8")
-    return msg.as_bytes()
+        msg[name] = _header(value)
+    msg["MIME-Version"] = "1.0"
+    if body.isascii():
+        msg["Content-Type"] = 'text/plain; charset="utf-8"'
+        msg["Content-Transfer-Encoding"] = "7bit"
+        msg.set_payload(body.replace("\r\n", "\n").replace("\n", "\r\n"))
+    else:
+        msg.set_payload(body, _UTF8_QP)
+    return msg.as_bytes(policy=_WIRE)
+
+
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
+# RFC 5322 on the wire: CRLF line ends, headers folded at 78 characters.
+_WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
+
+
+def _header(value: str) -> str | Header:
+    """An unstructured header value, RFC 2047-encoded when it is not ASCII."""
+    return value if value.isascii() else Header(value, "utf-8", header_name="Subject")

@@ -74,15 +74,18 @@ class Sender:
         conn: smtplib.SMTP | None = None
         outcomes: list[tuple[int, str | None, bool]] = []  # (id, error or None, permanent)
         done: set[int] = set()
+        # The batch's mails in one read (no write lock); acknowledgements are a few KB each.
+        with read_session(self.engine) as s:
+            mails = {r.id: r for r in s.execute(
+                select(m.Outbox.id, m.Outbox.mail_from, m.Outbox.rcpt_tos, m.Outbox.raw,
+                       m.Outbox.message_id).where(m.Outbox.id.in_(ids)))}
         try:
             for oid in ids:
                 if stop is not None and stop.is_set():
                     break  # shutting down: the rest is released below, nothing charged
-                with read_session(self.engine) as s:  # no write lock for reading
-                    row = s.get(m.Outbox, oid)
-                    if row is None:
-                        continue
-                    mail_from, rcpts, raw, mid = row.mail_from, row.rcpt_tos, row.raw, row.message_id
+                if oid not in mails:
+                    continue
+                _, mail_from, rcpts, raw, mid = mails.pop(oid)
                 done.add(oid)
                 try:
                     if self.relay is None:
@@ -181,16 +184,24 @@ class Sender:
 
     def _record(self, outcomes: list[tuple[int, str | None, bool]]) -> None:
         with Session(self.engine) as s, s.begin():
+            # Mails the relay took: one UPDATE for the rows and one for their articles.
+            sent = [oid for oid, error, _ in outcomes if error is None]
+            if sent:
+                s.execute(update(m.Outbox).where(m.Outbox.id.in_(sent)).values(
+                    attempts=m.Outbox.attempts + 1, lease_until=None, state="sent",
+                    sent_at=now()))
+                s.execute(update(m.Article).where(m.Article.id.in_(
+                    select(m.Outbox.article_id).where(m.Outbox.id.in_(sent))
+                )).values(delivery_state="sent"))
             for oid, error, permanent in outcomes:
+                if error is None:
+                    continue
                 row = s.get(m.Outbox, oid)
                 if row is None:
                     continue
                 row.attempts += 1
                 row.lease_until = None
-                if error is None:
-                    row.state, row.sent_at = "sent", now()
-                    self._article_state(s, row, "sent")
-                elif permanent or row.attempts >= self.cfg.max_attempts:
+                if permanent or row.attempts >= self.cfg.max_attempts:
                     row.state, row.last_error = "dead", error[:4000]
                     self._article_state(s, row, "failed")
                     s.add(m.Event(type="delivery_failed", ticket_id=row.ticket_id,

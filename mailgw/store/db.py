@@ -12,10 +12,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+# SQLAlchemy is imported where it is used: `mailgw deliver` reads SCHEMA_REVISION from here
+# and, on its lean path (mailgw/intake/pipe.py), never needs SQLAlchemy at all.
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest Alembic revision. Compared on every start (``mailgw deliver`` runs once per
@@ -30,6 +33,9 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
+
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -57,12 +63,16 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
+    from sqlalchemy.orm import sessionmaker
+
     return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
     """A session for reading only (SQLite: a deferred BEGIN that takes no write lock)."""
+    from sqlalchemy.orm import Session
+
     conn = engine.connect().execution_options(sqlite_begin="DEFERRED")
     try:
         with Session(bind=conn) as s:
@@ -87,6 +97,8 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    from sqlalchemy import text
+
     with read_session(engine) as s:
         try:
             return s.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -96,6 +108,8 @@ def current_revision(engine: Engine) -> str | None:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (Alembic); cheap when it already is."""
+    from sqlalchemy import text
+
     with _migrate_lock:
         if current_revision(engine) == SCHEMA_REVISION:
             return

@@ -1,0 +1,85 @@
+"""Profile the worker alone, in one process: queue the corpus, then drain it.
+
+Prints the worker's rate (messages per second, CPU ms per message) and, with ``--profile``,
+a pyinstrument call tree of where the time goes (``--html FILE`` writes the interactive one).
+The intake and the sender do not run: this is the processing cost only.
+
+    .venv/bin/python bench/profile_worker.py --count 1000 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gen_corpus import generate  # noqa: E402
+from smtp_bench import bench_store  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store")
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--html", type=Path)
+    args = ap.parse_args()
+
+    from mailgw.home import init_home
+    from mailgw.outbound.render import Renderer
+    from mailgw.process import Context
+    from mailgw.queue import put_many
+    from mailgw.settings import Home, load_settings
+    from mailgw.store.db import make_engine, migrate
+    from mailgw.types import Envelope
+    from mailgw.worker import Worker
+
+    corpus = generate(args.count, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "home"
+        init_home(path)
+        home = Home.resolve(str(path))
+        settings = load_settings(home)
+        with bench_store(args.store, path) as url:
+            engine = make_engine(url)
+            migrate(engine)
+            stamp = datetime.now(UTC)
+            put_many(engine, [Envelope(raw=raw, mail_from="bench@customer.test",
+                                       rcpt_tos=("support@example.com",), source="smtp",
+                                       received_at=stamp) for _, raw in corpus])
+            ctx = Context(settings, Renderer(home.templates))
+            worker = Worker(engine, lambda: ctx, batch_size=settings.worker.batch_size,
+                            max_attempts=settings.worker.max_attempts)
+            profiler = None
+            if args.profile or args.html:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0005)
+                profiler.start()
+            c0, t0 = time.process_time(), time.perf_counter()
+            while worker.run_batch():
+                pass
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if profiler:
+                profiler.stop()
+            engine.dispose()
+    n = len(corpus)
+    print(f"worker alone: {n} messages in {wall:.2f} s: {n / wall:.0f} msg/s, "
+          f"{cpu * 1000 / n:.2f} ms CPU per message")
+    if profiler:
+        if args.html:
+            args.html.write_text(profiler.output_html())
+        else:
+            print(profiler.output_text(unicode=True, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""End-to-end benchmark: the generated corpus through ``mailgw run`` over SMTP.
+
+Starts ``mailgw run`` in a fresh temporary home whose relay is an SMTP sink in this process,
+sends the corpus (``gen_corpus.generate``) over ``--connections`` concurrent SMTP sessions,
+and measures, per run:
+
+- messages per second: corpus size / time from the first ``MAIL FROM`` until the last
+  message is seen committed (``done``) in the store;
+- intake messages per second (until the last ``250``);
+- CPU milliseconds per message of the gateway (its process and its worker processes, user +
+  system, from ``ready`` until the last acknowledgement reached the sink) — the benchmark's
+  own clients and sink are not counted;
+- latency ``250`` -> ticket committed: from the moment the client read our ``250`` until a
+  watcher polling the store (every ``--poll`` seconds, which bounds the resolution) sees the
+  inbound row ``done``;
+- latency receipt -> auto-reply handed to the relay: from our ``250`` until the sink has the
+  acknowledgement (matched by its ``In-Reply-To``);
+- peak RSS (VmHWM) of the gateway process and of its largest worker process.
+
+Each figure is the median over ``--runs`` runs, each in a new home and store.
+
+    .venv/bin/python bench/smtp_bench.py --count 2000 --runs 3
+    .venv/bin/python bench/smtp_bench.py --store postgresql+psycopg://postgres@127.0.0.1/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gen_corpus import generate  # noqa: E402
+
+QUEUED = re.compile(rb"queued as (\d+)")
+IN_REPLY_TO = re.compile(rb"^In-Reply-To:\s*<([^>]+)>", re.M | re.I)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM: the process's peak resident set size, in KiB (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(procs) -> float:  # type: ignore[no-untyped-def]
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a process that is gone counts nothing
+            pass
+    return total
+
+
+@contextmanager
+def bench_store(store: str | None, home: Path):
+    """A store URL for one run: SQLite in the home, or a fresh PostgreSQL schema."""
+    if not store or not store.startswith("postgresql"):
+        yield store or f"sqlite:///{home / 'store/mailgw.db'}"
+        return
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    plain = store.replace("+psycopg", "")
+    with psycopg.connect(plain, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{store}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(plain, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def make_home(tmp: Path, relay_port: int, batch_size: int | None) -> Path:
+    import yaml
+
+    from mailgw.home import init_home
+
+    home = tmp / "home"
+    init_home(home)
+    cfg = yaml.safe_load((home / "config/mailgw.yaml").read_text())
+    cfg["relay"] = {"host": "127.0.0.1", "port": relay_port}
+    cfg["default_queue"] = "support"
+    if batch_size:
+        cfg["worker"] = {"batch_size": batch_size}
+    (home / "config/mailgw.yaml").write_text(yaml.safe_dump(cfg))
+    return home
+
+
+def start_gateway(home: Path, url: str, port: int, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "MAILGW_HOME": str(home), "MAILGW_STORE_URL": url}
+    log = open(home / "gateway.log", "wb")  # noqa: SIM115 - closed with the process
+    # BENCH_PROFILE=FILE: cProfile the gateway's main thread (the SMTP intake) into FILE.
+    prof = os.environ.get("BENCH_PROFILE")
+    prefix = ["-m", "cProfile", "-o", prof] if prof else []
+    proc = subprocess.Popen([sys.executable, *prefix, "-m", "mailgw", "run", "--smtp",
+                             f"127.0.0.1:{port}", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=log)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"ready" in line:
+            return proc
+    raise SystemExit(f"mailgw run exited {proc.wait()} before it was ready: "
+                     f"{(home / 'gateway.log').read_text()[-2000:]}")
+
+
+# TODO(imap-bench): IMAP intake is being built in parallel (issue 5) and is not on this
+# branch. Its benchmark reuses what run_once is made of (make_home, bench_store, the commit
+# watcher, the sink that times acknowledgements): APPEND the corpus to a Dovecot mailbox
+# instead of sending it, start `mailgw run --role imap --role worker --role sender`, and
+# report the same figures, with "250" read as "the poller marked the message seen".
+
+
+def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    import psutil
+    from aiosmtpd.controller import Controller
+    from sqlalchemy import create_engine, func, select, text
+
+    from mailgw.store import models as m
+
+    acked: dict[str, float] = {}  # customer Message-ID -> time the sink had our ack
+
+    class Sink:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            t = time.time()
+            hit = IN_REPLY_TO.search(envelope.original_content.split(b"\r\n\r\n", 1)[0])
+            if hit:
+                acked[hit.group(1).decode()] = t
+            return "250 OK"
+
+    sink_port = free_port()
+    sink = Controller(Sink(), hostname="127.0.0.1", port=sink_port)
+    sink.start()
+    n = len(corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = make_home(Path(tmp), sink_port, args.batch_size)
+        with bench_store(store, home) as url:
+            port = free_port()
+            extra = ["--workers", str(args.workers)] if args.workers else []
+            proc = start_gateway(home, url, port, extra)
+            gw = psutil.Process(proc.pid)
+            procs = [gw, *gw.children(recursive=True)]
+            cpu0, cpu0_main = cpu_seconds(procs), cpu_seconds([gw])
+            engine = create_engine(url)
+            sent: dict[int, tuple[str, float]] = {}  # inbound id -> (Message-ID, t of 250)
+            committed: dict[int, float] = {}
+            done_all = threading.Event()
+            errors: list[str] = []
+
+            def watcher() -> None:
+                low = 1
+                q = text("SELECT id FROM inbound WHERE id >= :low AND state <> 'pending'")
+                while not done_all.is_set():
+                    with engine.connect() as c:
+                        ids = c.execute(q, {"low": low}).scalars().all()
+                    t = time.time()
+                    for i in ids:
+                        committed.setdefault(i, t)
+                    while low in committed:
+                        low += 1
+                    if len(committed) >= n:
+                        done_all.set()
+                        break
+                    time.sleep(args.poll)
+
+            def client(k: int, chunk: list[tuple[str, bytes]]) -> None:
+                try:
+                    with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
+                        s.ehlo()
+                        for j, (mid, raw) in enumerate(chunk):
+                            if args.rate:  # an offered load: message k + j*connections
+                                due = t0 + (k + j * args.connections) / args.rate
+                                time.sleep(max(0.0, due - time.time()))
+                            s.mail("bench@customer.test")
+                            s.rcpt("support@example.com")
+                            code, resp = s.data(raw)
+                            t = time.time()
+                            hit = QUEUED.search(resp)
+                            if code != 250 or not hit:
+                                errors.append(f"{code} {resp!r}")
+                                continue
+                            sent[int(hit.group(1))] = (mid, t)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(repr(exc))
+
+            chunks = [corpus[i::args.connections] for i in range(args.connections)]
+            w = threading.Thread(target=watcher, daemon=True)
+            t0 = time.time()
+            w.start()
+            threads = [threading.Thread(target=client, args=(k, c)) for k, c in enumerate(chunks)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            t_intake = time.time() - t0
+            if errors:
+                done_all.set()
+                proc.terminate()
+                raise SystemExit(f"{len(errors)} send errors, first: {errors[0]}")
+            w.join(timeout=1800)
+            t_done = time.time() - t0
+            with engine.connect() as c:
+                acks = c.scalar(select(func.count()).select_from(m.Outbox))
+                tickets = c.scalar(select(func.count()).select_from(m.Ticket))
+                quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
+                                       .where(m.Inbound.state == "quarantined"))
+                shares = [k for _, k in c.execute(select(m.Inbound.claimed_by, func.count())
+                                                   .group_by(m.Inbound.claimed_by))]
+            deadline = time.time() + 600
+            while len(acked) < acks and time.time() < deadline:
+                time.sleep(0.02)
+            procs = [gw, *gw.children(recursive=True)]
+            cpu = cpu_seconds(procs) - cpu0
+            cpu_main = cpu_seconds([gw]) - cpu0_main
+            rss_main = peak_rss_kb(gw.pid)
+            rss_workers = [peak_rss_kb(p.pid) for p in procs[1:]]
+            proc.terminate()
+            proc.wait(60)
+            engine.dispose()
+    sink.stop()
+    lat_commit = sorted(committed[i] - t for i, (_, t) in sent.items() if i in committed)
+    lat_ack = sorted(acked[mid] - t for mid, t in sent.values() if mid in acked)
+
+    def pct(vals: list[float], p: int) -> float:
+        return vals[min(len(vals) - 1, int(len(vals) * p / 100))] * 1000 if vals else float("nan")
+
+    return {
+        "msgs_per_s": n / t_done, "intake_per_s": n / t_intake,
+        "cpu_ms_per_msg": cpu * 1000 / n, "cpu_ms_main_process": cpu_main * 1000 / n,
+        "commit_p50_ms": pct(lat_commit, 50), "commit_p99_ms": pct(lat_commit, 99),
+        "ack_p50_ms": pct(lat_ack, 50), "ack_p99_ms": pct(lat_ack, 99),
+        "peak_rss_mb": rss_main / 1024, "worker_peak_rss_mb": max(rss_workers, default=0) / 1024,
+        "busiest_worker_share": max(shares) / n if shares else 0.0,
+        "tickets": tickets, "acks": acks, "acks_at_sink": len(acked), "quarantined": quarantined,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", help="store URL (default: SQLite in the temp home)")
+    ap.add_argument("--count", type=int, default=2000, help="corpus size (gen_corpus)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="pass --workers N to mailgw run (0: its default)")
+    ap.add_argument("--batch-size", type=int, default=0, help="worker.batch_size (0: default)")
+    ap.add_argument("--poll", type=float, default=0.01, help="commit watcher interval, s")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="offer this many messages per second (0: as fast as possible); "
+                         "latencies below saturation")
+    ap.add_argument("--json", action="store_true", help="print the medians as JSON")
+    args = ap.parse_args()
+    corpus = generate(args.count, args.seed)
+    results = []
+    for i in range(args.runs):
+        r = run_once(corpus, args.store, args)
+        results.append(r)
+        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in r.items()), file=sys.stderr, flush=True)
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    if args.json:
+        print(json.dumps(med))
+        return
+    size = sum(len(r) for _, r in corpus)
+    print(f"{args.count} messages ({size / 1e6:.1f} MB, seed {args.seed}), "
+          f"{args.connections} connections, {args.runs} runs, workers "
+          f"{args.workers or 'default'}, store "
+          f"{'SQLite' if not args.store else args.store.split('@')[-1]}")
+    for k, v in med.items():
+        runs = " ".join(f"{r[k]:.1f}" for r in results)
+        print(f"  {k:<20} median {v:9.1f}   runs {runs}")
+
+
+if __name__ == "__main__":
+    main()
