@@ -312,3 +312,27 @@ def test_poller_stops_promptly_and_releases_its_lease(home, imap_user, idle):
         t.join(30)
     assert status_of(h)["poller"] is None
     h.close()
+
+
+def test_a_uid_the_server_did_not_return_is_looked_for_again(home, imap_user):
+    # The server's FETCH answer lacks UID 2 once (as when a message is expunged or briefly
+    # unavailable between SEARCH and FETCH): the folder's last UID must not pass it.
+    imap_user.append(mail("A"), mail("B"), mail("C"))
+    h, p = setup(home, imap_user, after="flag")
+    real, dropped = p._fetch, []
+
+    def fetch_without_uid_2_once(client, uids):  # type: ignore[no-untyped-def]
+        got = real(client, uids)
+        if not dropped:
+            dropped.append(2)
+            return [f for f in got if f.uid != 2]
+        return got
+
+    p._fetch = fetch_without_uid_2_once  # type: ignore[method-assign]
+    assert poll(p) == 2
+    assert ledger.folder_state(h.engine, p.mb.name, "INBOX")[1] == 1
+    assert poll(p) == 1
+    assert sorted(r.uid for r in ledger_rows(h)) == [1, 2, 3]
+    assert ledger.folder_state(h.engine, p.mb.name, "INBOX")[1] == 3
+    assert poll(p) == 0
+    h.close()

@@ -265,15 +265,26 @@ class Poller:
         total, done, queued = len(uids), 0, 0
         if total > PROGRESS_AT:
             log.info("mailbox %s folder %s: %d messages to read", self.mb.name, folder, total)
-        for chunk in self._chunks(client, uids):
+        missing: list[int] = []  # UIDs searched but not fetched (expunged meanwhile?)
+        for chunk in self._chunks(client, uids, missing):
             if self.stop.is_set():
                 break  # shutting down: the rest is read at the next start
             batch = self._fetch(client, chunk)
+            got = {f.uid for f in batch}
+            lost = [u for u in chunk if u not in got]
+            if lost:
+                # The last UID must not pass a message we did not get: the next poll looks
+                # for it again (an expunged one is simply not found any more).
+                log.warning("mailbox %s folder %s: UIDs %s not returned by FETCH; looked for "
+                            "again at the next poll", self.mb.name, folder, lost[:10])
+                missing += lost
+            upto = min(missing) - 1 if missing else max(chunk)
             _failpoint("after_fetch")
             try:
                 outcomes = ledger.commit_batch(
                     self.engine, mailbox=self.mb.name, folder=folder, uidvalidity=uidvalidity,
-                    queue=self.mb.queue, me=self.me, lease_seconds=self.lease, batch=batch)
+                    queue=self.mb.queue, me=self.me, lease_seconds=self.lease, batch=batch,
+                    upto=upto)
             except IntegrityError as exc:
                 # Another poller committed one of these UIDs (its lease and ours overlapped):
                 # nothing of ours was committed; stand down and let the lease decide.
@@ -294,9 +305,10 @@ class Poller:
                          done, total)
         return queued
 
-    def _chunks(self, client, uids: list[int]):  # type: ignore[no-untyped-def]
+    def _chunks(self, client, uids: list[int], missing: list[int]):  # type: ignore[no-untyped-def]
         """Batches of at most batch_size messages and MAX_BATCH_BYTES (a bigger message
-        goes alone), so memory stays bounded however large the mailbox."""
+        goes alone), so memory stays bounded however large the mailbox. UIDs the server
+        gives no size for are added to ``missing``."""
         for i in range(0, len(uids), self.mb.batch_size):
             part = uids[i:i + self.mb.batch_size]
             sizes = client.fetch(part, ["RFC822.SIZE"])
@@ -304,7 +316,8 @@ class Poller:
             size = 0
             for uid in part:
                 if uid not in sizes:
-                    continue  # expunged meanwhile
+                    missing.append(uid)  # expunged meanwhile, most likely
+                    continue
                 n = int(sizes[uid].get(b"RFC822.SIZE", 0))
                 if chunk and size + n > MAX_BATCH_BYTES:
                     yield chunk

@@ -202,10 +202,13 @@ def mark_action_done(engine: Engine, mailbox: str, folder: str, uidvalidity: int
 
 
 def commit_batch(engine: Engine, *, mailbox: str, folder: str, uidvalidity: int, queue: str,
-                 me: str, lease_seconds: float, batch: list[Fetched]) -> list[Outcome]:
+                 me: str, lease_seconds: float, batch: list[Fetched],
+                 upto: int | None = None) -> list[Outcome]:
     """Queue the new messages of a batch and record every message in the ledger, in one
-    transaction that first re-checks our lease. Raises LeaseLost (nothing committed) if
-    another poller took the mailbox, IntegrityError if a UID was committed concurrently."""
+    transaction that first re-checks our lease. The folder's last UID moves up to ``upto``
+    (default: the batch's highest UID; lower when a UID below it was not fetched, so it is
+    looked for again). Raises LeaseLost (nothing committed) if another poller took the
+    mailbox, IntegrityError if a UID was committed concurrently."""
     stamp = now()
     with engine.begin() as c:
         fence = c.execute(update(m.MailboxStatus).where(
@@ -303,11 +306,12 @@ def commit_batch(engine: Engine, *, mailbox: str, folder: str, uidvalidity: int,
             c.execute(insert(m.ImapMessage), sorted(ledger, key=lambda r: r["uid"]))
         if events:
             c.execute(insert(m.Event), [{**e, "created_at": stamp} for e in events])
-        if uids:
+        last = upto if upto is not None else max(uids, default=0)
+        if last:
             c.execute(update(m.ImapFolder).where(
                 m.ImapFolder.mailbox == mailbox, m.ImapFolder.folder == folder,
                 m.ImapFolder.uidvalidity == uidvalidity,
-                m.ImapFolder.last_uid < max(uids)).values(last_uid=max(uids)))
+                m.ImapFolder.last_uid < last).values(last_uid=last))
         if new:
             c.execute(update(m.MailboxStatus).where(m.MailboxStatus.mailbox == mailbox)
                       .values(ingested=m.MailboxStatus.ingested + len(new)))
