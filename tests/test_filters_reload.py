@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import wait_until
 from tests.test_e2e_smtp import customer_mail, send
 
@@ -79,17 +81,23 @@ def test_edits_are_picked_up_by_mtime_and_bad_edits_keep_the_last_good(home, gat
     assert gateway.proc.poll() is None
 
 
-def test_sighup_reloads_at_once(home, gateway):
+@pytest.mark.parametrize("workers", [0, 1], ids=["thread", "worker-process"])
+def test_sighup_reloads_at_once(home, gateway, workers):
+    """SIGHUP reloads at once; with --workers the gateway passes it on to its worker
+    processes, which then log their own reload."""
     home.update_config(filters_reload_interval=3600)  # no mtime check within the test
     route(home, "billing", "before")
-    gateway.start()
+    gateway.start(*(["--workers", str(workers)] if workers else []))
     send(gateway.port, customer_mail("Invoice A", "x"))
     assert ticket_for(home, "Invoice A")["tags"] == ["before"]
     route(home, "support", "after")
     send(gateway.port, customer_mail("Invoice B", "x"))
     assert ticket_for(home, "Invoice B")["tags"] == ["before"]  # not checked yet
     gateway.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "filters: loaded" in gateway.output(), what="the reload in the log")
+    # Loaded once at start by each process holding a pipeline, then once more on SIGHUP.
+    loads = gateway.output().count("filters: loaded")
+    wait_until(lambda: gateway.output().count("filters: loaded") >= loads + 1 + workers,
+               what="the reload in the log of every process")
     send(gateway.port, customer_mail("Invoice C", "x"))
     t = ticket_for(home, "Invoice C")
     assert (t["queue"], t["tags"]) == ("support", ["after"])
