@@ -57,6 +57,14 @@ class Relay(_Strict):
     timeout: float = Field(default=30.0, gt=0)
 
 
+def _addresses(v: list[str]) -> list[str]:
+    """Email addresses, lower-cased; anything without an @ is refused."""
+    for a in v:
+        if "@" not in a:
+            raise ValueError(f"not an email address: {a!r}")
+    return [a.strip().lower() for a in v]
+
+
 class Queue(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     addresses: list[str] = Field(min_length=1)
@@ -73,10 +81,7 @@ class Queue(_Strict):
     @field_validator("addresses")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if "@" not in a:
-                raise ValueError(f"not an email address: {a!r}")
-        return [a.strip().lower() for a in v]
+        return _addresses(v)
 
     @property
     def from_address(self) -> str:
@@ -108,10 +113,7 @@ class Agent(_Strict):
     @field_validator("addresses")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if "@" not in a:
-                raise ValueError(f"not an email address: {a!r}")
-        return [a.strip().lower() for a in v]
+        return _addresses(v)
 
 
 class PriorityMatrix(_Strict):
