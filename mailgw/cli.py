@@ -419,7 +419,7 @@ def mailboxes_check(obj: Obj, as_json: bool) -> None:
     """Log in to every configured mailbox; report its folders, message counts and capabilities,
     or the exact error. Exits 1 if any mailbox or folder fails."""
     from mailgw.intake.imap import check
-    from mailgw.intake.imap_auth import _answer
+    from mailgw.intake.imap_auth import AuthError, _answer
 
     settings = obj.settings()
     results, failed = [], False
@@ -435,7 +435,7 @@ def mailboxes_check(obj: Obj, as_json: bool) -> None:
             if not r["ok"]:
                 r["error"] = "; ".join(f"folder {f.folder}: {f.error}" for f in folders if f.error)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, per mailbox
-            msg = str(exc) if type(exc).__name__ == "AuthError" else (
+            msg = str(exc) if isinstance(exc, AuthError) else (
                 f"mailbox {mb.name}: cannot connect to {mb.host}:{mb.real_port} ({mb.tls}): "
                 f"{type(exc).__name__}: {_answer(exc)}")
             r["error"] = msg

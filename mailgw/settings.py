@@ -213,6 +213,7 @@ class Mailbox(_Strict):
     move_to: str = "Processed"
     batch_size: int = Field(default=50, ge=1, le=1000)
     timeout: float = Field(default=60.0, gt=0)
+    ca_file: str | None = None  # PEM CA(s) trusted instead of the system's (relative: home)
 
     @model_validator(mode="after")
     def _check(self) -> Mailbox:
@@ -222,6 +223,8 @@ class Mailbox(_Strict):
         if self.tls == "plain" and self.host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError("tls: plain sends the password in clear; allowed only for a "
                              "loopback host (127.0.0.1, ::1, localhost)")
+        if self.ca_file is not None and self.tls == "plain":
+            raise ValueError("ca_file is for tls: imaps or starttls; tls: plain has no TLS")
         if self.after == "move" and self.move_to in self.folders:
             raise ValueError(f"move_to {self.move_to!r} is also a folder that is read")
         return self

@@ -234,4 +234,4 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str
 
 
 # The real Dovecot for the IMAP intake tests (session-scoped; skipped when not installed).
-from tests.imap_server import dovecot_server, imap_user  # noqa: E402, F401
+from tests.imap_server import dovecot_server, dovecot_without_tls, imap_user  # noqa: E402, F401

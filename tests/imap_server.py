@@ -1,8 +1,11 @@
 """A real Dovecot IMAP server on loopback for the IMAP intake tests.
 
 ``dovecot_server`` (session scope) starts Debian's dovecot with a test-only config: Maildir
-under a temp dir, a passwd-file passdb with PLAIN passwords (plain auth allowed, no TLS: it
-listens on 127.0.0.1 only), IMAP IDLE on. Each test gets its own user (``imap_user``), so
+under a temp dir, a passwd-file passdb with PLAIN passwords (plain auth allowed: it listens on
+127.0.0.1 only), IMAP IDLE on. TLS with a throwaway CA made by the ``openssl`` CLI at session
+start (``make_tls``): STARTTLS on the plain port, imaps on ``imaps_port``; the CA is
+``ca_file``. ``dovecot_without_tls`` is a second server with ``ssl = no`` (no STARTTLS), started
+only when a test asks for it. Each test gets its own user (``imap_user``), so
 tests never see each other's mail. When dovecot is not installed the tests skip, unless
 ``MAILGW_REQUIRE_IMAP=1`` (as in CI), where they fail.
 
@@ -39,7 +42,7 @@ log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login xoauth2
 default_internal_user = {user}
@@ -68,7 +71,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1 127.0.0.2
+    port = {imaps_port}
   }}
   chroot =
 }}
@@ -90,6 +94,8 @@ class Dovecot:
     proc: subprocess.Popen[bytes]
     users: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    imaps_port: int = 0  # 0: no imaps listener (``dovecot_without_tls``)
+    ca_file: Path | None = None  # the CA that signed the server's certificate
 
     def add_user(self, name: str, password: str) -> None:
         # One passwd-file per user: a new file is read at once (an edited one only when its
@@ -157,8 +163,46 @@ def _identity() -> tuple[str, str, int, int]:
     return pw.pw_name, grp.getgrgid(pw.pw_gid).gr_name, pw.pw_uid, pw.pw_gid
 
 
-@pytest.fixture(scope="session")
-def dovecot_server() -> Iterator[Dovecot]:
+def make_tls(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost, made
+    with the ``openssl`` CLI. Returns (ca.pem, server.pem, server.key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("the openssl command is needed to make the test Dovecot's certificate")
+    d.mkdir()
+    ca, ca_key, cert, key, csr = (d / n for n in ("ca.pem", "ca.key", "server.pem",
+                                                 "server.key", "server.csr"))
+    ext = d / "server.ext"
+    ext.write_text("basicConstraints = critical, CA:FALSE\n"
+                   "keyUsage = critical, digitalSignature\n"
+                   "extendedKeyUsage = serverAuth\n"
+                   "subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=mailgw test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "2", "-out", cert, "-extfile", ext],
+    ):
+        proc = subprocess.run([openssl, *map(str, cmd)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.fail(f"openssl {cmd[0]} failed: {proc.stderr.decode(errors='replace')}")
+    for p in (ca, cert, key):
+        os.chmod(p, 0o644)  # dovecot's processes may run as another user; a test-only key
+    return ca, cert, key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_dovecot(tls: bool) -> Iterator[Dovecot]:
+    """Run one Dovecot for the session. With ``tls`` it offers STARTTLS on the plain port and
+    imaps on ``imaps_port`` (127.0.0.1 and 127.0.0.2), with a certificate from ``make_tls``."""
     if DOVECOT is None:
         reason = "dovecot is not installed (apt-get install dovecot-imapd)"
         if os.environ.get("MAILGW_REQUIRE_IMAP") == "1":
@@ -174,14 +218,19 @@ def dovecot_server() -> Iterator[Dovecot]:
     if os.getuid() == 0:
         for d in ("mail", "home"):
             os.chown(root / d, uid, gid)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
+    imaps_port, ca = 0, None
+    ssl_conf = "ssl = no"
+    if tls:
+        ca, cert, key = make_tls(root / "tls")
+        imaps_port = _free_port()
+        ssl_conf = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
     conf = root / "dovecot.conf"
-    conf.write_text(CONFIG.format(root=root, port=port, user=user, group=group, uid=uid, gid=gid))
+    conf.write_text(CONFIG.format(root=root, port=port, user=user, group=group, uid=uid, gid=gid,
+                                  ssl=ssl_conf, imaps_port=imaps_port))
     proc = subprocess.Popen([DOVECOT, "-F", "-c", str(conf)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    server = Dovecot(root, port, proc)
+    server = Dovecot(root, port, proc, imaps_port=imaps_port, ca_file=ca)
     deadline = time.monotonic() + 20
     # Tests fail logins on purpose; Dovecot's per-IP auth penalty would then delay the next
     # login from 127.0.0.1 (even a good one) by seconds. The auth process disables the
@@ -213,6 +262,18 @@ def dovecot_server() -> Iterator[Dovecot]:
         proc.kill()
         proc.wait()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_server() -> Iterator[Dovecot]:
+    """The test Dovecot: plain port with STARTTLS, and imaps (see ``start_dovecot``)."""
+    yield from start_dovecot(tls=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_without_tls() -> Iterator[Dovecot]:
+    """A second Dovecot with ``ssl = no``: it does not offer STARTTLS."""
+    yield from start_dovecot(tls=False)
 
 
 @pytest.fixture

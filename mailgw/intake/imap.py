@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from mailgw.intake import ledger
+from mailgw.intake import imap_tls, ledger
 from mailgw.intake.imap_auth import AuthError, Credentials, _answer
 from mailgw.settings import Mailbox
 
@@ -52,16 +52,21 @@ def lease_seconds(mailbox: Mailbox) -> float:
 
 
 def connect(mailbox: Mailbox, creds: Credentials):  # type: ignore[no-untyped-def]
-    """A logged-in IMAPClient. Raises AuthError on a refused login, OSError/IMAP errors else."""
+    """A logged-in IMAPClient. Raises AuthError on a refused login (TLSError, one, on a TLS
+    failure: certificate not trusted, no STARTTLS), OSError/IMAP errors else."""
     from imapclient import IMAPClient
 
-    context = ssl.create_default_context()
-    client = IMAPClient(mailbox.host, port=mailbox.real_port, ssl=mailbox.tls == "imaps",
-                        ssl_context=context if mailbox.tls == "imaps" else None,
-                        timeout=mailbox.timeout)
+    # TLS (imaps/starttls) verifies the certificate and host name: mailgw/intake/imap_tls.py.
+    context = imap_tls.context(mailbox, creds.base) if mailbox.tls != "plain" else None
+    try:
+        client = IMAPClient(mailbox.host, port=mailbox.real_port, ssl=mailbox.tls == "imaps",
+                            ssl_context=context if mailbox.tls == "imaps" else None,
+                            timeout=mailbox.timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise imap_tls.verify_failed(mailbox, creds.base, exc) from None
     try:
         if mailbox.tls == "starttls":
-            client.starttls(context)
+            imap_tls.starttls(client, mailbox, creds.base, context)  # type: ignore[arg-type]
         creds.login(client)
     except BaseException:
         try:
