@@ -8,6 +8,7 @@ outbox and the inbound row's ``done`` mark are committed together or not at all.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +95,13 @@ def _redelivery_of(session: Session, row: m.Inbound) -> int | None:
 
 
 def process(session: Session, row: m.Inbound, ctx: Context,
-            parsed: ParsedMail | Exception | None = None) -> None:
+            parsed: ParsedMail | Exception | None = None, *,
+            redelivery: Callable[[Session, m.Inbound], int | None] | None = None) -> None:
     """Store one message. ``parsed`` is the message parsed beforehand (outside the write
-    transaction), or the exception parsing raised; None parses here."""
+    transaction), or the exception parsing raised; None parses here. ``redelivery`` answers
+    the redelivery check for a whole batch (``mailgw.worker``); None asks the store here."""
     settings = ctx.settings
-    duplicate = _redelivery_of(session, row)
+    duplicate = (redelivery or _redelivery_of)(session, row)
     if duplicate is not None:
         # An MTA that missed our 250 delivers the same bytes again: one article is enough.
         row.state, row.processed_at = "done", now()

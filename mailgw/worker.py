@@ -5,10 +5,13 @@ A batch goes through three steps:
    worker and count an attempt on each. On PostgreSQL the claim is ``FOR UPDATE SKIP
    LOCKED``, so workers on any number of nodes take disjoint rows.
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
-3. Store: one transaction for the batch, a SAVEPOINT per message. A message marked ``done``
-   is marked so in the transaction that stores its ticket: it is processed exactly once.
-   An application error (parse, config, template) rolls back that message alone and
-   quarantines it with the reason; the rest of the batch commits.
+3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
+   transaction that stores its ticket: it is processed exactly once. The batch is first
+   stored without savepoints (they cost a round trip and a flush each, and almost every
+   batch needs none); when a message raises an application error (parse, config,
+   template), that transaction is rolled back and the batch is stored again with a
+   SAVEPOINT per message, so the error rolls back that message alone and quarantines it
+   with the reason while the rest of the batch commits.
 
 A database error rolls the whole batch back; its rows are released at once and, their
 attempts being counted, retried one at a time. A row whose worker crashed or hung keeps its
@@ -27,9 +30,10 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.mail.parse import parse_message
 from mailgw.process import Context, Quarantine, process
@@ -111,17 +115,21 @@ class Worker:
                 claimed_by=self.me))
         return ids
 
-    def _parse(self, ids: list[int]) -> dict[int, ParsedMail | Exception]:
-        """Parse outside the write transaction: intake (and SQLite's one writer) need not wait."""
+    def _parse(self, ids: list[int]) -> tuple[dict[int, ParsedMail | Exception], dict[int, bytes]]:
+        """Parse outside the write transaction: intake (and SQLite's one writer) need not wait.
+        The raw bytes are kept for the store step (classification reads a bounce's report
+        from them), so they are read once."""
         out: dict[int, ParsedMail | Exception] = {}
+        raws: dict[int, bytes] = {}
         with read_session(self.engine) as s:
             for iid, raw in s.execute(select(m.Inbound.id, m.Inbound.raw)
                                       .where(m.Inbound.id.in_(ids))):
+                raws[iid] = raw
                 try:
                     out[iid] = parse_message(raw)
                 except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
                     out[iid] = exc
-        return out
+        return out, raws
 
     def run_batch(self) -> int:
         """Process up to one batch; returns how many messages were handled."""
@@ -131,36 +139,60 @@ class Worker:
         if not ids:
             return 0
         ctx = self.context()
-        parsed = self._parse(ids)
-        current: int | None = None
+        parsed, raws = self._parse(ids)
+        self._current = None
         try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                # The raw bytes were read for parsing already: not again into the write
-                # transaction (a message only parsed here loads them on access).
-                q = (select(m.Inbound).options(defer(m.Inbound.raw))
-                     .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
-                            m.Inbound.claimed_by == self.me)
-                     .order_by(m.Inbound.id))
-                if self._pg:
-                    q = q.with_for_update(skip_locked=True)
-                for row in session.scalars(q).all():
-                    current = row.id
-                    self._process_one(session, row, ctx, parsed.get(row.id))
+            try:
+                self._store(ids, ctx, parsed, raws, isolate=False)
+            except DBAPIError:
+                raise
+            except Exception:  # noqa: BLE001 - one message failed: again, each in a savepoint
+                self._current = None
+                self._store(ids, ctx, parsed, raws, isolate=True)
         except DBAPIError as exc:
             reason = _describe(exc)
             log.warning("batch of %d rolled back by a database error (at inbound %s); its "
-                        "messages are retried one by one: %s", len(ids), current, reason)
-            self._release(ids, current, reason)
+                        "messages are retried one by one: %s", len(ids), self._current, reason)
+            self._release(ids, self._current, reason)
             return 0
         if self.on_outbox:
             self.on_outbox()
         return len(ids)
 
+    def _store(self, ids: list[int], ctx: Context, parsed: dict[int, ParsedMail | Exception],
+               raws: dict[int, bytes], *, isolate: bool) -> None:
+        """Store the batch in one transaction. Without ``isolate`` an application error in any
+        message propagates (the caller rolls back and stores again with ``isolate``, where
+        each message has its own SAVEPOINT and a failing one is quarantined alone)."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            # The raw bytes were read for parsing already: not again into the write
+            # transaction (a message only parsed here loads them on access).
+            q = (select(m.Inbound).options(defer(m.Inbound.raw))
+                 .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
+                        m.Inbound.claimed_by == self.me)
+                 .order_by(m.Inbound.id))
+            if self._pg:
+                q = q.with_for_update(skip_locked=True)
+            rows = session.scalars(q).all()
+            for row in rows:
+                if row.id in raws:
+                    set_committed_value(row, "raw", raws[row.id])
+            copies = _Redeliveries(session, rows, self._pg)
+            for row in rows:
+                self._current = row.id
+                if isolate:
+                    self._process_one(session, row, ctx, parsed.get(row.id), copies)
+                else:
+                    process(session, row, ctx, parsed.get(row.id), redelivery=copies)
+                    # As a savepoint's release would: a database error shows at its message.
+                    session.flush()
+                copies.stored(row)
+
     def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
-                     parsed: ParsedMail | Exception | None) -> None:
+                     parsed: ParsedMail | Exception | None, copies: _Redeliveries) -> None:
         savepoint = session.begin_nested()
         try:
-            process(session, row, ctx, parsed)
+            process(session, row, ctx, parsed, redelivery=copies)
             savepoint.commit()
         except DBAPIError:
             raise
@@ -192,6 +224,40 @@ class Worker:
                 n = 0
             if n == 0:
                 wake.wait(poll_interval)
+
+
+class _Redeliveries:
+    """The redelivery check of ``mailgw.process`` for a whole batch: one query for the
+    processed copies of every message in it (``sha256 IN (...)``), and the batch's own
+    messages added as they are stored, so a second copy in the same batch is found too.
+    On PostgreSQL the advisory locks of ``_redelivery_of`` are taken here for the batch,
+    in sorted order (two workers never wait on each other in a cycle), before the query."""
+
+    def __init__(self, session: Session, rows: list[m.Inbound], pg: bool):
+        self.done: dict[str, list[tuple[int, list[str], str | None]]] = {}
+        shas = sorted({r.sha256 for r in rows})
+        if not shas:
+            return
+        if pg:
+            for key in sorted({int(sha[:15], 16) for sha in shas}):
+                session.execute(select(func.pg_advisory_xact_lock(key)))
+        for other_id, sha, rcpts, queue in session.execute(
+            select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
+            .where(m.Inbound.sha256.in_(shas), m.Inbound.state == "done")
+            .order_by(m.Inbound.id)
+        ):
+            self.done.setdefault(sha, []).append((other_id, sorted(rcpts), queue))
+
+    def __call__(self, session: Session, row: m.Inbound) -> int | None:
+        rcpts = sorted(row.rcpt_tos)
+        for other_id, other_rcpts, queue in self.done.get(row.sha256, ()):
+            if other_id != row.id and other_rcpts == rcpts and queue == row.queue:
+                return other_id
+        return None
+
+    def stored(self, row: m.Inbound) -> None:
+        if row.state == "done":
+            self.done.setdefault(row.sha256, []).append((row.id, sorted(row.rcpt_tos), row.queue))
 
 
 def release_dead_claims(engine: Engine) -> int:
