@@ -27,7 +27,7 @@ from mailgw.process import Context
 from mailgw.queue import GroupCommitWriter
 from mailgw.settings import Home, Listener, Settings
 from mailgw.store.db import make_engine, migrate
-from mailgw.worker import Worker, pending_count
+from mailgw.worker import Worker, pending_count, release_dead_claims
 
 log = logging.getLogger(__name__)
 ROLES = ("smtp", "worker", "sender", "scheduler", "imap")
@@ -153,6 +153,9 @@ class Gateway:
 
     @staticmethod
     def _housekeeping(engine) -> None:  # type: ignore[no-untyped-def]
+        # A gateway on this host that was killed leaves leased rows behind; another one that
+        # keeps running frees them here instead of after the lease (worker start does too).
+        release_dead_claims(engine, own=False)
         n = pending_count(engine)
         if n:
             log.info("inbound backlog: %d message(s) pending", n)

@@ -260,10 +260,12 @@ class _Redeliveries:
             self.done.setdefault(row.sha256, []).append((row.id, sorted(row.rcpt_tos), row.queue))
 
 
-def release_dead_claims(engine: Engine) -> int:
+def release_dead_claims(engine: Engine, *, own: bool = True) -> int:
     """Free the leases of workers on this host that no longer run (crashed or killed), so a
     restart goes on at once instead of waiting for the leases to expire. Leases of other
-    hosts expire on their own."""
+    hosts expire on their own. A worker starting frees its own pid's too (left by an earlier
+    process with the same pid); the gateway's periodic housekeeping passes ``own=False``,
+    since this process's worker may be holding live claims."""
     host = socket.gethostname()
     freed = 0
     with Session(engine) as s, s.begin():
@@ -271,6 +273,8 @@ def release_dead_claims(engine: Engine) -> int:
             m.Inbound.state == "pending", m.Inbound.claimed_by.like(f"{host}:%"))).all()
         for owner in owners:
             pid = int(owner.rsplit(":", 1)[1])
+            if pid == os.getpid() and not own:
+                continue
             if pid != os.getpid() and _alive(pid):
                 continue
             freed += s.execute(update(m.Inbound).where(

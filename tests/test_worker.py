@@ -185,6 +185,31 @@ def test_message_whose_worker_died_is_retried_alone_then_quarantined(hx):
     assert hx.inbound(ids[2]).state == "done"
 
 
+def test_housekeeping_frees_dead_workers_leases_but_not_its_own(hx):
+    """The periodic release (own=False) runs beside this process's live worker: it frees the
+    leases of a dead worker of this host and leaves this pid's; a starting worker frees both."""
+    import os
+    import socket
+    from datetime import timedelta
+
+    from mailgw.queue import now
+    from mailgw.worker import release_dead_claims
+
+    host = socket.gethostname()
+    dead, me = f"{host}:{2**22 + 4321}", f"{host}:{os.getpid()}"
+    other_host = "elsewhere.example:1"
+    ids = hx.put(mail("a", msgid="h1@c"), mail("b", msgid="h2@c"), mail("c", msgid="h3@c"))
+    with hx.engine.begin() as c:
+        for row_id, owner in zip(ids, (dead, me, other_host), strict=True):
+            c.execute(update(m.Inbound).where(m.Inbound.id == row_id).values(
+                claimed_by=owner, claimed_until=now() + timedelta(minutes=5), attempts=1))
+
+    assert release_dead_claims(hx.engine, own=False) == 1
+    assert [hx.inbound(i).claimed_by for i in ids] == [None, me, other_host]
+    assert release_dead_claims(hx.engine) == 1  # a worker starting: this pid's too
+    assert [hx.inbound(i).claimed_by for i in ids] == [None, None, other_host]
+
+
 def _refuse_subject_in_db(hx: Harness, subject: str) -> None:
     """A real database error for one message: a trigger refusing its article."""
     with hx.engine.begin() as c:
