@@ -19,12 +19,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw.calendar import ALWAYS, Calendar
-from mailgw.settings import Agent, Queue, Settings
+from mailgw.settings import Agent, Queue, Settings, per_settings
 from mailgw.store import models as m
 
 OPEN_STATES = ("new", "open", "pending")
-_CAL_CACHE: dict[int, tuple[Settings, dict[str, Calendar]]] = {}
-
 
 @dataclass
 class Assignment:
@@ -39,17 +37,12 @@ class Assignment:
                 "candidates": self.candidates, "unavailable": self.unavailable}
 
 
+@per_settings
 def _calendars(settings: Settings) -> dict[str, Calendar]:
-    hit = _CAL_CACHE.get(id(settings))
-    if hit is not None and hit[0] is settings:
-        return hit[1]
     cals = {c.name: Calendar(c) for c in settings.calendars}
     for a in settings.agents:
         if a.calendar is None and a.working_hours is not None:
             cals[f"agent:{a.name}"] = Calendar(a.working_hours)
-    if len(_CAL_CACHE) > 8:
-        _CAL_CACHE.clear()
-    _CAL_CACHE[id(settings)] = (settings, cals)
     return cals
 
 

@@ -26,30 +26,23 @@ from sqlalchemy.orm import Session
 from mailgw.mail.classify import Classification, Ours
 from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
-from mailgw.settings import Settings
+from mailgw.settings import Settings, per_settings
 from mailgw.store import models as m
 from mailgw.types import ParsedMail
 
 __all__ = ["handle_machine_mail", "ours_for"]
 
 _REPORTS = ("bounce", "delay", "feedback_report")
-_CACHE: dict[int, tuple[Settings, Ours]] = {}
 
 
+@per_settings
 def ours_for(settings: Settings) -> Ours:
     """What identifies our own mail, built once per settings object."""
-    cached = _CACHE.get(id(settings))
-    if cached is not None and cached[0] is settings:
-        return cached[1]
     signer = signer_for(settings)
     addresses = {a for q in settings.queues for a in q.addresses}
     addresses |= {q.from_address.lower() for q in settings.queues}
-    ours = Ours(addresses=frozenset(addresses), loop_header=settings.loop_header,
+    return Ours(addresses=frozenset(addresses), loop_header=settings.loop_header,
                 is_our_message_id=signer.is_our_message_id, verp_article=signer.verp_article)
-    if len(_CACHE) > 16:
-        _CACHE.clear()
-    _CACHE[id(settings)] = (settings, ours)
-    return ours
 
 
 def _summary(cls: Classification) -> dict:

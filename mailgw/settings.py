@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -455,3 +456,26 @@ def load_settings(home: Home) -> Settings:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_errors(exc, label, lines)) from None
+
+
+_T = TypeVar("_T")
+
+
+def per_settings(build: Callable[[Settings], _T]) -> Callable[[Settings], _T]:
+    """Cache what ``build`` derives from a Settings object, once per object: settings are
+    not changed after load (a reload makes a new object), and pydantic models are not
+    hashable, so the cache is keyed by identity and checks it is the same object."""
+    cache: dict[int, tuple[Settings, _T]] = {}
+
+    def get(settings: Settings) -> _T:
+        hit = cache.get(id(settings))
+        if hit is not None and hit[0] is settings:
+            return hit[1]
+        value = build(settings)
+        if len(cache) > 16:
+            cache.clear()
+        cache[id(settings)] = (settings, value)
+        return value
+
+    get.__doc__ = build.__doc__
+    return get

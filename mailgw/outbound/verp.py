@@ -19,7 +19,7 @@ import hmac
 import secrets
 import time
 
-from mailgw.settings import Settings
+from mailgw.settings import Settings, per_settings
 
 __all__ = ["Signer", "signer_for"]
 
@@ -85,17 +85,8 @@ def _key(settings: Settings) -> bytes:
     return hashlib.sha256(f"mailgw-derived-key:{seed}".encode()).digest()
 
 
-_CACHE: dict[int, tuple[Settings, Signer]] = {}
-
-
+@per_settings
 def signer_for(settings: Settings) -> Signer:
-    """The signer for these settings, made once (settings are immutable)."""
-    cached = _CACHE.get(id(settings))
-    if cached is not None and cached[0] is settings:
-        return cached[1]
+    """The signer for these settings, made once per settings object."""
     mm = settings.machine_mail
-    signer = Signer(_key(settings), settings.hostname, mm.verp_local, mm.verp)
-    if len(_CACHE) > 16:
-        _CACHE.clear()
-    _CACHE[id(settings)] = (settings, signer)
-    return signer
+    return Signer(_key(settings), settings.hostname, mm.verp_local, mm.verp)
