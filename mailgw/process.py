@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from mailgw import loops
+from mailgw import loops, ticket_events
 from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
@@ -173,6 +173,8 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     _event(session, "article_received", row, ticket, article, source=row.source,
            threaded_by=by, reason=reason, automatic=auto)
     apply_decision(session, settings, row, ticket, article, decision, trace, new=new_ticket)
+    ticket_events.article_added(session, settings, ticket, article, new_ticket=new_ticket,
+                                at=stamp)
 
     ticket_queue = settings.queue(ticket.queue) or queue
     why_not = (

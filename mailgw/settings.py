@@ -117,6 +117,67 @@ class Agent(_Strict):
         return _addresses(v)
 
 
+class SlaActions(_Strict):
+    """What an escalation level does to the ticket besides notifying (mailgw/sla)."""
+
+    priority: int | Literal["raise"] | None = None  # set 1..5, or "raise" one step (to 1)
+    assign: str | None = None  # an agent's name, or "queue" to re-run the queue's assignment
+    tags: list[str] = []
+
+    @field_validator("priority")
+    @classmethod
+    def _prio(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and not 1 <= v <= 5:
+            raise ValueError("priority must be 1 (highest) to 5, or 'raise'")
+        return v
+
+
+class SlaLevel(_Strict):
+    """A warning (percent < 100) or the breach (100) of an SLA target, and who hears of it:
+    ``owner``, ``queue_agents`` or an e-mail address."""
+
+    percent: int = Field(ge=1, le=1000)
+    notify: list[str] = ["owner"]
+    template: str | None = None  # default: sla_warning (< 100) / sla_breach (>= 100)
+    actions: SlaActions = SlaActions()
+
+
+class SlaSelect(_Strict):
+    """Which tickets an SLA covers; every listed criterion must match, an empty one matches all.
+    ``customers`` are shell patterns (``*@bigcorp.com``)."""
+
+    queues: list[str] = []
+    priorities: list[int] = []
+    customers: list[str] = []
+    companies: list[str] = []
+
+
+class Sla(_Strict):
+    """An SLA definition (``slas:`` in config/mailgw.yaml, docs/sla.md). Targets in minutes:
+    business minutes of ``calendar``, or calendar minutes (24x7) without one. The first SLA
+    whose ``applies_to`` matches a ticket is used, unless a filter rule sets ``sla``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    calendar: str | None = None
+    first_response: int | None = Field(default=None, gt=0)
+    update: int | None = Field(default=None, gt=0)
+    solution: int | None = Field(default=None, gt=0)
+    pause_states: list[str] = ["pending"]
+    applies_to: SlaSelect | None = None  # None: any ticket (a catch-all, put it last)
+    levels: list[SlaLevel] = Field(default_factory=lambda: [
+        SlaLevel(percent=75), SlaLevel(percent=100)])
+    # A notice due outside the calendar's working time waits for the next working period.
+    defer_outside_hours: bool = True
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[SlaLevel]) -> list[SlaLevel]:
+        percents = [lv.percent for lv in v]
+        if percents != sorted(set(percents)):
+            raise ValueError("levels must be in increasing order of percent, each once")
+        return v
+
+
 class PriorityMatrix(_Strict):
     """ITIL priority from urgency x impact; 1 is the most urgent, 5 the least."""
 
@@ -256,6 +317,7 @@ class Settings(_Strict):
     agents: list[Agent] = []
     priority: PriorityMatrix = PriorityMatrix()
     mailboxes: list[Mailbox] = []  # IMAP intake (mailgw/intake/imap.py)
+    slas: list[Sla] = []  # SLA definitions (mailgw/sla, docs/sla.md)
 
     @model_validator(mode="after")
     def _check_agents(self) -> Settings:

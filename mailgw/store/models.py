@@ -105,6 +105,10 @@ class Ticket(Base):
     company: Mapped[str | None] = mapped_column(String(320))
     urgency: Mapped[str | None] = mapped_column(String(16))
     impact: Mapped[str | None] = mapped_column(String(16))
+    # The SLA definition in force (mailgw/sla, issue 6) and what chose it ("queue support",
+    # "rule vip", ...); None: no SLA applies.
+    sla: Mapped[str | None] = mapped_column(String(64))
+    sla_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # Least-open assignment counts each agent's open tickets.
@@ -224,6 +228,82 @@ class AutoReply(Base):
         Index("ix_auto_replies_recipient_created_at", "recipient", "created_at"),
         Index("ix_auto_replies_ticket_id_created_at", "ticket_id", "created_at"),
     )
+
+
+class SlaClock(Base):
+    """One SLA target of one ticket (issue 6): ``first_response``, ``solution``, or
+    ``update`` (one row per cycle: each customer message awaiting an answer starts one).
+
+    While running, ``due_at`` is when the goal is used up, computed with the calendar from
+    ``used_seconds`` (counted time before ``running_since``). The sweep reads only the partial
+    index on ``next_notice_at``: the next warning level or the breach of a clock, never a
+    scan of all tickets. See docs/sla.md.
+    """
+
+    __tablename__ = "sla_clocks"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(BigId, index=True)
+    sla: Mapped[str] = mapped_column(String(64))  # the SLA definition's name
+    target: Mapped[str] = mapped_column(String(16))  # first_response / update / solution
+    cycle: Mapped[int] = mapped_column(Integer, default=0)
+    calendar: Mapped[str | None] = mapped_column(String(64))  # None: calendar minutes (24x7)
+    goal_minutes: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running/paused/stopped
+    started_at: Mapped[datetime]
+    used_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    running_since: Mapped[datetime | None]  # start of the current running segment
+    due_at: Mapped[datetime | None]  # while running; None when paused or stopped
+    stopped_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))  # met / breached / cancelled
+    breached_at: Mapped[datetime | None]  # when due_at passed (the clock may still run)
+    next_level: Mapped[int] = mapped_column(Integer, default=0)  # next warning level, then breach
+    next_notice_at: Mapped[datetime | None]  # when the sweep must look at this clock
+
+    __table_args__ = (
+        Index("uq_sla_clocks_ticket_target_cycle", "ticket_id", "target", "cycle", unique=True),
+        Index("ix_sla_clocks_next_notice_at", "next_notice_at",
+              postgresql_where=text("next_notice_at IS NOT NULL"),
+              sqlite_where=text("next_notice_at IS NOT NULL")),
+        Index("ix_sla_clocks_started_at", "started_at"),
+    )
+
+
+class SlaSegment(Base):
+    """The SLA ledger: the running and paused spans of a clock, each with its reason, so
+    ``mailgw explain`` can say why a ticket is due when it is."""
+
+    __tablename__ = "sla_segments"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    clock_id: Mapped[int] = mapped_column(BigId, index=True)
+    ticket_id: Mapped[int] = mapped_column(BigId, index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # running / paused
+    start_at: Mapped[datetime]
+    end_at: Mapped[datetime | None]  # None: the open segment
+    reason: Mapped[str] = mapped_column(Text, default="")
+    counted_seconds: Mapped[int | None] = mapped_column(BigInteger)  # business/calendar time counted
+
+
+class SlaNotice(Base):
+    """Each warning and breach of a clock, once: the unique (clock, level) row is the guard
+    that makes a notice exactly-once across sweeps, restarts and nodes."""
+
+    __tablename__ = "sla_notices"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    clock_id: Mapped[int] = mapped_column(BigId)
+    ticket_id: Mapped[int] = mapped_column(BigId, index=True)
+    level: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # warning / breach
+    percent: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime]
+    fired_at: Mapped[datetime]
+    node: Mapped[str | None] = mapped_column(String(200))
+    actions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what was done
+
+    __table_args__ = (
+        Index("uq_sla_notices_clock_level", "clock_id", "level", unique=True),
+    )
+
+
 class ImapMessage(Base):
     """The IMAP ledger: every message seen in a mailbox folder, by UIDVALIDITY and UID, with
     the hash of its bytes. Written in the transaction that queues the message, so a message
