@@ -117,6 +117,11 @@ class Agent(_Strict):
         return _addresses(v)
 
 
+# Ticket states an SLA clock may pause in (``pause_states``); closed stops the clocks and
+# merged cancels them, so neither can pause.
+SLA_PAUSE_STATES = ("new", "open", "pending")
+
+
 class SlaActions(_Strict):
     """What an escalation level does to the ticket besides notifying (mailgw/sla)."""
 
@@ -339,6 +344,37 @@ class Settings(_Strict):
                     raise ValueError(f"queue {q.name}: assignment names unknown agent {name!r}")
         return self
 
+    @model_validator(mode="after")
+    def _check_slas(self) -> Settings:
+        queues = {q.name for q in self.queues}
+        calendars = {c.name for c in self.calendars}
+        agents = {a.name for a in self.agents}
+        names = [s.name for s in self.slas]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"SLA names must be unique, repeated: {', '.join(dupes)}")
+        for i, sla in enumerate(self.slas):
+            where = f"slas[{i}] {sla.name}"
+            if sla.first_response is None and sla.update is None and sla.solution is None:
+                raise ValueError(f"{where}: give at least one of first_response, update, "
+                                 "solution (minutes)")
+            if sla.calendar is not None and sla.calendar not in calendars:
+                raise ValueError(f"{where}: unknown calendar {sla.calendar!r} (calendars: "
+                                 f"{', '.join(sorted(calendars)) or 'none'})")
+            for q in sla.applies_to.queues if sla.applies_to else []:
+                if q not in queues:
+                    raise ValueError(f"{where}: applies_to names unknown queue {q!r}")
+            for st in sla.pause_states:
+                if st not in SLA_PAUSE_STATES:
+                    raise ValueError(f"{where}: pause_states: {st!r} is not a state a clock "
+                                     f"can pause in ({', '.join(SLA_PAUSE_STATES)})")
+            for j, lv in enumerate(sla.levels):
+                who = lv.actions.assign
+                if who is not None and who != "queue" and who not in agents:
+                    raise ValueError(f"{where}: levels[{j}] assign: unknown agent {who!r} "
+                                     "(an agent's name, or queue)")
+        return self
+
     def agent(self, name: str) -> Agent | None:
         for a in self.agents:
             if a.name == name:
@@ -515,7 +551,8 @@ def load_settings(home: Home) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError([f"{label}:1: (top level): expected a mapping of settings"])
     try:
-        return Settings.model_validate(data)
+        # The home: relative paths in the settings (holidays_ics) are read from it.
+        return Settings.model_validate(data, context={"home": home.path})
     except ValidationError as exc:
         raise ConfigError(validation_errors(exc, label, lines)) from None
 

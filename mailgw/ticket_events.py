@@ -23,6 +23,11 @@ def article_added(session: Session, settings: Settings, ticket: m.Ticket, articl
     ``sender_type="customer"``), an agent's answer (``"out"``/``"agent"``), an internal note
     (``sender_type="agent"`` with ``internal``) or a system mail. ``new_ticket``: the article
     opened the ticket. Called after the ticket's queue/priority/state are final for it."""
+    if not settings.slas and ticket.sla is None:
+        return  # no SLA: nothing more than this settings lookup on the hot path
+    from mailgw.sla.clocks import on_article
+
+    on_article(session, settings, ticket, article, new_ticket=new_ticket, at=at)
 
 
 def ticket_changed(session: Session, settings: Settings, ticket: m.Ticket,
@@ -31,3 +36,8 @@ def ticket_changed(session: Session, settings: Settings, ticket: m.Ticket,
     """Ticket attributes changed outside an article: ``changes`` maps a column (``state``,
     ``priority``, ``queue``, ``owner``, ``tags``…) to ``(old, new)``. ``reason`` says who or
     what changed it (an agent command, an escalation action, a filter rule)."""
+    if not settings.slas and ticket.sla is None:
+        return
+    from mailgw.sla.clocks import on_change
+
+    on_change(session, settings, ticket, changes, at=at, reason=reason)

@@ -21,7 +21,7 @@ from mailgw.types import ParsedMail
 _TICKET_FIELDS = {
     "queue": "queue", "priority": "priority", "urgency": "urgency", "impact": "impact",
     "type": "type", "service": "service", "category": "category", "customer": "customer",
-    "company": "company", "owner": "owner", "state": "state",
+    "company": "company", "owner": "owner", "state": "state", "sla": "sla",
 }
 
 
@@ -86,6 +86,9 @@ def apply_decision(session: Session, settings: Settings, row: m.Inbound, ticket:
         if old != value:
             setattr(ticket, column, value)
             changes[column] = [old, value]
+    if "sla" in changes:
+        # The SLA clocks (mailgw/sla) keep a rule's choice over slas: applies_to.
+        ticket.sla_reason = f"rule {decision.set_by.get('sla')}"
     if decision.state == "closed" and ticket.closed_at is None:
         ticket.closed_at = datetime.now(UTC)
     if decision.tags:

@@ -40,6 +40,7 @@ class Known:
     templates: frozenset[str] | None  # None: not checked
     calendars: dict[str, Calendar]
     registry: Registry
+    slas: frozenset[str] | None = None  # None: not checked
 
 
 @dataclass
@@ -374,6 +375,12 @@ def compile_actions(a: Actions, loc: Loc, known: Known, groups: Groups
         _name(a.owner, known.agents, "agent", loc + ("owner",))
         owner = a.owner
         setter("owner", lambda caps: owner)
+    if a.sla is not None:
+        if known.slas is not None and a.sla not in known.slas:
+            raise Problem(loc + ("sla",), f"unknown SLA {a.sla!r} (slas: "
+                                          f"{', '.join(sorted(known.slas)) or 'none'})")
+        sla = a.sla
+        setter("sla", lambda caps: sla)
     if a.auto_response is not None:
         if a.auto_response is False:
             setter("auto_response", lambda caps: False)

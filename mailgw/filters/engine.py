@@ -109,6 +109,7 @@ class Decision:
     company: str | None = None
     owner: str | None = None
     state: str | None = None
+    sla: str | None = None  # an SLA name (mailgw/sla/select.py)
     ignore: bool = False
     reject: bool = False
     # None: the usual acknowledgement; False: none; a string: this template instead.

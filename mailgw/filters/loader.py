@@ -106,6 +106,7 @@ def load_pipeline(directory: Path, settings: Settings, templates_dir: Path | Non
         templates=template_names(templates_dir),
         calendars=_calendars(settings),
         registry=registry,
+        slas=frozenset(s.name for s in settings.slas),
     )
     files = snapshot(directory)
     errors: list[str] = []

@@ -176,6 +176,8 @@ class Actions(_Strict):
     customer: str | None = None
     company: str | None = None
     owner: str | None = Field(default=None, description="an agent name")
+    sla: str | None = Field(default=None, description="an SLA name from slas: (wins over "
+                            "applies_to)")
     state: Literal["new", "open", "pending", "closed"] | None = None
     ignore: bool | None = Field(default=None, description="store the mail, make no ticket")
     reject: bool | None = Field(default=None, description="store the mail, no ticket, no reply")

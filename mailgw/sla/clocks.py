@@ -1,0 +1,388 @@
+"""SLA clocks: stored state with indexed due times, computed at write time (decision 18).
+
+Each target of a ticket's SLA is a ``SlaClock`` row (``update``: one row per cycle). A clock
+is running, paused or stopped; while it runs, ``due_at`` and ``next_notice_at`` are computed
+here, with the SLA's calendar, whenever the clock changes, so the sweep only reads an index
+and never recomputes. Every start, pause, resume, SLA change and stop writes ``SlaSegment``
+rows, the ledger ``mailgw explain`` reads.
+
+Entry points: ``on_article`` and ``on_change`` (called from mailgw/ticket_events.py),
+``cancel_clocks``, and for the sweep ``schedule`` and ``calendar_for``. Nothing commits.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgw.calendar import ALWAYS, Calendar
+from mailgw.settings import Settings, Sla, per_settings
+from mailgw.sla.select import select_sla, sla_by_name
+from mailgw.store import models as m
+
+TARGETS = ("first_response", "update", "solution")
+OPEN = ("running", "paused")
+# Ticket states in which no clock runs any more: the clocks are cancelled.
+CANCEL_STATES = ("merged", "deleted", "removed")
+# Ticket columns that choose the SLA (select.py); a change re-selects it.
+SELECTING = ("queue", "priority", "customer", "company", "sla")
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; the store keeps UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+@per_settings
+def _calendars(settings: Settings) -> dict[str, Calendar]:
+    return {c.name: Calendar(c) for c in settings.calendars}
+
+
+def calendar_for(settings: Settings, name: str | None) -> Calendar:
+    """The compiled calendar called ``name``; ALWAYS (24x7) for None. Compiled once per
+    settings object. An unknown name (a clock of a calendar removed from the config since)
+    counts calendar time rather than failing the hot path."""
+    if name is None:
+        return ALWAYS
+    return _calendars(settings).get(name, ALWAYS)
+
+
+def schedule(clock: m.SlaClock, sla: Sla | None, calendar: Calendar) -> None:
+    """Set ``clock.next_notice_at``: the instant the running clock reaches
+    ``sla.levels[clock.next_level].percent`` of its goal; None when it is not running or no
+    level is left. A level already passed gives an instant in the past (the sweep fires it
+    at once)."""
+    since = aware(clock.running_since)
+    if (clock.state != "running" or since is None or sla is None
+            or clock.next_level >= len(sla.levels)):
+        clock.next_notice_at = None
+        return
+    percent = sla.levels[clock.next_level].percent
+    left = percent * clock.goal_minutes * 60 / 100 - clock.used_seconds
+    clock.next_notice_at = calendar.add(since, max(0.0, left))
+
+
+def _set_due(clock: m.SlaClock, calendar: Calendar) -> None:
+    since = aware(clock.running_since)
+    assert since is not None
+    left = clock.goal_minutes * 60 - clock.used_seconds
+    breached = aware(clock.breached_at)
+    # A clock already over its goal keeps the instant it really passed it.
+    clock.due_at = breached if left <= 0 and breached is not None else calendar.add(
+        since, max(0, left))
+
+
+def goal_of(sla: Sla, target: str) -> int | None:
+    return getattr(sla, target)
+
+
+def _is_customer_message(article: m.Article) -> bool:
+    return (article.direction == "in" and article.sender_type == "customer"
+            and not article.is_automatic)
+
+
+def _is_agent_answer(article: m.Article) -> bool:
+    # Internal notes (Article.internal, migration 0006 of the agent-mail work) stop nothing.
+    return (article.direction == "out" and article.sender_type == "agent"
+            and not getattr(article, "internal", False))
+
+
+class _Clocks:
+    """The clocks of one ticket, loaded once per event, and the transitions on them."""
+
+    def __init__(self, session: Session, settings: Settings | None, ticket: m.Ticket, at: datetime,
+                 clocks: list[m.SlaClock]):
+        self.session, self.settings, self.ticket, self.at = session, settings, ticket, at
+        self.clocks = clocks
+        self._open_segments: dict[int, m.SlaSegment] = {}
+
+    @classmethod
+    def load(cls, session: Session, settings: Settings | None, ticket: m.Ticket,
+             at: datetime) -> _Clocks:
+        clocks = list(session.scalars(select(m.SlaClock).where(
+            m.SlaClock.ticket_id == ticket.id).order_by(m.SlaClock.id)))
+        return cls(session, settings, ticket, at, clocks)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def open(self, target: str | None = None) -> list[m.SlaClock]:
+        return [c for c in self.clocks if c.state in OPEN and (target is None or
+                                                                c.target == target)]
+
+    def cal(self, clock: m.SlaClock) -> Calendar:
+        return calendar_for(self.settings, clock.calendar) if self.settings else ALWAYS
+
+    def sla_of(self, clock: m.SlaClock) -> Sla | None:
+        return sla_by_name(self.settings, clock.sla) if self.settings else None
+
+    def _segment(self, clock: m.SlaClock, kind: str, reason: str) -> None:
+        seg = m.SlaSegment(clock_id=clock.id, ticket_id=clock.ticket_id, kind=kind,
+                           start_at=self.at, end_at=None, reason=reason)
+        self.session.add(seg)
+        self._open_segments[clock.id] = seg
+
+    def _close_segment(self, clock: m.SlaClock) -> int:
+        """End the clock's open segment now; the working seconds it counted (0 if paused)."""
+        seg = self._open_segments.pop(clock.id, None)
+        if seg is None:
+            seg = self.session.scalars(select(m.SlaSegment).where(
+                m.SlaSegment.clock_id == clock.id, m.SlaSegment.end_at.is_(None))
+                .order_by(m.SlaSegment.id.desc())).first()
+        if seg is None:
+            return 0
+        seg.end_at = self.at
+        start = aware(seg.start_at)
+        assert start is not None
+        counted = round(self.cal(clock).working_seconds(start, self.at)) if (
+            seg.kind == "running") else 0
+        seg.counted_seconds = counted
+        return counted
+
+    def _mark(self, clock: m.SlaClock, kind: str, reason: str) -> None:
+        """A zero-length ledger entry: a stop or a change, with its reason."""
+        self.session.add(m.SlaSegment(clock_id=clock.id, ticket_id=clock.ticket_id, kind=kind,
+                                      start_at=self.at, end_at=self.at, reason=reason,
+                                      counted_seconds=0))
+
+    def _run(self, clock: m.SlaClock, sla: Sla | None) -> None:
+        cal = self.cal(clock)
+        clock.state, clock.running_since = "running", self.at
+        _set_due(clock, cal)
+        schedule(clock, sla, cal)
+
+    def _idle(self, clock: m.SlaClock, state: str) -> None:
+        clock.state, clock.running_since = state, None
+        clock.due_at = clock.next_notice_at = None
+
+    def _over(self, clock: m.SlaClock) -> bool:
+        return clock.used_seconds > clock.goal_minutes * 60
+
+    # -- transitions --------------------------------------------------------------------
+
+    def start(self, sla: Sla, target: str, reason: str, *, cycle: int = 0,
+              paused_by: str | None = None) -> m.SlaClock | None:
+        goal = goal_of(sla, target)
+        if goal is None:
+            return None
+        clock = m.SlaClock(ticket_id=self.ticket.id, sla=sla.name, target=target, cycle=cycle,
+                           calendar=sla.calendar, goal_minutes=goal, state="running",
+                           started_at=self.at, used_seconds=0, next_level=0)
+        if paused_by is None:
+            self._run(clock, sla)
+        else:
+            self._idle(clock, "paused")
+        self.session.add(clock)
+        self.session.flush([clock])
+        self.clocks.append(clock)
+        if paused_by is None:
+            self._segment(clock, "running", reason)
+        else:
+            self._segment(clock, "paused", f"{reason}; {paused_by}")
+        return clock
+
+    def pause(self, clock: m.SlaClock, reason: str) -> None:
+        if clock.state != "running":
+            return
+        due = aware(clock.due_at)
+        clock.used_seconds += self._close_segment(clock)
+        if self._over(clock) and clock.breached_at is None and due is not None:
+            clock.breached_at = due
+        self._idle(clock, "paused")
+        self._segment(clock, "paused", reason)
+
+    def resume(self, clock: m.SlaClock, reason: str) -> None:
+        if clock.state != "paused":
+            return
+        self._close_segment(clock)
+        self._run(clock, self.sla_of(clock))
+        self._segment(clock, "running", reason)
+
+    def stop(self, clock: m.SlaClock, reason: str, outcome: str | None = None) -> None:
+        """Stop ``clock`` now: met, breached (after its due time) or the given outcome."""
+        if clock.state not in OPEN:
+            return
+        due = aware(clock.due_at)
+        was_running = clock.state == "running"
+        clock.used_seconds += self._close_segment(clock)
+        late = (self.at > due) if (was_running and due is not None) else self._over(clock)
+        if outcome is None:
+            outcome = "breached" if late else "met"
+        if late and clock.breached_at is None:
+            clock.breached_at = due if due is not None else self.at
+        self._idle(clock, "stopped")
+        clock.outcome, clock.stopped_at = outcome, self.at
+        self._mark(clock, "stopped", f"{reason}: {outcome}")
+
+    def reopen(self, clock: m.SlaClock, reason: str, paused_by: str | None) -> None:
+        """A stopped solution clock runs on (or waits, paused) when the ticket is reopened."""
+        clock.outcome, clock.stopped_at = None, None
+        if paused_by is None:
+            self._run(clock, self.sla_of(clock))
+            self._segment(clock, "running", reason)
+        else:
+            self._idle(clock, "paused")
+            self._segment(clock, "paused", f"{reason}; {paused_by}")
+
+    def retarget(self, clock: m.SlaClock, sla: Sla, reason: str) -> None:
+        """Switch an open clock to ``sla``'s goal and calendar as if they had applied from
+        the clock's start: the counted time of its running segments is recounted with the
+        new calendar, and the breach instant found again."""
+        goal = goal_of(sla, clock.target)
+        if goal is None:
+            self.stop(clock, f"{reason}; SLA {sla.name} has no {clock.target} goal",
+                      outcome="cancelled")
+            return
+        kind = clock.state
+        self._close_segment(clock)
+        self.session.flush()
+        clock.sla, clock.calendar, clock.goal_minutes = sla.name, sla.calendar, goal
+        cal = self.cal(clock)
+        used, breach = 0, None
+        for seg in self.session.scalars(select(m.SlaSegment).where(
+                m.SlaSegment.clock_id == clock.id, m.SlaSegment.kind == "running")
+                .order_by(m.SlaSegment.id)):
+            start, end = aware(seg.start_at), aware(seg.end_at)
+            assert start is not None and end is not None
+            seg.counted_seconds = round(cal.working_seconds(start, end))
+            if breach is None and used + seg.counted_seconds > goal * 60:
+                breach = cal.add(start, goal * 60 - used)
+            used += seg.counted_seconds
+        clock.used_seconds, clock.breached_at = used, breach
+        clock.next_level = min(clock.next_level, len(sla.levels))
+        if kind == "running":
+            self._run(clock, sla)
+        else:
+            self._idle(clock, "paused")
+        self._segment(clock, kind, reason)
+
+    # -- what happens to tickets --------------------------------------------------------
+
+    def reselect(self, why: str) -> Sla | None:
+        """Choose the SLA again; switch the open clocks if it changed. Returns it."""
+        assert self.settings is not None
+        old = self.ticket.sla
+        sla, reason = select_sla(self.settings, self.ticket)
+        self.ticket.sla = sla.name if sla is not None else None
+        self.ticket.sla_reason = reason
+        stale = [c for c in self.open() if sla is None or c.sla != sla.name]
+        if sla is None:
+            for c in stale:
+                self.stop(c, f"no SLA applies any more ({why})", outcome="cancelled")
+            return None
+        for c in stale:
+            self.retarget(c, sla, f"SLA {c.sla} -> {sla.name} ({why}; {reason}): "
+                                  "its goals apply from the clock's start")
+        if old is None and not self.open() and self.ticket.state not in (
+                "closed", *CANCEL_STATES):
+            # The ticket had no SLA so far: its solution clock starts now (first response
+            # and update clocks start with the next customer message).
+            self.start(sla, "solution", f"SLA {sla.name} applies ({why}; {reason})",
+                       cycle=max((c.cycle for c in self.clocks if c.target == "solution"),
+                                 default=-1) + 1,
+                       paused_by=self.pausing(sla))
+        return sla
+
+    def pausing(self, sla: Sla | None) -> str | None:
+        state = self.ticket.state
+        return f"state {state}" if sla is not None and state in sla.pause_states else None
+
+    def sync_state(self, sla: Sla | None, why: str = "") -> None:
+        """Make the clocks agree with the ticket's state: closed stops them, a pause state
+        pauses them, merged cancels them, a reopened ticket's solution clock runs on."""
+        state = self.ticket.state
+        note = f" ({why})" if why else ""
+        if state in CANCEL_STATES:
+            for c in self.open():
+                self.stop(c, f"ticket {state}{note}", outcome="cancelled")
+            return
+        if state == "closed":
+            for c in self.open():
+                self.stop(c, f"ticket closed{note}")
+            return
+        paused_by = self.pausing(sla)
+        for c in self.open():
+            if paused_by is not None and c.state == "running":
+                self.pause(c, f"{paused_by}{note}")
+            elif paused_by is None and c.state == "paused":
+                self.resume(c, f"state {state}{note}")
+        solutions = [c for c in self.clocks if c.target == "solution"]
+        last = solutions[-1] if solutions else None
+        if last is not None and last.state == "stopped" and last.outcome in ("met", "breached"):
+            self.reopen(last, f"reopened, state {state}{note}", paused_by)
+
+    def on_article(self, sla: Sla | None, article: m.Article) -> None:
+        if sla is None:
+            return
+        if _is_customer_message(article):
+            if not self.open("first_response") and not self.open("update"):
+                cycle = max((c.cycle for c in self.clocks if c.target == "update"),
+                            default=0) + 1
+                self.start(sla, "update", f"customer message from {article.from_addr}",
+                           cycle=cycle, paused_by=self.pausing(sla))
+        elif _is_agent_answer(article):
+            who = article.from_addr or "an agent"
+            for c in self.open("first_response") + self.open("update"):
+                self.stop(c, f"answer by {who}")
+
+
+def on_article(session: Session, settings: Settings, ticket: m.Ticket, article: m.Article,
+               *, new_ticket: bool, at: datetime) -> None:
+    """An article was stored (see mailgw.ticket_events.article_added)."""
+    if not settings.slas and ticket.sla is None:
+        return
+    if new_ticket:
+        sla, reason = select_sla(settings, ticket)
+        ticket.sla, ticket.sla_reason = (sla.name if sla else None), reason
+        if sla is None:
+            return
+        tc = _Clocks(session, settings, ticket, at, [])
+        paused_by = tc.pausing(sla)
+        tc.start(sla, "solution", "ticket created", paused_by=paused_by)
+        if _is_customer_message(article):
+            opening = f"ticket opened by a message from {article.from_addr}"
+            if tc.start(sla, "first_response", opening, paused_by=paused_by) is None:
+                tc.start(sla, "update", opening, cycle=1, paused_by=paused_by)
+        if ticket.state == "closed" or ticket.state in CANCEL_STATES:
+            tc.sync_state(sla)
+        return
+    tc = _Clocks.load(session, settings, ticket, at)
+    sla = tc.reselect("re-checked on a new article")
+    # The worker may have reopened the ticket (closed/pending -> open) for this message.
+    tc.sync_state(sla, "customer follow-up" if _is_customer_message(article) else "")
+    tc.on_article(sla, article)
+
+
+def on_change(session: Session, settings: Settings, ticket: m.Ticket,
+              changes: dict[str, tuple[Any, Any]], *, at: datetime, reason: str = "") -> None:
+    """Ticket attributes changed (see mailgw.ticket_events.ticket_changed)."""
+    if not settings.slas and ticket.sla is None:
+        return
+    relevant = [k for k in changes if k in SELECTING or k == "state"]
+    if not relevant:
+        return
+    tc = _Clocks.load(session, settings, ticket, at)
+    said = ", ".join(f"{k} {changes[k][0]} -> {changes[k][1]}" for k in relevant)
+    why = f"{reason}: {said}" if reason else said
+    if any(k in SELECTING for k in changes):
+        sla = tc.reselect(why)
+    else:
+        sla = sla_by_name(settings, ticket.sla)
+    if "state" in changes:
+        tc.sync_state(sla, reason)
+
+
+def cancel_clocks(session: Session, ticket: m.Ticket, reason: str, *,
+                  settings: Settings | None = None, at: datetime | None = None) -> int:
+    """Cancel every open clock of ``ticket`` (deleted, merged): outcome cancelled, and a
+    ledger entry with ``reason``. Give ``settings`` so the last running segment is counted
+    with the SLA's calendar (without: calendar time). Returns how many clocks were open."""
+    tc = _Clocks.load(session, settings, ticket, at or datetime.now(UTC))
+    opened = tc.open()
+    for c in opened:
+        tc.stop(c, reason, outcome="cancelled")
+    return len(opened)
