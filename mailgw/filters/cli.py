@@ -261,9 +261,12 @@ def _explain_inbound(obj: Any, inbound_id: int, as_json: bool) -> None:
 def explain(obj: Any, number: str | None, inbound_id: int | None, as_json: bool) -> None:
     """Why TICKET looks as it does: per incoming message, how it was threaded, which filter
     rules matched (and which did not), what each changed, who was assigned and why, and
-    which auto-responses were sent or suppressed."""
+    which auto-responses were sent or suppressed; the SLA clocks and why each is due when
+    it is."""
     from sqlalchemy import select
 
+    from mailgw.sla.explain import explain_ticket
+    from mailgw.sla.explain import render_text as render_sla
     from mailgw.store.db import read_session
     from mailgw.store.models import Article, Event, Ticket
 
@@ -310,6 +313,8 @@ def explain(obj: Any, number: str | None, inbound_id: int | None, as_json: bool)
             "custom_fields": t.custom_fields or {}, "customer": t.customer,
             "company": t.company, "owner": t.owner, "messages": messages,
         }
+        # SLA clocks and their ledger in words (mailgw/sla/explain.py)
+        data["sla"] = explain_ticket(s, obj.settings(), t)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -352,3 +357,6 @@ def explain(obj: Any, number: str | None, inbound_id: int | None, as_json: bool)
                 click.echo(f"   auto-response: {ar.get('template')} to {ar.get('to')}")
             else:
                 click.echo(f"   auto-response suppressed: {ar.get('reason')}")
+    click.echo("")
+    for line in render_sla(data["sla"]):
+        click.echo(line)
