@@ -489,3 +489,23 @@ def test_filter_sla_action_is_checked_and_in_the_schema(sla_home):
     assert proc.returncode != 0
     err = (proc.stdout + proc.stderr).decode()
     assert "60-bad.yaml" in err and "unknown SLA 'vipp'" in err
+
+
+def test_the_commented_example_in_the_shipped_config_is_valid():
+    text = (Path(__file__).parents[1] / "config" / "mailgw.yaml").read_text()
+    lines = text.splitlines()
+
+    def block(key: str):  # type: ignore[no-untyped-def]
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"# {key}:"))
+        out = [lines[start][2:]]
+        for line in lines[start + 1:]:
+            if not line.startswith("#  "):
+                break
+            out.append(line[2:])
+        return yaml.safe_load("\n".join(out))[key]
+
+    shipped = yaml.safe_load(text)
+    settings = Settings.model_validate({**shipped, "calendars": block("calendars"),
+                                        "slas": block("slas")})
+    assert [s.name for s in settings.slas] == ["vip", "standard"]
+    assert settings.slas[0].levels[1].actions.priority == "raise"

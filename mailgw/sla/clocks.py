@@ -177,7 +177,7 @@ class _Clocks:
         else:
             self._idle(clock, "paused")
         self.session.add(clock)
-        self.session.flush([clock])
+        self.session.flush()  # the clock's id, for its segments
         self.clocks.append(clock)
         if paused_by is None:
             self._segment(clock, "running", reason)
@@ -267,8 +267,9 @@ class _Clocks:
         assert self.settings is not None
         old = self.ticket.sla
         sla, reason = select_sla(self.settings, self.ticket)
-        self.ticket.sla = sla.name if sla is not None else None
-        self.ticket.sla_reason = reason
+        name = sla.name if sla is not None else None
+        if (self.ticket.sla, self.ticket.sla_reason) != (name, reason):
+            self.ticket.sla, self.ticket.sla_reason = name, reason
         stale = [c for c in self.open() if sla is None or c.sla != sla.name]
         if sla is None:
             for c in stale:
