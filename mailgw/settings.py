@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mailgw.calendar import CalendarConfig, WorkingHours
+from mailgw.calendar import WEEKDAYS, CalendarConfig, WorkingHours
 
 Level = Literal["high", "medium", "low"]
 
@@ -361,6 +361,10 @@ class Settings(_Strict):
             if sla.calendar is not None and sla.calendar not in calendars:
                 raise ValueError(f"{where}: unknown calendar {sla.calendar!r} (calendars: "
                                  f"{', '.join(sorted(calendars)) or 'none'})")
+            cal = next((c for c in self.calendars if c.name == sla.calendar), None)
+            if cal is not None and not any(getattr(cal, d) for d in WEEKDAYS):
+                # its clocks could never count a second: refused here, not on the hot path
+                raise ValueError(f"{where}: calendar {cal.name!r} has no working hours")
             for q in sla.applies_to.queues if sla.applies_to else []:
                 if q not in queues:
                     raise ValueError(f"{where}: applies_to names unknown queue {q!r}")

@@ -335,6 +335,22 @@ def test_merged_ticket_cancels_its_clocks(engine, settings):
         assert cancel_clocks(s, t2, "again", settings=settings) == 0
 
 
+def test_a_ticket_born_pending_or_closed(engine, settings):
+    """A filter rule may set the state of a new ticket: its clocks start paused, or stop."""
+    with Session(engine) as s, s.begin():
+        t = open_ticket(s, settings, FRI_1755, state="pending")
+        for c in clocks(s, t).values():
+            assert (c.state, c.due_at, c.next_notice_at) == ("paused", None, None)
+            [seg] = segments(s, c)
+            assert seg.kind == "paused" and seg.reason.endswith("; state pending")
+        set_state(s, settings, t, "open", berlin(2026, 11, 30, 9, 0))
+        assert utc(clocks(s, t)["first_response"].due_at) == berlin(2026, 11, 30, 10, 0)
+        t2 = open_ticket(s, settings, FRI_1755, state="closed")
+        cs = clocks(s, t2)
+        assert {(c.state, c.outcome, c.used_seconds) for c in cs.values()} == {
+            ("stopped", "met", 0)}
+
+
 def test_no_sla_no_clocks(engine, settings):
     bare = Settings.model_validate({**CONFIG, "slas": []})
     with Session(engine) as s, s.begin():
@@ -420,6 +436,9 @@ def test_settings_refuse_bad_sla_config():
     assert "assign: unknown agent 'carol'" in bad(levels=[{"percent": 100,
                                                            "actions": {"assign": "carol"}}])
     assert "at least one of" in bad(first_response=None)
+    with pytest.raises(ValidationError, match="calendar 'closed' has no working hours"):
+        Settings.model_validate({**CONFIG, "calendars": [{"name": "closed"}], "slas": [
+            {"name": "x", "calendar": "closed", "first_response": 60}]})
     ok = Settings.model_validate({**CONFIG, "slas": [{"name": "x", "update": 5, "levels": [
         {"percent": 100, "actions": {"assign": "queue"}}]}]})
     assert ok.slas[0].levels[0].actions.assign == "queue"
