@@ -1,0 +1,1 @@
+"""SLA clocks, escalations and reports (issue 6)."""
