@@ -389,3 +389,27 @@ def test_gateway_scheduler_sends_the_notice_through_the_relay(env, home, gateway
     assert mail["Auto-Submitted"] == "auto-generated" and "SLA warning" in mail["Subject"]
     wait_until(lambda: e.all(m.Outbox)[0].state == "sent", what="outbox row sent")
     assert e.count(m.SlaNotice) == 1
+
+
+def test_a_template_that_fails_holds_back_only_its_own_clock(env, home):  # type: ignore[no-untyped-def]
+    e = env([std(levels=[{"percent": 75, "template": "sla_custom"}, {"percent": 100}])])
+    with Session(e.engine) as s, s.begin():
+        add_clock(s, add_ticket(s, 1))  # 75 %: the missing template
+        breach = add_clock(s, add_ticket(s, 2), first_percent=100, since=T0 - 20 * MIN)
+        breach.next_level = 1  # its warning went out before
+    result = e.sweeper().sweep(T0 + 50 * MIN)
+    assert [(f.ticket, f.kind) for f in result.fired] == [("2026112510000002", "breach")]
+    [failed] = [ev for ev in e.all(m.Event) if ev.type == "sla_notice_failed"]
+    assert failed.data["error"].startswith("templates/sla_custom.j2: TemplateNotFound")
+    assert e.count(m.SlaNotice) == 1 and e.count(m.Outbox) == 1
+    clock = next(c for c in e.all(m.SlaClock) if c.id == 1)
+    assert clock.next_level == 0
+    assert aware(clock.next_notice_at) == T0 + 55 * MIN
+    # The admin adds the template: the next try sends it
+    (home.path / "templates" / "sla_custom.j2").write_text(
+        "{% block subject %}Custom {{ percent }}{% endblock %}"
+        "{% block body %}{{ ticket.title }}{% endblock %}")
+    e.renderer = Renderer(home.path / "templates")
+    result = e.sweeper().sweep(T0 + 56 * MIN)
+    assert [(f.ticket, f.percent) for f in result.fired] == [("2026112510000001", 75)]
+    assert message_from_bytes(e.all(m.Outbox)[-1].raw)["Subject"].endswith("Custom 75")

@@ -17,9 +17,10 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from jinja2 import TemplateError
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
@@ -34,6 +35,8 @@ from mailgw.store import models as m
 
 log = logging.getLogger(__name__)
 
+# A notice whose template fails is tried again this much later (after the admin's fix).
+RETRY_FAILED = timedelta(minutes=5)
 # Batches per sweep at most: a sweep ends when nothing is due, this only bounds a bug.
 _MAX_BATCHES = 10_000
 
@@ -192,9 +195,31 @@ class Sweeper:
             tickets = {t.id: t for t in s.scalars(
                 select(m.Ticket).where(m.Ticket.id.in_({c.ticket_id for c in clocks})))}
             for clock in clocks:
-                self._one(s, clock, tickets.get(clock.ticket_id), at, result)
+                # A SAVEPOINT per clock: a template that does not render (a config mistake)
+                # must not hold back every other clock of the batch, tick after tick.
+                savepoint = s.begin_nested()
+                try:
+                    self._one(s, clock, tickets.get(clock.ticket_id), at, result)
+                except TemplateError as exc:
+                    savepoint.rollback()
+                    self._failed(s, clock, at, exc, result)
+                else:
+                    savepoint.commit()
         result.batches += 1
         return len(clocks)
+
+    def _failed(self, s: Session, clock: m.SlaClock, at: datetime, exc: TemplateError,
+                result: SweepResult) -> None:
+        name = getattr(exc, "name", None) or getattr(exc, "filename", None)
+        line = getattr(exc, "lineno", None)
+        where = f"templates/{name}" + (f":{line}" if line else "") if name else "templates"
+        why = f"{where}: {type(exc).__name__}: {exc.message or exc}"
+        log.error("SLA notice for clock %s (ticket %s) not sent, retried in %s: %s",
+                  clock.id, clock.ticket_id, RETRY_FAILED, why)
+        clock.next_notice_at = at + RETRY_FAILED
+        s.add(m.Event(type="sla_notice_failed", ticket_id=clock.ticket_id, created_at=at,
+                      data={"clock_id": clock.id, "level": clock.next_level, "error": why}))
+        result.skipped.append({"clock_id": clock.id, "ticket_id": clock.ticket_id, "why": why})
 
     def _one(self, s: Session, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
              result: SweepResult) -> None:
