@@ -325,7 +325,7 @@ def test_two_concurrent_sweepers_fire_each_notice_exactly_once(env, store_url): 
 def test_a_crash_inside_the_transaction_loses_nothing_and_doubles_nothing(env, monkeypatch):  # type: ignore[no-untyped-def]
     e = env([std()])
     _many(e, 30)
-    real = sweep_mod.queue_notice
+    real = sweep_mod.prepare
     calls = {"n": 0}
 
     def crash_on_the_12th(*a, **kw):  # type: ignore[no-untyped-def]
@@ -334,14 +334,14 @@ def test_a_crash_inside_the_transaction_loses_nothing_and_doubles_nothing(env, m
             raise RuntimeError("killed between claim and commit")
         return real(*a, **kw)
 
-    monkeypatch.setattr(sweep_mod, "queue_notice", crash_on_the_12th)
+    monkeypatch.setattr(sweep_mod, "prepare", crash_on_the_12th)
     with pytest.raises(RuntimeError):
         e.sweeper(batch_size=10).sweep(T0 + 50 * MIN)
     # The first batch (10) committed; the second rolled back whole
     assert e.count(m.SlaNotice) == 10 and e.count(m.Outbox) == 10
     assert sorted(c.next_level for c in e.all(m.SlaClock)) == [0] * 20 + [1] * 10
     # A restarted sweeper (new engine) finishes the rest, once
-    monkeypatch.setattr(sweep_mod, "queue_notice", real)
+    monkeypatch.setattr(sweep_mod, "prepare", real)
     e.engine.dispose()
     e.engine = e.home.engine()
     result = e.sweeper(batch_size=10).sweep(T0 + 50 * MIN)

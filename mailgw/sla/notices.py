@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from mailgw.calendar import Calendar
@@ -31,15 +31,19 @@ WARNING_TEMPLATE, BREACH_TEMPLATE = "sla_warning", "sla_breach"
 _DELAYED = timedelta(minutes=1)
 
 
-@dataclass(frozen=True)
-class Notice:
-    """What one level's notice did: who it went to, and the outbox row (None: nobody)."""
+@dataclass
+class Prepared:
+    """A rendered notice, ready to be stored (``store``) with the rest of its batch."""
 
-    recipients: list[str]
-    unaddressed: list[str]  # entries of `notify` that named nobody, with why
+    ticket_id: int
+    to: list[str]
     template: str
-    outbox_id: int | None
-    article_id: int | None
+    message_id: str
+    from_address: str
+    raw: bytes
+    article: dict[str, Any]  # the outgoing article's columns, without its id
+    article_id: int | None = None
+    outbox_id: int | None = None
 
 
 def aware(dt: datetime | None) -> datetime | None:
@@ -86,23 +90,34 @@ def _local(cal: Calendar, dt: datetime | None) -> str | None:
     return cal.local(aware(dt)).strftime("%Y-%m-%d %H:%M %Z")  # type: ignore[arg-type]
 
 
-def queue_notice(session: Session, settings: Settings, renderer: Renderer, *,
-                 ticket: m.Ticket, clock: m.SlaClock, sla: Sla, cal: Calendar,
-                 level_index: int, level: SlaLevel, reached_at: datetime, at: datetime,
-                 actions: dict[str, Any]) -> Notice:
-    """Render the level's notice and queue it in the outbox (no commit). ``reached_at`` is
-    when the level was really reached; ``at`` is now (later when the notice was deferred
-    to working hours). ``actions`` is what the level did to the ticket, for the text."""
-    kind = "breach" if level.percent >= 100 else "warning"
-    template = level.template or (BREACH_TEMPLATE if kind == "breach" else WARNING_TEMPLATE)
-    to, missing = recipients(settings, ticket, level)
-    if not to:
-        session.add(m.Event(type="sla_notice_unaddressed", ticket_id=ticket.id, created_at=at,
-                            data={"clock_id": clock.id, "sla": sla.name, "target": clock.target,
-                                  "level": level_index, "percent": level.percent,
-                                  "notify": list(level.notify), "why": missing}))
-        return Notice([], missing, template, None, None)
+def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
+    """The first message of each ticket (one query for a batch): notices reply to it, so
+    agents' clients file them in the ticket's thread."""
+    if not ticket_ids:
+        return {}
+    first = (select(func.min(m.Article.id))
+             .where(m.Article.ticket_id.in_(ticket_ids), m.Article.message_id.is_not(None))
+             .group_by(m.Article.ticket_id))
+    return dict(session.execute(select(m.Article.ticket_id, m.Article.message_id)
+                                .where(m.Article.id.in_(first))).tuples().all())
 
+
+def template_for(level: SlaLevel) -> str:
+    if level.template:
+        return level.template
+    return BREACH_TEMPLATE if level.percent >= 100 else WARNING_TEMPLATE
+
+
+def prepare(settings: Settings, renderer: Renderer, *, ticket: m.Ticket, clock: m.SlaClock,
+            sla: Sla, cal: Calendar, level_index: int, level: SlaLevel, to: list[str],
+            reached_at: datetime, at: datetime, root: str | None,
+            actions: dict[str, Any]) -> Prepared:
+    """Render a level's notice to ``to`` (raises jinja2's TemplateError on a bad template).
+    ``reached_at``: when the level was really reached; ``at``: now (later when the notice
+    was deferred to working hours); ``actions``: what the level did, for the text; ``cal``:
+    the zone the times are shown in."""
+    kind = "breach" if level.percent >= 100 else "warning"
+    template = template_for(level)
     queue = settings.queue(ticket.queue) or settings.queues[0]
     number = ticket.number or ""
     cfg = settings.ticket_numbers
@@ -124,13 +139,7 @@ def queue_notice(session: Session, settings: Settings, renderer: Renderer, *,
         "owner": ticket.owner, "queue": {"name": queue.name, "address": queue.from_address},
         "tag": tag, "actions": actions,
     })
-    signer = signer_for(settings)
-    message_id = signer.message_id(ticket.id)
-    # The ticket's first message leads References, so agents' clients file the notice in
-    # the ticket's thread.
-    root = session.scalar(select(m.Article.message_id).where(
-        m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
-        .order_by(m.Article.id).limit(1))
+    message_id = signer_for(settings).message_id(ticket.id)
     references = [root] if root else []
     subject = tag_subject(cfg, number, rendered.subject)
     raw = build_message(
@@ -146,23 +155,39 @@ def queue_notice(session: Session, settings: Settings, renderer: Renderer, *,
             "X-Mailgw-SLA": f"{sla.name} {clock.target} {kind} {level.percent}%",
         },
     )
-    article = m.Article(
+    article = dict(
         ticket_id=ticket.id, direction="out", sender_type="system",
         from_addr=queue.from_address, from_name=queue.sender_name or "",
-        to_addrs=", ".join(to), subject=subject, message_id=message_id, in_reply_to=root,
-        references=" ".join(references) or None, body_text=rendered.body,
+        to_addrs=", ".join(to), cc_addrs="", subject=subject, message_id=message_id,
+        in_reply_to=root, references=" ".join(references) or None, body_text=rendered.body,
         threaded_by="sla_notice",
         thread_reason=f"SLA {sla.name} {clock.target} {kind} at {level.percent}% ({template})",
         is_automatic=True, automatic_reason="SLA escalation notice", delivery_state="queued",
         created_at=at,
     )
-    session.add(article)
-    session.flush()
-    envelope_from = (signer.verp_address(article.id, queue.from_address) if signer.verp
-                     else queue.from_address)
-    out = m.Outbox(ticket_id=ticket.id, article_id=article.id, mail_from=envelope_from,
-                   rcpt_tos=to, message_id=message_id, raw=raw, state="pending", attempts=0,
-                   next_attempt_at=at, created_at=at)
-    session.add(out)
-    session.flush()
-    return Notice(to, missing, template, out.id, article.id)
+    return Prepared(ticket.id, to, template, message_id, queue.from_address, raw, article)
+
+
+def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
+    """Insert the notices' articles and outbox rows, a statement each for the whole batch;
+    sets ``article_id`` and ``outbox_id`` on each."""
+    if not notices:
+        return
+    ids = session.execute(
+        insert(m.Article).returning(m.Article.id, sort_by_parameter_order=True),
+        [n.article for n in notices]).scalars().all()
+    signer = signer_for(settings)
+    rows = []
+    for n, article_id in zip(notices, ids, strict=True):
+        n.article_id = article_id
+        # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
+        envelope_from = (signer.verp_address(article_id, n.from_address) if signer.verp
+                         else n.from_address)
+        rows.append(dict(ticket_id=n.ticket_id, article_id=article_id, mail_from=envelope_from,
+                         rcpt_tos=n.to, message_id=n.message_id, raw=n.raw, state="pending",
+                         attempts=0, next_attempt_at=at, created_at=at))
+    out_ids = session.execute(
+        insert(m.Outbox).returning(m.Outbox.id, sort_by_parameter_order=True),
+        rows).scalars().all()
+    for n, outbox_id in zip(notices, out_ids, strict=True):
+        n.outbox_id = outbox_id

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailgw import ticket_events
@@ -29,8 +29,8 @@ from mailgw.assign import choose_owner
 from mailgw.calendar import ALWAYS, Calendar
 from mailgw.outbound.render import Renderer
 from mailgw.queue import now as utcnow
-from mailgw.settings import Settings, Sla, SlaActions, per_settings
-from mailgw.sla.notices import aware, queue_notice
+from mailgw.settings import Settings, Sla, SlaActions, SlaLevel, per_settings
+from mailgw.sla.notices import Prepared, aware, prepare, recipients, roots, store, template_for
 from mailgw.store import models as m
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,19 @@ def _schedule(clock: m.SlaClock, sla: Sla, cal: Calendar) -> None:
     clock.next_notice_at = _reached_at(clock, sla.levels[clock.next_level].percent, cal)
 
 
-def _insert_notice(session: Session, values: dict[str, Any]) -> int | None:
-    """INSERT the (clock, level) row unless it exists; its id, or None when it did."""
+def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> dict[tuple[int, int], int]:
+    """INSERT the (clock, level) guard rows, skipping those that exist (one statement);
+    returns {(clock_id, level): id} of the rows this transaction inserted."""
+    if not rows:
+        return {}
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as upsert
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = (insert(m.SlaNotice).values(**values)
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    stmt = (upsert(m.SlaNotice)
             .on_conflict_do_nothing(index_elements=["clock_id", "level"])
-            .returning(m.SlaNotice.id))
-    return session.execute(stmt).scalar()
+            .returning(m.SlaNotice.clock_id, m.SlaNotice.level, m.SlaNotice.id))
+    return {(c, lv): i for c, lv, i in session.execute(stmt, rows)}
 
 
 def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, actions: SlaActions,
@@ -182,7 +185,12 @@ class Sweeper:
         return result
 
     def tick(self, at: datetime, result: SweepResult) -> int:
-        """One batch in one transaction; returns how many clocks it claimed."""
+        """One batch in one transaction; returns how many clocks it claimed.
+
+        In phases, so a batch costs a fixed number of statements rather than several per
+        clock: claim; decide per clock (skip, reschedule, defer or fire); one INSERT of the
+        guard rows (those that already exist come back as not inserted); render; one INSERT
+        each of the articles, outbox rows, events; the clocks' and tickets' UPDATEs."""
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
             q = (select(m.SlaClock)
                  .where(m.SlaClock.next_notice_at.is_not(None), m.SlaClock.next_notice_at <= at)
@@ -194,35 +202,31 @@ class Sweeper:
                 return 0
             tickets = {t.id: t for t in s.scalars(
                 select(m.Ticket).where(m.Ticket.id.in_({c.ticket_id for c in clocks})))}
-            for clock in clocks:
-                # A SAVEPOINT per clock: a template that does not render (a config mistake)
-                # must not hold back every other clock of the batch, tick after tick.
-                savepoint = s.begin_nested()
-                try:
-                    self._one(s, clock, tickets.get(clock.ticket_id), at, result)
-                except TemplateError as exc:
-                    savepoint.rollback()
-                    self._failed(s, clock, at, exc, result)
-                else:
-                    savepoint.commit()
+            due = [d for c in clocks
+                   if (d := self._decide(c, tickets.get(c.ticket_id), at, result)) is not None]
+            fresh = _insert_notices(s, [{
+                "clock_id": d.clock.id, "ticket_id": d.clock.ticket_id, "level": d.index,
+                "kind": d.kind, "percent": d.level.percent,
+                "due_at": aware(d.clock.due_at) or d.due, "fired_at": at, "node": self.node,
+                "actions": {}} for d in due])
+            for d in due:
+                # Advance first: whatever the actions make the SLA code do to this clock
+                # (ticket_changed) has the last word on it.
+                d.clock.next_level = d.index + 1
+                _schedule(d.clock, d.sla, d.cal)
+                if (d.clock.id, d.index) not in fresh:
+                    # The guard row exists: fired before, though the clock had not moved on
+                    # (something rewound next_level). Never twice.
+                    log.warning("SLA clock %s level %s was notified before; not again",
+                                d.clock.id, d.index)
+            self._fire(s, [d for d in due if (d.clock.id, d.index) in fresh], fresh, at, result)
         result.batches += 1
         return len(clocks)
 
-    def _failed(self, s: Session, clock: m.SlaClock, at: datetime, exc: TemplateError,
-                result: SweepResult) -> None:
-        name = getattr(exc, "name", None) or getattr(exc, "filename", None)
-        line = getattr(exc, "lineno", None)
-        where = f"templates/{name}" + (f":{line}" if line else "") if name else "templates"
-        why = f"{where}: {type(exc).__name__}: {exc.message or exc}"
-        log.error("SLA notice for clock %s (ticket %s) not sent, retried in %s: %s",
-                  clock.id, clock.ticket_id, RETRY_FAILED, why)
-        clock.next_notice_at = at + RETRY_FAILED
-        s.add(m.Event(type="sla_notice_failed", ticket_id=clock.ticket_id, created_at=at,
-                      data={"clock_id": clock.id, "level": clock.next_level, "error": why}))
-        result.skipped.append({"clock_id": clock.id, "ticket_id": clock.ticket_id, "why": why})
-
-    def _one(self, s: Session, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
-             result: SweepResult) -> None:
+    def _decide(self, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
+                result: SweepResult) -> _Due | None:
+        """What to do with one claimed clock: None when it is skipped, rescheduled or
+        deferred (done here, on the row); else the level that fires now."""
         sla = _sla(self.settings, clock.sla)
 
         def skip(why: str) -> None:
@@ -250,7 +254,7 @@ class Sweeper:
             result.skipped.append({"clock_id": clock.id, "ticket_id": clock.ticket_id,
                                    "why": f"level {level.percent}% not reached until "
                                           f"{reached.isoformat()}"})
-            return
+            return None
         due = _reached_at(clock, 100, cal)
         if clock.breached_at is None and due <= at:
             # The breach happened when the goal was used up, whenever we notice or tell.
@@ -263,44 +267,103 @@ class Sweeper:
             result.deferred.append({"clock_id": clock.id, "ticket_id": clock.ticket_id,
                                     "level": clock.next_level, "percent": level.percent,
                                     "until": until.isoformat()})
-            return
-        kind = "breach" if level.percent >= 100 else "warning"
-        notice_id = _insert_notice(s, {
-            "clock_id": clock.id, "ticket_id": clock.ticket_id, "level": clock.next_level,
-            "kind": kind, "percent": level.percent, "due_at": aware(clock.due_at) or due,
-            "fired_at": at,
-            "node": self.node, "actions": {}})
-        index = clock.next_level
-        # Advance first: whatever the actions make the SLA code do to this clock
-        # (ticket_changed below) has the last word on it.
-        clock.next_level = index + 1
-        _schedule(clock, sla, cal)
-        if notice_id is None:
-            # Fired before (the guard row exists) but the clock was not advanced with it:
-            # only possible if something else rewound next_level. Never twice.
-            log.warning("sla clock %s level %s was already notified; advancing", clock.id, index)
-            return
-        changes, notes = apply_actions(s, self.settings, ticket, level.actions, at)
-        notice = queue_notice(s, self.settings, self.renderer, ticket=ticket, clock=clock,
-                              sla=sla, cal=hours, level_index=index, level=level,
-                              reached_at=reached, at=at,
-                              actions={"changes": changes, "notes": notes})
-        done = {"changes": changes, "notes": notes, "recipients": notice.recipients,
-                "unaddressed": notice.unaddressed, "template": notice.template,
-                "outbox_id": notice.outbox_id, "article_id": notice.article_id}
-        s.execute(update(m.SlaNotice).where(m.SlaNotice.id == notice_id).values(actions=done))
-        s.add(m.Event(type=f"sla_{kind}", ticket_id=ticket.id, article_id=notice.article_id,
-                      created_at=at, data={
-                          "clock_id": clock.id, "sla": sla.name, "target": clock.target,
-                          "level": index, "percent": level.percent,
-                          "reached_at": reached.isoformat(), **done}))
-        if changes:
-            ticket_events.ticket_changed(
-                s, self.settings, ticket, {k: (v[0], v[1]) for k, v in changes.items()},
-                at=at, reason=f"SLA {sla.name} {clock.target} {kind} at {level.percent}%")
-        result.fired.append(Fired(
-            clock.id, ticket.id, ticket.number, sla.name, clock.target, index, level.percent,
-            kind, reached.isoformat(), notice.recipients, changes))
+            return None
+        return _Due(clock, ticket, sla, cal, hours, clock.next_level, level, reached, due)
+
+    def _fire(self, s: Session, due: list[_Due], fresh: dict[tuple[int, int], int],
+              at: datetime, result: SweepResult) -> None:
+        """Actions, mails, events for the levels whose guard row this transaction wrote."""
+        root = roots(s, {d.ticket.id for d in due})
+        mails: list[Prepared] = []
+        fired: list[tuple[_Due, dict[str, Any], Prepared | None]] = []
+        for d in due:
+            kind = d.kind
+            changes, notes = apply_actions(s, self.settings, d.ticket, d.level.actions, at)
+            done: dict[str, Any] = {"changes": changes, "notes": notes}
+            to, missing = recipients(self.settings, d.ticket, d.level)
+            mail = None
+            if to:
+                try:
+                    mail = prepare(self.settings, self.renderer, ticket=d.ticket, clock=d.clock,
+                                   sla=d.sla, cal=d.hours, level_index=d.index, level=d.level,
+                                   to=to, reached_at=d.reached, at=at,
+                                   root=root.get(d.ticket.id), actions=done)
+                except TemplateError as exc:
+                    self._failed(s, d, fresh, changes, at, exc, result)
+                    continue
+                mails.append(mail)
+            else:
+                s.add(m.Event(type="sla_notice_unaddressed", ticket_id=d.ticket.id,
+                              created_at=at, data={
+                                  "clock_id": d.clock.id, "sla": d.sla.name,
+                                  "target": d.clock.target, "level": d.index,
+                                  "percent": d.level.percent, "notify": list(d.level.notify),
+                                  "why": missing}))
+            done.update(recipients=to, unaddressed=missing, template=template_for(d.level))
+            fired.append((d, done, mail))
+            if changes:
+                ticket_events.ticket_changed(
+                    s, self.settings, d.ticket, {k: (v[0], v[1]) for k, v in changes.items()},
+                    at=at, reason=f"SLA {d.sla.name} {d.clock.target} {kind} at "
+                                  f"{d.level.percent}%")
+        store(s, self.settings, mails, at)
+        events, updates = [], []
+        for d, done, mail in fired:
+            done.update(article_id=mail.article_id if mail else None,
+                        outbox_id=mail.outbox_id if mail else None)
+            updates.append({"id": fresh[(d.clock.id, d.index)], "actions": done})
+            events.append({"type": f"sla_{d.kind}", "ticket_id": d.ticket.id,
+                           "article_id": done["article_id"], "created_at": at, "data": {
+                               "clock_id": d.clock.id, "sla": d.sla.name,
+                               "target": d.clock.target, "level": d.index,
+                               "percent": d.level.percent, "reached_at": d.reached.isoformat(),
+                               **done}})
+            result.fired.append(Fired(
+                d.clock.id, d.ticket.id, d.ticket.number, d.sla.name, d.clock.target, d.index,
+                d.level.percent, d.kind, d.reached.isoformat(), done["recipients"],
+                done["changes"]))
+        if fired:
+            s.execute(update(m.SlaNotice), updates)
+            s.execute(insert(m.Event), events)
+
+    def _failed(self, s: Session, d: _Due, fresh: dict[tuple[int, int], int],
+                changes: dict[str, list[Any]], at: datetime, exc: TemplateError,
+                result: SweepResult) -> None:
+        """A notice that does not render (a config mistake) is not sent and not counted:
+        its guard row goes, the ticket keeps its values, the clock stays at this level and
+        is tried again in RETRY_FAILED, and the rest of the batch goes on."""
+        name = getattr(exc, "name", None) or getattr(exc, "filename", None)
+        line = getattr(exc, "lineno", None)
+        where = f"templates/{name}" + (f":{line}" if line else "") if name else "templates"
+        why = f"{where}: {type(exc).__name__}: {exc.message or exc}"
+        log.error("SLA notice for clock %s (ticket %s) not sent, retried in %s: %s",
+                  d.clock.id, d.ticket.id, RETRY_FAILED, why)
+        s.execute(delete(m.SlaNotice).where(m.SlaNotice.id == fresh.pop((d.clock.id, d.index))))
+        for column, (old, _new) in changes.items():
+            setattr(d.ticket, column, old)
+        d.clock.next_level, d.clock.next_notice_at = d.index, at + RETRY_FAILED
+        s.add(m.Event(type="sla_notice_failed", ticket_id=d.ticket.id, created_at=at,
+                      data={"clock_id": d.clock.id, "level": d.index, "error": why}))
+        result.skipped.append({"clock_id": d.clock.id, "ticket_id": d.ticket.id, "why": why})
+
+
+@dataclass
+class _Due:
+    """A claimed clock whose level fires in this batch."""
+
+    clock: m.SlaClock
+    ticket: m.Ticket
+    sla: Sla
+    cal: Calendar  # the clock's arithmetic
+    hours: Calendar  # the SLA's working hours (deferral, times in the mail)
+    index: int
+    level: SlaLevel
+    reached: datetime
+    due: datetime
+
+    @property
+    def kind(self) -> str:
+        return "breach" if self.level.percent >= 100 else "warning"
 
 
 def sweep(engine: Engine, settings: Settings, renderer: Renderer, *,
