@@ -1,1 +1,0 @@
-"""SLA clocks, escalations and reports (issue 6)."""
