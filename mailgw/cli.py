@@ -343,6 +343,9 @@ def config_check(obj: Obj) -> None:
             load_pipeline(obj.home.filters_dir(settings), settings, obj.home.templates)
         except ConfigError as exc:
             errors += exc.errors
+        from mailgw.sla.notices import check_templates  # the SLA levels' notice templates
+
+        errors += check_templates(settings, Renderer(obj.home.templates))
     errors += Renderer(obj.home.templates).check()
     if errors:
         for e in errors:

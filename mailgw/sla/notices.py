@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from jinja2 import TemplateError, TemplateNotFound
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
@@ -191,3 +192,30 @@ def store(session: Session, settings: Settings, notices: list[Prepared], at: dat
         rows).scalars().all()
     for n, outbox_id in zip(notices, out_ids, strict=True):
         n.outbox_id = outbox_id
+
+
+def check_templates(settings: Settings, renderer: Renderer) -> list[str]:
+    """Compile every template an SLA level would send (for ``mailgw config check``);
+    problems as ``templates/NAME.j2[:line]: reason (slas[i] NAME level P%)``."""
+    errors = []
+    seen: set[str] = set()
+    for i, sla in enumerate(settings.slas):
+        for level in sla.levels:
+            name = template_for(level)
+            if name in seen:
+                continue
+            seen.add(name)
+            where = f"(slas[{i}] {sla.name} level {level.percent}%)"
+            try:
+                tmpl = renderer.env.get_template(f"{name}.j2")
+            except TemplateNotFound:
+                errors.append(f"templates/{name}.j2: not found {where}")
+                continue
+            except TemplateError as exc:
+                line = getattr(exc, "lineno", None)
+                errors.append(f"templates/{name}.j2" + (f":{line}" if line else "")
+                              + f": {exc.message or exc} {where}")
+                continue
+            if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
+                errors.append(f"templates/{name}.j2: needs a 'subject' and a 'body' block {where}")
+    return errors
