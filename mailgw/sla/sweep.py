@@ -5,10 +5,11 @@ on it, oldest first, a batch at a time: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL
 sweepers on several nodes share the due clocks instead of waiting for each other; SQLite's
 ``BEGIN IMMEDIATE`` (mailgw/store/db.py) makes a sweep the one writer. Per clock, in the
 batch's one transaction: re-check that it runs and really reached its level (else clear or
-correct ``next_notice_at``), insert the ``sla_notices`` row for (clock, level) — its unique
-index is what makes a notice exactly-once across sweepers, crashes and restarts —, set
-``breached_at``, queue the notice mail, apply the level's actions, advance ``next_level``
-and schedule the next one. A crash before the commit leaves everything as it was.
+correct ``next_notice_at``), set ``breached_at`` once the goal has passed, defer to the SLA
+calendar's working hours if asked, insert the ``sla_notices`` row for (clock, level) — its
+unique index is what makes a notice exactly-once across sweepers, crashes and restarts —,
+advance ``next_level`` and schedule the next one, apply the level's actions and queue the
+notice mail. A crash before the commit leaves everything as it was.
 """
 
 from __future__ import annotations
