@@ -343,6 +343,9 @@ def config_check(obj: Obj) -> None:
             load_pipeline(obj.home.filters_dir(settings), settings, obj.home.templates)
         except ConfigError as exc:
             errors += exc.errors
+        from mailgw.sla.notices import check_templates  # the SLA levels' notice templates
+
+        errors += check_templates(settings, Renderer(obj.home.templates))
     errors += Renderer(obj.home.templates).check()
     if errors:
         for e in errors:
@@ -501,3 +504,38 @@ def status(obj: Obj, as_json: bool) -> None:
                    f"{b['ingested']} taken in, poller {b['poller'] or '-'}")
         if b["last_error"]:
             click.echo(f"  last error at {b['last_error_at']}: {b['last_error']}")
+
+
+@main.group()
+def sla() -> None:
+    """SLA escalations (docs/sla-escalations.md)."""
+
+
+@sla.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def sla_sweep(obj: Obj, as_json: bool) -> None:
+    """Run the escalation sweep once now: fire every warning and breach that is due (each
+    exactly once, also beside a running gateway) and print what fired. For cron and tests."""
+    from mailgw.outbound.render import Renderer
+    from mailgw.sla.sweep import sweep
+
+    settings = obj.settings()
+    engine = obj.engine()
+    try:
+        result = sweep(engine, settings, Renderer(obj.home.templates))
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+        return
+    for f in result.fired:
+        to = ", ".join(f.recipients) or "nobody (event sla_notice_unaddressed)"
+        done = "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in f.changes.items())
+        click.echo(f"{f.ticket}: {f.sla} {f.target} {f.kind} {f.percent}% "
+                   f"(reached {f.reached_at}) to {to}" + (f"; {done}" if done else ""))
+    for d in result.deferred:
+        click.echo(f"clock {d['clock_id']}: {d['percent']}% deferred to {d['until']} "
+                   "(outside working hours)")
+    click.echo(f"{len(result.fired)} fired, {len(result.deferred)} deferred, "
+               f"{len(result.skipped)} skipped")

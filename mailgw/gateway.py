@@ -102,6 +102,15 @@ class Gateway:
             scheduler.add_job(prune, "interval", minutes=10, id="loop-counter-prune",
                               args=(engine, self.settings.loop_protection),
                               coalesce=True, max_instances=1)
+            if self.settings.slas:
+                # SLA escalations (docs/sla-escalations.md): exactly-once by the database,
+                # so several nodes may run this job; one at a time per process is enough.
+                from mailgw.sla.sweep import Sweeper
+
+                sweeper = Sweeper(engine, self.settings, ctx.renderer)
+                scheduler.add_job(self._sla_sweep, "interval", args=(sweeper, sender_wake),
+                                  seconds=self.settings.sla_sweep.interval, id="sla-sweep",
+                                  coalesce=True, max_instances=1)
             scheduler.start()
         for t in threads:
             t.start()
@@ -150,6 +159,18 @@ class Gateway:
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
             pass
+
+    @staticmethod
+    def _sla_sweep(sweeper, sender_wake: threading.Event) -> None:  # type: ignore[no-untyped-def]
+        try:
+            result = sweeper.sweep()
+        except Exception:
+            # The transaction rolled back: nothing fired, the next run tries again.
+            log.exception("SLA sweep failed")
+            return
+        if result.fired:
+            log.info("SLA sweep: %d notice(s) fired", len(result.fired))
+            sender_wake.set()
 
     @staticmethod
     def _housekeeping(engine) -> None:  # type: ignore[no-untyped-def]

@@ -301,6 +301,14 @@ class Mailbox(_Strict):
         return self.port or (993 if self.tls == "imaps" else 143)
 
 
+class SlaSweep(_Strict):
+    """The escalation sweep (mailgw/sla/sweep.py): how often the scheduler runs it and how
+    many due clocks one transaction takes."""
+
+    interval: float = Field(default=30.0, gt=0)  # seconds
+    batch_size: int = Field(default=200, ge=1, le=10000)
+
+
 class Settings(_Strict):
     store_url: str | None = None  # default: SQLite in the home's store/
     smtp: Listener = Listener()
@@ -323,6 +331,7 @@ class Settings(_Strict):
     priority: PriorityMatrix = PriorityMatrix()
     mailboxes: list[Mailbox] = []  # IMAP intake (mailgw/intake/imap.py)
     slas: list[Sla] = []  # SLA definitions (mailgw/sla, docs/sla.md)
+    sla_sweep: SlaSweep = SlaSweep()  # the escalation sweep (docs/sla-escalations.md)
 
     @model_validator(mode="after")
     def _check_agents(self) -> Settings:

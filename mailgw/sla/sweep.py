@@ -1,0 +1,373 @@
+"""The escalation sweep: fire each SLA warning and breach exactly once (docs/sla-escalations.md).
+
+One tick reads only the clocks whose ``next_notice_at`` has come, through the partial index
+on it, oldest first, a batch at a time: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+sweepers on several nodes share the due clocks instead of waiting for each other; SQLite's
+``BEGIN IMMEDIATE`` (mailgw/store/db.py) makes a sweep the one writer. Per clock, in the
+batch's one transaction: re-check that it runs and really reached its level (else clear or
+correct ``next_notice_at``), set ``breached_at`` once the goal has passed, defer to the SLA
+calendar's working hours if asked, insert the ``sla_notices`` row for (clock, level) — its
+unique index is what makes a notice exactly-once across sweepers, crashes and restarts —,
+advance ``next_level`` and schedule the next one, apply the level's actions and queue the
+notice mail. A crash before the commit leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from jinja2 import TemplateError
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from mailgw import ticket_events
+from mailgw.assign import choose_owner
+from mailgw.calendar import ALWAYS, Calendar
+from mailgw.outbound.render import Renderer
+from mailgw.queue import now as utcnow
+from mailgw.settings import Settings, Sla, SlaActions, SlaLevel, per_settings
+from mailgw.sla.notices import Prepared, aware, prepare, recipients, roots, store, template_for
+from mailgw.store import models as m
+
+log = logging.getLogger(__name__)
+
+# A notice whose template fails is tried again this much later (after the admin's fix).
+RETRY_FAILED = timedelta(minutes=5)
+# Batches per sweep at most: a sweep ends when nothing is due, this only bounds a bug.
+_MAX_BATCHES = 10_000
+
+
+@dataclass
+class Fired:
+    """One notice the sweep sent (or, with no recipient, recorded)."""
+
+    clock_id: int
+    ticket_id: int
+    ticket: str | None
+    sla: str
+    target: str
+    level: int  # index into the SLA's levels
+    percent: int
+    kind: str  # warning / breach
+    reached_at: str
+    recipients: list[str]
+    changes: dict[str, list[Any]]
+
+
+@dataclass
+class SweepResult:
+    fired: list[Fired] = field(default_factory=list)
+    deferred: list[dict[str, Any]] = field(default_factory=list)  # clock, level, until
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # clock, why
+    batches: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"fired": [asdict(f) for f in self.fired], "deferred": self.deferred,
+                "skipped": self.skipped, "batches": self.batches}
+
+
+@per_settings
+def _calendars(settings: Settings) -> dict[str, Calendar]:
+    return {c.name: Calendar(c) for c in settings.calendars}
+
+
+def _calendar(settings: Settings, name: str | None) -> Calendar:
+    # TODO(merge): use sla-core's mailgw.sla.clocks.calendar_for(settings, name).
+    return ALWAYS if name is None else _calendars(settings).get(name, ALWAYS)
+
+
+def _sla(settings: Settings, name: str) -> Sla | None:
+    return next((s for s in settings.slas if s.name == name), None)
+
+
+def _reached_at(clock: m.SlaClock, percent: int, cal: Calendar) -> datetime:
+    """When a running clock reaches ``percent`` of its goal: the counted time before this
+    running segment, then working time of the calendar from ``running_since``."""
+    need = percent / 100 * clock.goal_minutes * 60 - clock.used_seconds
+    since = aware(clock.running_since)
+    assert since is not None
+    return since if need <= 0 else cal.add(since, need)
+
+
+def _schedule(clock: m.SlaClock, sla: Sla, cal: Calendar) -> None:
+    """Set ``next_notice_at`` from ``next_level``: when the next level is reached, or None
+    (no level left, or the clock is not running).
+    TODO(merge): replace with sla-core's mailgw.sla.clocks.schedule(clock, sla, calendar)."""
+    if clock.state != "running" or clock.running_since is None or \
+            clock.next_level >= len(sla.levels):
+        clock.next_notice_at = None
+        return
+    clock.next_notice_at = _reached_at(clock, sla.levels[clock.next_level].percent, cal)
+
+
+def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> dict[tuple[int, int], int]:
+    """INSERT the (clock, level) guard rows, skipping those that exist (one statement);
+    returns {(clock_id, level): id} of the rows this transaction inserted."""
+    if not rows:
+        return {}
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    stmt = (upsert(m.SlaNotice)
+            .on_conflict_do_nothing(index_elements=["clock_id", "level"])
+            .returning(m.SlaNotice.clock_id, m.SlaNotice.level, m.SlaNotice.id))
+    return {(c, lv): i for c, lv, i in session.execute(stmt, rows)}
+
+
+def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, actions: SlaActions,
+                  at: datetime) -> tuple[dict[str, list[Any]], list[str]]:
+    """Do a level's actions to the ticket (no commit). Returns the changes as
+    ``{column: [old, new]}`` and notes on what was not done and why."""
+    changes: dict[str, list[Any]] = {}
+    notes: list[str] = []
+    if actions.priority is not None:
+        new = max(1, ticket.priority - 1) if actions.priority == "raise" else actions.priority
+        if new != ticket.priority:
+            changes["priority"] = [ticket.priority, new]
+            ticket.priority = new
+        else:
+            notes.append(f"priority already {new}")
+    if actions.assign is not None:
+        owner: str | None = None
+        if actions.assign == "queue":
+            queue = settings.queue(ticket.queue)
+            if queue is None:
+                notes.append(f"assign: queue {ticket.queue!r} is not configured")
+            else:
+                result = choose_owner(session, settings, queue, tags=list(ticket.tags or []),
+                                      customer=ticket.customer, at=at, exclude_ticket=ticket.id)
+                owner = result.owner
+                notes.append(f"assign: {result.reason}")
+        elif settings.agent(actions.assign) is None:
+            notes.append(f"assign: {actions.assign!r} is not a configured agent")
+        else:
+            owner = actions.assign
+        if owner is not None and owner != ticket.owner:
+            changes["owner"] = [ticket.owner, owner]
+            ticket.owner = owner
+    if actions.tags:
+        old = list(ticket.tags or [])
+        new_tags = old + [t for t in dict.fromkeys(actions.tags) if t not in old]
+        if new_tags != old:
+            changes["tags"] = [old, new_tags]
+            ticket.tags = new_tags  # a new list: the JSON column sees the change
+    if changes:
+        ticket.updated_at = at
+    return changes, notes
+
+
+class Sweeper:
+    """Runs ticks; one per scheduler job or ``mailgw sla sweep``. Holds no state between
+    ticks besides its configuration: everything that matters is in the database."""
+
+    def __init__(self, engine: Engine, settings: Settings, renderer: Renderer, *,
+                 batch_size: int | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.renderer = renderer
+        self.batch_size = batch_size or settings.sla_sweep.batch_size
+        self.node = f"{socket.gethostname()}:{os.getpid()}"[:200]
+        self._pg = engine.dialect.name == "postgresql"
+
+    def sweep(self, at: datetime | None = None) -> SweepResult:
+        """Fire everything due at ``at`` (default now), batch after batch, until a batch
+        finds nothing. A clock whose next level is also due comes back in a later batch,
+        so levels fire in order."""
+        result = SweepResult()
+        for _ in range(_MAX_BATCHES):
+            if not self.tick(at or utcnow(), result):
+                break
+        return result
+
+    def tick(self, at: datetime, result: SweepResult) -> int:
+        """One batch in one transaction; returns how many clocks it claimed.
+
+        In phases, so a batch costs a fixed number of statements rather than several per
+        clock: claim; decide per clock (skip, reschedule, defer or fire); one INSERT of the
+        guard rows (those that already exist come back as not inserted); render; one INSERT
+        each of the articles, outbox rows, events; the clocks' and tickets' UPDATEs."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            q = (select(m.SlaClock)
+                 .where(m.SlaClock.next_notice_at.is_not(None), m.SlaClock.next_notice_at <= at)
+                 .order_by(m.SlaClock.next_notice_at).limit(self.batch_size))
+            if self._pg:
+                q = q.with_for_update(skip_locked=True)
+            clocks = list(s.scalars(q))
+            if not clocks:
+                return 0
+            tickets = {t.id: t for t in s.scalars(
+                select(m.Ticket).where(m.Ticket.id.in_({c.ticket_id for c in clocks})))}
+            due = [d for c in clocks
+                   if (d := self._decide(c, tickets.get(c.ticket_id), at, result)) is not None]
+            fresh = _insert_notices(s, [{
+                "clock_id": d.clock.id, "ticket_id": d.clock.ticket_id, "level": d.index,
+                "kind": d.kind, "percent": d.level.percent,
+                "due_at": aware(d.clock.due_at) or d.due, "fired_at": at, "node": self.node,
+                "actions": {}} for d in due])
+            for d in due:
+                # Advance first: whatever the actions make the SLA code do to this clock
+                # (ticket_changed) has the last word on it.
+                d.clock.next_level = d.index + 1
+                _schedule(d.clock, d.sla, d.cal)
+                if (d.clock.id, d.index) not in fresh:
+                    # The guard row exists: fired before, though the clock had not moved on
+                    # (something rewound next_level). Never twice.
+                    log.warning("SLA clock %s level %s was notified before; not again",
+                                d.clock.id, d.index)
+            self._fire(s, [d for d in due if (d.clock.id, d.index) in fresh], fresh, at, result)
+        result.batches += 1
+        return len(clocks)
+
+    def _decide(self, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
+                result: SweepResult) -> _Due | None:
+        """What to do with one claimed clock: None when it is skipped, rescheduled or
+        deferred (done here, on the row); else the level that fires now."""
+        sla = _sla(self.settings, clock.sla)
+
+        def skip(why: str) -> None:
+            clock.next_notice_at = None
+            result.skipped.append({"clock_id": clock.id, "ticket_id": clock.ticket_id,
+                                   "why": why})
+
+        if ticket is None:
+            return skip("the ticket does not exist")
+        if sla is None:
+            return skip(f"SLA {clock.sla!r} is not configured (any more)")
+        if clock.state != "running" or clock.running_since is None:
+            return skip(f"the clock is {clock.state}")
+        if clock.next_level >= len(sla.levels):
+            return skip("no level left")
+        # The clock counts in its own calendar (None: 24x7); notices keep the SLA calendar's
+        # working hours.
+        cal = _calendar(self.settings, clock.calendar)
+        hours = _calendar(self.settings, sla.calendar)
+        level = sla.levels[clock.next_level]
+        reached = _reached_at(clock, level.percent, cal)
+        if reached > at:
+            # Scheduled too early (the clock changed since): look again when it is reached.
+            clock.next_notice_at = reached
+            result.skipped.append({"clock_id": clock.id, "ticket_id": clock.ticket_id,
+                                   "why": f"level {level.percent}% not reached until "
+                                          f"{reached.isoformat()}"})
+            return None
+        due = _reached_at(clock, 100, cal)
+        if clock.breached_at is None and due <= at:
+            # The breach happened when the goal was used up, whenever we notice or tell.
+            clock.breached_at = due
+        if sla.defer_outside_hours and not hours.is_working_time(at):
+            until = hours.next_working(at)
+            # Wake up at the breach too, if it comes first: breached_at is recorded at its
+            # real time even while its notice waits for working hours.
+            clock.next_notice_at = until if clock.breached_at is not None else min(until, due)
+            result.deferred.append({"clock_id": clock.id, "ticket_id": clock.ticket_id,
+                                    "level": clock.next_level, "percent": level.percent,
+                                    "until": until.isoformat()})
+            return None
+        return _Due(clock, ticket, sla, cal, hours, clock.next_level, level, reached, due)
+
+    def _fire(self, s: Session, due: list[_Due], fresh: dict[tuple[int, int], int],
+              at: datetime, result: SweepResult) -> None:
+        """Actions, mails, events for the levels whose guard row this transaction wrote."""
+        root = roots(s, {d.ticket.id for d in due})
+        mails: list[Prepared] = []
+        fired: list[tuple[_Due, dict[str, Any], Prepared | None]] = []
+        for d in due:
+            kind = d.kind
+            changes, notes = apply_actions(s, self.settings, d.ticket, d.level.actions, at)
+            done: dict[str, Any] = {"changes": changes, "notes": notes}
+            to, missing = recipients(self.settings, d.ticket, d.level)
+            mail = None
+            if to:
+                try:
+                    mail = prepare(self.settings, self.renderer, ticket=d.ticket, clock=d.clock,
+                                   sla=d.sla, cal=d.hours, level_index=d.index, level=d.level,
+                                   to=to, reached_at=d.reached, at=at,
+                                   root=root.get(d.ticket.id), actions=done)
+                except TemplateError as exc:
+                    self._failed(s, d, fresh, changes, at, exc, result)
+                    continue
+                mails.append(mail)
+            else:
+                s.add(m.Event(type="sla_notice_unaddressed", ticket_id=d.ticket.id,
+                              created_at=at, data={
+                                  "clock_id": d.clock.id, "sla": d.sla.name,
+                                  "target": d.clock.target, "level": d.index,
+                                  "percent": d.level.percent, "notify": list(d.level.notify),
+                                  "why": missing}))
+            done.update(recipients=to, unaddressed=missing, template=template_for(d.level))
+            fired.append((d, done, mail))
+            if changes:
+                ticket_events.ticket_changed(
+                    s, self.settings, d.ticket, {k: (v[0], v[1]) for k, v in changes.items()},
+                    at=at, reason=f"SLA {d.sla.name} {d.clock.target} {kind} at "
+                                  f"{d.level.percent}%")
+        store(s, self.settings, mails, at)
+        events, updates = [], []
+        for d, done, mail in fired:
+            done.update(article_id=mail.article_id if mail else None,
+                        outbox_id=mail.outbox_id if mail else None)
+            updates.append({"id": fresh[(d.clock.id, d.index)], "actions": done})
+            events.append({"type": f"sla_{d.kind}", "ticket_id": d.ticket.id,
+                           "article_id": done["article_id"], "created_at": at, "data": {
+                               "clock_id": d.clock.id, "sla": d.sla.name,
+                               "target": d.clock.target, "level": d.index,
+                               "percent": d.level.percent, "reached_at": d.reached.isoformat(),
+                               **done}})
+            result.fired.append(Fired(
+                d.clock.id, d.ticket.id, d.ticket.number, d.sla.name, d.clock.target, d.index,
+                d.level.percent, d.kind, d.reached.isoformat(), done["recipients"],
+                done["changes"]))
+        if fired:
+            s.execute(update(m.SlaNotice), updates)
+            s.execute(insert(m.Event), events)
+
+    def _failed(self, s: Session, d: _Due, fresh: dict[tuple[int, int], int],
+                changes: dict[str, list[Any]], at: datetime, exc: TemplateError,
+                result: SweepResult) -> None:
+        """A notice that does not render (a config mistake) is not sent and not counted:
+        its guard row goes, the ticket keeps its values, the clock stays at this level and
+        is tried again in RETRY_FAILED, and the rest of the batch goes on."""
+        name = getattr(exc, "name", None) or getattr(exc, "filename", None)
+        line = getattr(exc, "lineno", None)
+        where = f"templates/{name}" + (f":{line}" if line else "") if name else "templates"
+        why = f"{where}: {type(exc).__name__}: {exc.message or exc}"
+        log.error("SLA notice for clock %s (ticket %s) not sent, retried in %s: %s",
+                  d.clock.id, d.ticket.id, RETRY_FAILED, why)
+        s.execute(delete(m.SlaNotice).where(m.SlaNotice.id == fresh.pop((d.clock.id, d.index))))
+        for column, (old, _new) in changes.items():
+            setattr(d.ticket, column, old)
+        d.clock.next_level, d.clock.next_notice_at = d.index, at + RETRY_FAILED
+        s.add(m.Event(type="sla_notice_failed", ticket_id=d.ticket.id, created_at=at,
+                      data={"clock_id": d.clock.id, "level": d.index, "error": why}))
+        result.skipped.append({"clock_id": d.clock.id, "ticket_id": d.ticket.id, "why": why})
+
+
+@dataclass
+class _Due:
+    """A claimed clock whose level fires in this batch."""
+
+    clock: m.SlaClock
+    ticket: m.Ticket
+    sla: Sla
+    cal: Calendar  # the clock's arithmetic
+    hours: Calendar  # the SLA's working hours (deferral, times in the mail)
+    index: int
+    level: SlaLevel
+    reached: datetime
+    due: datetime
+
+    @property
+    def kind(self) -> str:
+        return "breach" if self.level.percent >= 100 else "warning"
+
+
+def sweep(engine: Engine, settings: Settings, renderer: Renderer, *,
+          at: datetime | None = None, batch_size: int | None = None) -> SweepResult:
+    """One sweep now: what the scheduler job and ``mailgw sla sweep`` run."""
+    return Sweeper(engine, settings, renderer, batch_size=batch_size).sweep(at)
