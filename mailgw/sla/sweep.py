@@ -27,10 +27,11 @@ from sqlalchemy.orm import Session
 
 from mailgw import ticket_events
 from mailgw.assign import choose_owner
-from mailgw.calendar import ALWAYS, Calendar
+from mailgw.calendar import Calendar
 from mailgw.outbound.render import Renderer
 from mailgw.queue import now as utcnow
-from mailgw.settings import Settings, Sla, SlaActions, SlaLevel, per_settings
+from mailgw.settings import Settings, Sla, SlaActions, SlaLevel
+from mailgw.sla.clocks import calendar_for, schedule
 from mailgw.sla.notices import Prepared, aware, prepare, recipients, roots, store, template_for
 from mailgw.store import models as m
 
@@ -71,14 +72,8 @@ class SweepResult:
                 "skipped": self.skipped, "batches": self.batches}
 
 
-@per_settings
-def _calendars(settings: Settings) -> dict[str, Calendar]:
-    return {c.name: Calendar(c) for c in settings.calendars}
-
-
 def _calendar(settings: Settings, name: str | None) -> Calendar:
-    # TODO(merge): use sla-core's mailgw.sla.clocks.calendar_for(settings, name).
-    return ALWAYS if name is None else _calendars(settings).get(name, ALWAYS)
+    return calendar_for(settings, name)
 
 
 def _sla(settings: Settings, name: str) -> Sla | None:
@@ -95,14 +90,8 @@ def _reached_at(clock: m.SlaClock, percent: int, cal: Calendar) -> datetime:
 
 
 def _schedule(clock: m.SlaClock, sla: Sla, cal: Calendar) -> None:
-    """Set ``next_notice_at`` from ``next_level``: when the next level is reached, or None
-    (no level left, or the clock is not running).
-    TODO(merge): replace with sla-core's mailgw.sla.clocks.schedule(clock, sla, calendar)."""
-    if clock.state != "running" or clock.running_since is None or \
-            clock.next_level >= len(sla.levels):
-        clock.next_notice_at = None
-        return
-    clock.next_notice_at = _reached_at(clock, sla.levels[clock.next_level].percent, cal)
+    """Set ``next_notice_at`` from ``next_level`` (sla-core's rule, mailgw/sla/clocks.py)."""
+    schedule(clock, sla, cal)
 
 
 def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> dict[tuple[int, int], int]:
