@@ -325,7 +325,7 @@ def to_table(report: dict[str, Any]) -> str:
              f"{report['total']['tickets']} tickets, "
              f"{report['total']['tickets_with_sla']} with an SLA"
              + (f"; queues {', '.join(report['queues'])}" if report["queues"] else "")]
-    head = (f"{'GROUP':<20} {'TARGET':<15} {'CLOCKS':>6} {'MET':>5} {'BREACH':>6} {'OPEN':>5} "
+    head = (f"{'GROUP':<20} {'TARGET':<15} {'CLOCKS':>6} {'MET':>5} {'BREACH':>6} {'OPEN':>5} {'CANC':>5} "
             f"{'COMPL%':>7} {'MEDIAN':>8} {'P90':>8} {'MED-BUS':>8} {'P90-BUS':>8}")
     lines += ["", head, "-" * len(head)]
     last = None
@@ -335,7 +335,7 @@ def to_table(report: dict[str, Any]) -> str:
             lines.append("")
         lines.append(
             f"{(label if label != last else ''):<20.20} {row['target']:<15} {row['count']:>6} "
-            f"{row['met']:>5} {row['breached']:>6} {row['open']:>5} "
+            f"{row['met']:>5} {row['breached']:>6} {row['open']:>5} {row['cancelled']:>5} "
             f"{_pct(row['compliance_pct']):>7} {duration(row['median_seconds']):>8} "
             f"{duration(row['p90_seconds']):>8} {duration(row['median_business_seconds']):>8} "
             f"{duration(row['p90_business_seconds']):>8}")
@@ -352,7 +352,7 @@ def _pct(v: float | None) -> str:
 
 COLORS = {"first_response": "#1f77b4", "update": "#ff7f0e", "solution": "#2ca02c",
           "all": "#444444"}
-_W, _H, _L, _R, _T, _B = 720, 260, 48, 16, 16, 56  # chart size and margins
+_W, _H, _L, _R, _T, _B = 720, 260, 64, 16, 16, 56  # chart size and margins
 
 
 def compliance_chart(report: dict[str, Any]) -> dict[str, Any]:
@@ -369,7 +369,7 @@ def compliance_chart(report: dict[str, Any]) -> dict[str, Any]:
         return round(_T + ph * (100 - pct) / 100, 1)
 
     lines = []
-    for key in (*TARGETS, "all"):
+    for key in ("all", *TARGETS):  # "all" first: the targets' dots are drawn over it
         runs: list[list[tuple[float, float]]] = [[]]
         dots = []
         for i, p in enumerate(points):
