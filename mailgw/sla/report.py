@@ -203,10 +203,13 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
     q = (select(clocks.c.queue, clocks.c.priority, clocks.c.created_at, clocks.c.target,
                 clocks.c.outcome, clocks.c.calendar, clocks.c.started_at, clocks.c.stopped_at,
                 clocks.c.status)
-         .where(clocks.c.status.in_(("met", "breached")))
-         .order_by(clocks.c.created_at))
+         .where(clocks.c.status.in_(("met", "breached"))))
+    # Core, not ORM, execution: rows become Python objects one at a time and only the
+    # durations are kept. Not a server-side cursor: PostgreSQL plans cursors for the first
+    # rows, and without fresh statistics that was a nested loop over all clocks (9 s for one
+    # day of 100,000 tickets instead of 0.1 s).
     for queue, priority, created, target, outcome, cal_name, started, stopped, status in (
-            session.execute(q)):
+            session.connection().execute(q)):
         if target not in TARGETS:
             continue
         local_day = _utc(created).astimezone(zone).date()  # type: ignore[union-attr]
