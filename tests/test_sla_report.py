@@ -493,3 +493,21 @@ def test_median_and_nearest_rank_p90():
     assert p90(list(range(1, 11))) == 9
     assert p90(list(range(1, 12))) == 10
     assert p90([30, 10, 20]) == 30  # rank ceil(2.7) = 3
+
+
+def test_dates_are_read_in_the_report_zone():
+    from zoneinfo import ZoneInfo
+
+    from mailgw.sla.report import ReportError, parse_when
+
+    berlin = ZoneInfo("Europe/Berlin")
+    # A date is local midnight: CET (UTC+1) in November, CEST (UTC+2) in July.
+    assert parse_when("2026-11-02", berlin, option="--from") == datetime(2026, 11, 1, 23,
+                                                                          tzinfo=UTC)
+    assert parse_when("2026-07-01", berlin, option="--from") == datetime(2026, 6, 30, 22,
+                                                                          tzinfo=UTC)
+    # A date-time without an offset is local too; one with an offset keeps it.
+    assert parse_when("2026-11-02T08:30", berlin, option="--to") == at(2, 7, 30)
+    assert parse_when("2026-11-02T08:30-05:00", berlin, option="--to") == at(2, 13, 30)
+    with pytest.raises(ReportError, match="--to: '02.11.2026' is not a date"):
+        parse_when("02.11.2026", berlin, option="--to")
