@@ -539,3 +539,75 @@ def sla_sweep(obj: Obj, as_json: bool) -> None:
                    "(outside working hours)")
     click.echo(f"{len(result.fired)} fired, {len(result.deferred)} deferred, "
                f"{len(result.skipped)} skipped")
+
+
+# SLA reports (issue 6): mailgw/sla/report.py, docs/reports.md.
+@main.group()
+def report() -> None:
+    """Reports over the store (read only)."""
+
+
+@report.command("sla")
+@click.option("--from", "date_from", required=True, metavar="DATE",
+              help="First day (YYYY-MM-DD, midnight in --tz) or ISO 8601 date-time; included.")
+@click.option("--to", "date_to", required=True, metavar="DATE",
+              help="End day or date-time; excluded (--from 2026-11-01 --to 2026-12-01: November).")
+@click.option("--tz", default="UTC", show_default=True, metavar="ZONE",
+              help="Time zone of --from/--to and of the days in the chart (IANA name).")
+@click.option("--queue", "queues", multiple=True, metavar="Q",
+              help="Only tickets in this queue (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "html"]),
+              default="table", show_default=True)
+@click.option("--period", type=click.Choice(["auto", "day", "week"]), default="auto",
+              show_default=True, help="Compliance over time per day or ISO week (auto: per day "
+                                      "up to 62 days).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write to this file instead of standard output.")
+@click.pass_obj
+def report_sla(obj: Obj, date_from: str, date_to: str, tz: str, queues: tuple[str, ...],
+               fmt: str, period: str, output: str | None) -> None:
+    """SLA compliance of the tickets created in [--from, --to): met, breached and open clocks,
+    compliance %, median and p90 times per target, per queue and priority. Exit 0 ok, 2 usage
+    error, 1 store error."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mailgw.sla.report import ReportError, build_report, parse_when, render
+    from mailgw.store.db import read_session
+
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise click.BadParameter(f"unknown time zone {tz!r} (an IANA name such as "
+                                 "Europe/Berlin or UTC)", param_hint="--tz") from None
+    try:
+        start = parse_when(date_from, zone, option="--from")
+        end = parse_when(date_to, zone, option="--to")
+    except ReportError as exc:
+        raise click.UsageError(str(exc)) from None
+    if end <= start:
+        raise click.UsageError(f"--to {date_to} is not after --from {date_from}: the range "
+                               "[from, to) is empty")
+    settings = obj.settings()
+    try:
+        with read_session(obj.engine()) as s:
+            data = build_report(s, settings, start=start, end=end, tz=tz, queues=queues,
+                                period=period)
+    except SQLAlchemyError as exc:
+        from sqlalchemy.engine import make_url
+
+        where = make_url(obj.home.store_url(settings)).render_as_string(hide_password=True)
+        click.echo(f"mailgw report sla: store error ({where}): "
+                   f"{type(exc).__name__}: {str(exc).splitlines()[0]}", err=True)
+        sys.exit(1)
+    text = render(data, fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        click.echo(f"mailgw report sla: cannot write {output}: {exc.strerror}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {output}", err=True)
