@@ -100,6 +100,12 @@ class Assignment(_Strict):
     agents: list[str] | None = None
 
 
+# The commands an agent can give by mail (mailgw/agent_commands.py); `Agent.commands` names
+# them without the '#'. Aliases (#reopen = #open, #untag = #tag) are allowed with their command.
+AGENT_COMMANDS = ("close", "pending", "open", "assign", "take", "priority", "queue", "tag",
+                  "merge")
+
+
 class Agent(_Strict):
     """A person working tickets. Also used to recognise agents' mail by their addresses."""
 
@@ -110,11 +116,27 @@ class Agent(_Strict):
     calendar: str | None = None  # a name from calendars:
     working_hours: WorkingHours | None = None  # or inline hours (calendar wins if both)
     out_of_office: bool = False
+    # Commands by mail (docs/agent-commands.md): the ones this agent may use (None: all), and
+    # the queues, besides their own, they may move a ticket to with #queue.
+    commands: list[str] | None = None
+    move_to: list[str] = []
 
     @field_validator("addresses")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
         return _addresses(v)
+
+    @field_validator("commands")
+    @classmethod
+    def _known_commands(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        names = [c.strip().lower().lstrip("#") for c in v]
+        unknown = [c for c in names if c not in AGENT_COMMANDS]
+        if unknown:
+            raise ValueError(f"unknown command(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(AGENT_COMMANDS)}")
+        return names
 
 
 class SlaActions(_Strict):
@@ -337,6 +359,15 @@ class Settings(_Strict):
             for name in (q.assignment.agents or []) if q.assignment else []:
                 if name not in agents:
                     raise ValueError(f"queue {q.name}: assignment names unknown agent {name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_agent_move_to(self) -> Settings:
+        queues = {q.name for q in self.queues}
+        for a in self.agents:
+            for q in a.move_to:
+                if q not in queues:
+                    raise ValueError(f"agent {a.name}: move_to names unknown queue {q!r}")
         return self
 
     def agent(self, name: str) -> Agent | None:
