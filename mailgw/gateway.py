@@ -102,6 +102,10 @@ class Gateway:
             scheduler.add_job(prune, "interval", minutes=10, id="loop-counter-prune",
                               args=(engine, self.settings.loop_protection),
                               coalesce=True, max_instances=1)
+            from mailgw.agent_commands import wake_pending_job  # #pending reminders (issue 7)
+
+            scheduler.add_job(wake_pending_job, "interval", minutes=1, id="pending-reminder",
+                              args=(engine, self.settings), coalesce=True, max_instances=1)
             scheduler.start()
         for t in threads:
             t.start()
