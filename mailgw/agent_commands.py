@@ -222,6 +222,11 @@ def execute(session: Session, settings: Settings, ticket: m.Ticket, agent: Agent
     """
     if not commands:
         return []
+    # Checked against the ticket as committed, and held: two agents' mails for one ticket
+    # (two workers) are decided one after the other (SELECT … FOR UPDATE; SQLite's write
+    # transaction already serialises). The flush keeps the caller's own pending changes.
+    session.flush()
+    session.refresh(ticket, with_for_update=True)
     ctx = _Ctx(session, settings, ticket, agent, at, plan={
         "state": ticket.state, "queue": ticket.queue, "owner": ticket.owner,
         "priority": ticket.priority, "tags": list(ticket.tags or []),
@@ -386,7 +391,8 @@ def _merge(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
     if number is None:
         raise Refused(f"{cmd.arg} is not a ticket number (write #merge "
                       f"{ctx.settings.ticket_numbers.hook}NUMBER)")
-    target = ctx.session.scalars(select(m.Ticket).where(m.Ticket.number == number)).first()
+    target = ctx.session.scalars(select(m.Ticket).where(m.Ticket.number == number)
+                                 .with_for_update()).first()
     if target is None:
         raise Refused(f"no ticket {ctx.settings.ticket_numbers.hook}{number}")
     if target.id == ctx.ticket.id:

@@ -421,6 +421,20 @@ def test_merge_refusals(desk):
     assert desk.h.articles(a) and desk.get(a).state == "new"
 
 
+def test_gateway_scheduler_reopens_a_due_pending_ticket_at_start(home, gateway):
+    from tests.conftest import wait_until
+
+    d = Desk(home)
+    tid = d.ticket()
+    assert d.run(tid, "alice", "#pending 1h", at=datetime.now(UTC) - timedelta(hours=2))[0].ok
+    assert d.get(tid).state == "pending"
+    gateway.start("--role", "scheduler")
+    wait_until(lambda: d.get(tid).state == "open", what="the pending reminder job")
+    assert d.get(tid).pending_until is None
+    assert gateway.stop() == 0
+    d.h.close()
+
+
 # ------------------------------------------------------------------------------------------
 # Settings
 
