@@ -59,7 +59,8 @@ _INVISIBLE = str.maketrans({"\xa0": " ", "\u2007": " ", "\u202f": " ", "\u3000":
                             "\u200b": None, "\u200c": None, "\u200d": None, "\u2060": None,
                             "\ufeff": None, "\uff03": "#"})
 _EMPHASIS = re.compile(r"([*_]+)(#[A-Za-z][A-Za-z_-]*?)[*_]*(?=\s|$)(.*)$")
-_COMMAND = re.compile(r"#([A-Za-z][A-Za-z_-]*)(?:[ \t]+(.*))?$")
+# "#close", "#close.", "#pending: 3d"; not "#1" or "# heading".
+_COMMAND = re.compile(r"#([A-Za-z][A-Za-z_-]*)[:.!]?(?:[ \t]+(.*))?$")
 _SIGNATURE = ("--", "-- ", "__", "—")  # sig separators (after rstrip: "--", "__")
 _DURATION_PART = re.compile(
     r"(\d+)\s*(w|wk|wks|weeks?|d|days?|h|hrs?|hours?|m|mins?|minutes?)(?![a-z])", re.I)
@@ -463,6 +464,19 @@ def _refusal_event(session: Session, ticket: m.Ticket, agent: Agent, article: m.
             for r in results]}))
 
 
+def resolve_merged(session: Session, ticket: m.Ticket) -> m.Ticket:
+    """The ticket mail about ``ticket`` belongs on: itself, or after #merge the ticket it was
+    merged into (the caller of ``execute`` stores the agent's article there)."""
+    seen = {ticket.id}
+    while ticket.merged_into and ticket.merged_into not in seen:
+        into = session.get(m.Ticket, ticket.merged_into)
+        if into is None:
+            break
+        seen.add(into.id)
+        ticket = into
+    return ticket
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 
@@ -522,9 +536,9 @@ def pending_time(text: str, at: datetime, cal: Calendar = ALWAYS) -> datetime:
     if parts and _DURATION_PART.sub("", arg).strip(" ,") == "":
         seconds = sum(int(n) * _UNITS[unit[0]] for n, unit in parts)
         if seconds <= 0:
-            raise Refused(f"#pending {text}: the duration is zero")
+            raise Refused("the duration is zero")
         if seconds > MAX_PENDING.total_seconds():
-            raise Refused(f"#pending {text}: more than {MAX_PENDING.days} days")
+            raise Refused(f"{text.strip()} is more than {MAX_PENDING.days} days")
         return at + timedelta(seconds=seconds)
     today = cal.local(at).date()
     day: date | None = None
@@ -537,7 +551,7 @@ def pending_time(text: str, at: datetime, cal: Calendar = ALWAYS) -> datetime:
         try:
             stamp = datetime.fromisoformat(arg.replace(" ", "T", 1).upper())
         except ValueError:
-            raise Refused(f"#pending {text}: not a duration (3d, 4h, 1w 2d) or a date "
+            raise Refused(f"{text.strip()!r} is not a duration (3d, 4h, 1w 2d) or a date "
                           "(2026-12-01, 2026-12-01 14:00, tomorrow, monday)") from None
         if stamp.tzinfo is not None:
             return stamp.astimezone(UTC)

@@ -80,6 +80,11 @@ def _sender_on_ticket(session: Session, ticket: Ticket, sender: str) -> bool:
         return False
     if ticket.customer == sender:
         return True
+    if getattr(ticket, "merged_into", None):
+        # A merged ticket's articles are on its target now: who wrote there counts too.
+        into = session.get(Ticket, ticket.merged_into)
+        if into is not None and into.id != ticket.id and _sender_on_ticket(session, into, sender):
+            return True
     hit = session.scalar(
         select(Article.id)
         # Only mail received on the ticket counts: our own outgoing articles are "from" the

@@ -75,6 +75,12 @@ def test_parse_html_artefacts_nbsp_zero_width_and_bold():
     assert p.rest == "Hello"
 
 
+def test_parse_tolerates_punctuation_after_the_name():
+    p = ac.parse_commands("#close.\n#pending: 3d\n#tag! x\nBye")
+    assert names(p) == [("close", ()), ("pending", ("3d",)), ("tag", ("x",))]
+    assert p.rest == "Bye"
+
+
 def test_parse_note_marks_internal_and_keeps_its_text():
     p = ac.parse_commands("#note called the customer, all fine\nmore detail\n")
     assert p.note and p.commands == []
@@ -366,11 +372,16 @@ def test_merge_moves_articles_and_the_threader_follows(desk, changed):
     desk.h.put(mail("Re: printer broken", sender="ann@customer.test", msgid="a2@customer.test",
                     In_Reply_To="<a1@customer.test>"))
     desk.h.drain()
+    # a colleague of Ann's writes on the first ticket too
+    desk.h.put(mail(f"Re: printer broken [Ticket#{desk.get(a).number}]",
+                    sender="ben@customer.test", msgid="a-ben@customer.test",
+                    In_Reply_To="<a1@customer.test>"))
+    desk.h.drain()
     b = desk.ticket("printer still broken", sender="ann@customer.test",
                     msgid="b1@customer.test")
     assert a != b
     moved = [x.id for x in desk.h.articles(a)]
-    assert len(moved) >= 2  # both customer mails and our acknowledgements
+    assert len(moved) >= 3  # the customers' mails and our acknowledgements
     number_b = desk.get(b).number
     r = desk.run(a, "alice", f"#merge Ticket#{number_b}")
     assert r[0].ok, r[0].message
@@ -388,12 +399,20 @@ def test_merge_moves_articles_and_the_threader_follows(desk, changed):
     # and quotes only the old number in the subject
     desk.h.put(mail(f"Re: printer broken [Ticket#{ta.number}]", sender="ann@customer.test",
                     msgid="a4@customer.test"))
+    # and Ben, whose article moved with the others, writes with the old number only
+    desk.h.put(mail(f"Re: printer broken [Ticket#{ta.number}]", sender="ben@customer.test",
+                    msgid="a5@customer.test"))
     desk.h.drain()
+    new_ids = ["a3@customer.test", "a4@customer.test", "a5@customer.test"]
     with Session(desk.h.engine) as s:
         got = {x.message_id: x for x in s.scalars(select(m.Article).where(
-            m.Article.message_id.in_(["a3@customer.test", "a4@customer.test"])))}
+            m.Article.message_id.in_(new_ids)))}
+        assert ac.resolve_merged(s, s.get(m.Ticket, a)).id == b
+        assert ac.resolve_merged(s, s.get(m.Ticket, b)).id == b
+    assert sorted(got) == new_ids
     assert {x.ticket_id for x in got.values()} == {b}
     assert "merged into ticket" in got["a4@customer.test"].thread_reason
+    assert "merged into ticket" in got["a5@customer.test"].thread_reason
     assert desk.get(a).state == "merged" and len(desk.h.tickets()) == 2
     # nothing more on the merged ticket
     [r] = desk.run(a, "alice", "#close")
