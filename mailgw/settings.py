@@ -355,19 +355,13 @@ class Settings(_Strict):
                     raise ValueError(f"agent {a.name}: unknown queue {q!r}")
             if a.calendar is not None and a.calendar not in calendars:
                 raise ValueError(f"agent {a.name}: unknown calendar {a.calendar!r}")
+            for q in a.move_to:
+                if q not in queues:
+                    raise ValueError(f"agent {a.name}: move_to names unknown queue {q!r}")
         for q in self.queues:
             for name in (q.assignment.agents or []) if q.assignment else []:
                 if name not in agents:
                     raise ValueError(f"queue {q.name}: assignment names unknown agent {name!r}")
-        return self
-
-    @model_validator(mode="after")
-    def _check_agent_move_to(self) -> Settings:
-        queues = {q.name for q in self.queues}
-        for a in self.agents:
-            for q in a.move_to:
-                if q not in queues:
-                    raise ValueError(f"agent {a.name}: move_to names unknown queue {q!r}")
         return self
 
     def agent(self, name: str) -> Agent | None:
