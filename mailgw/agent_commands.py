@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from mailgw import ticket_events
 from mailgw.calendar import ALWAYS, Calendar
 from mailgw.numbers import subject_pattern
-from mailgw.settings import AGENT_COMMANDS, Agent, Settings
+from mailgw.settings import AGENT_COMMAND_ALIASES, AGENT_COMMANDS, Agent, Settings
 from mailgw.store import models as m
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Aliases and what they count as in `Agent.commands`; #note is always allowed (it changes
 # nothing by itself: it only keeps the mail from the customer).
-ALIASES = {"reopen": "open", "untag": "tag"}
+ALIASES = AGENT_COMMAND_ALIASES
 NOTE = "note"
 KNOWN = (*AGENT_COMMANDS, *ALIASES, NOTE)
 STATE_COMMANDS = ("close", "pending", "open", "merge")

@@ -104,6 +104,7 @@ class Assignment(_Strict):
 # them without the '#'. Aliases (#reopen = #open, #untag = #tag) are allowed with their command.
 AGENT_COMMANDS = ("close", "pending", "open", "assign", "take", "priority", "queue", "tag",
                   "merge")
+AGENT_COMMAND_ALIASES = {"reopen": "open", "untag": "tag"}
 
 
 class Agent(_Strict):
@@ -132,11 +133,13 @@ class Agent(_Strict):
         if v is None:
             return v
         names = [c.strip().lower().lstrip("#") for c in v]
+        # An alias stands for its command; #note is always allowed, so listing it is harmless.
+        names = [AGENT_COMMAND_ALIASES.get(c, c) for c in names if c != "note"]
         unknown = [c for c in names if c not in AGENT_COMMANDS]
         if unknown:
             raise ValueError(f"unknown command(s) {', '.join(unknown)}; "
                              f"known: {', '.join(AGENT_COMMANDS)}")
-        return names
+        return list(dict.fromkeys(names))
 
 
 class SlaActions(_Strict):

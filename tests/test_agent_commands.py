@@ -468,6 +468,7 @@ def test_agent_commands_setting_is_checked(home):
     home.write_config(data)
     with pytest.raises(ConfigError, match="move_to names unknown queue 'nowhere'"):
         home.settings()
-    data["agents"] = [{"name": "x", "queues": ["support"], "commands": ["#Close", "tag"]}]
+    data["agents"] = [{"name": "x", "queues": ["support"],
+                       "commands": ["#Close", "tag", "untag", "Reopen", "note"]}]
     home.write_config(data)
-    assert home.settings().agent("x").commands == ["close", "tag"]
+    assert home.settings().agent("x").commands == ["close", "tag", "open"]
