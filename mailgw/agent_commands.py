@@ -71,7 +71,8 @@ _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
 @dataclass(frozen=True)
 class Command:
     """One ``#word args`` line. ``name`` is lower-cased as written (``reopen`` stays
-    ``reopen``); ``line`` counts from 1 in the text given to ``parse_commands``."""
+    ``reopen``); ``line`` counts from 1 in the text given to ``parse_commands``; ``raw`` is
+    the line without invisible characters and emphasis marks (what the agent is quoted)."""
 
     name: str
     args: tuple[str, ...]
