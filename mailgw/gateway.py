@@ -111,6 +111,14 @@ class Gateway:
                 scheduler.add_job(self._sla_sweep, "interval", args=(sweeper, sender_wake),
                                   seconds=self.settings.sla_sweep.interval, id="sla-sweep",
                                   coalesce=True, max_instances=1)
+            from datetime import UTC, datetime
+
+            from mailgw.agent_commands import wake_pending_job  # #pending reminders (issue 7)
+
+            # First run at start: reminders that fell due while the gateway was down.
+            scheduler.add_job(wake_pending_job, "interval", minutes=1, id="pending-reminder",
+                              args=(engine, self.settings), coalesce=True, max_instances=1,
+                              next_run_time=datetime.now(UTC))
             scheduler.start()
         for t in threads:
             t.start()

@@ -100,6 +100,13 @@ class Assignment(_Strict):
     agents: list[str] | None = None
 
 
+# The commands an agent can give by mail (mailgw/agent_commands.py); `Agent.commands` names
+# them without the '#'. Aliases (#reopen = #open, #untag = #tag) are allowed with their command.
+AGENT_COMMANDS = ("close", "pending", "open", "assign", "take", "priority", "queue", "tag",
+                  "merge")
+AGENT_COMMAND_ALIASES = {"reopen": "open", "untag": "tag"}
+
+
 class Agent(_Strict):
     """A person working tickets. Also used to recognise agents' mail by their addresses."""
 
@@ -110,11 +117,29 @@ class Agent(_Strict):
     calendar: str | None = None  # a name from calendars:
     working_hours: WorkingHours | None = None  # or inline hours (calendar wins if both)
     out_of_office: bool = False
+    # Commands by mail (docs/agent-commands.md): the ones this agent may use (None: all), and
+    # the queues, besides their own, they may move a ticket to with #queue.
+    commands: list[str] | None = None
+    move_to: list[str] = []
 
     @field_validator("addresses")
     @classmethod
     def _lower(cls, v: list[str]) -> list[str]:
         return _addresses(v)
+
+    @field_validator("commands")
+    @classmethod
+    def _known_commands(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        names = [c.strip().lower().lstrip("#") for c in v]
+        # An alias stands for its command; #note is always allowed, so listing it is harmless.
+        names = [AGENT_COMMAND_ALIASES.get(c, c) for c in names if c != "note"]
+        unknown = [c for c in names if c not in AGENT_COMMANDS]
+        if unknown:
+            raise ValueError(f"unknown command(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(AGENT_COMMANDS)}")
+        return list(dict.fromkeys(names))
 
 
 # Ticket states an SLA clock may pause in (``pause_states``); closed stops the clocks and
@@ -347,6 +372,9 @@ class Settings(_Strict):
                     raise ValueError(f"agent {a.name}: unknown queue {q!r}")
             if a.calendar is not None and a.calendar not in calendars:
                 raise ValueError(f"agent {a.name}: unknown calendar {a.calendar!r}")
+            for q in a.move_to:
+                if q not in queues:
+                    raise ValueError(f"agent {a.name}: move_to names unknown queue {q!r}")
         for q in self.queues:
             for name in (q.assignment.agents or []) if q.assignment else []:
                 if name not in agents:

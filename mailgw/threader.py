@@ -52,7 +52,8 @@ def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers,
                 ticket = session.get(Ticket, found[ref])
                 by = "in_reply_to" if ref in mail.in_reply_to else "references"
                 header = "In-Reply-To" if by == "in_reply_to" else "References"
-                return ThreadMatch(ticket, by, f"{header} <{ref}> is on ticket {ticket.number}")
+                return _follow_merge(session, ThreadMatch(
+                    ticket, by, f"{header} <{ref}> is on ticket {ticket.number}"))
         notes.append(f"none of {len(refs)} referenced Message-ID(s) is known")
 
     for m in subject_pattern(cfg).finditer(mail.subject or ""):
@@ -62,11 +63,11 @@ def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers,
             notes.append(f"subject names {cfg.hook}{number}, which does not exist")
             continue
         if _sender_on_ticket(session, ticket, sender):
-            return ThreadMatch(
+            return _follow_merge(session, ThreadMatch(
                 ticket,
                 "subject_number",
                 f"subject names {cfg.hook}{number} and {sender} is on that ticket",
-            )
+            ))
         notes.append(
             f"subject names {cfg.hook}{number} but {sender or 'the sender'} is not on"
             " that ticket"
@@ -79,6 +80,11 @@ def _sender_on_ticket(session: Session, ticket: Ticket, sender: str) -> bool:
         return False
     if ticket.customer == sender:
         return True
+    if getattr(ticket, "merged_into", None):
+        # A merged ticket's articles are on its target now: who wrote there counts too.
+        into = session.get(Ticket, ticket.merged_into)
+        if into is not None and into.id != ticket.id and _sender_on_ticket(session, into, sender):
+            return True
     hit = session.scalar(
         select(Article.id)
         # Only mail received on the ticket counts: our own outgoing articles are "from" the
@@ -88,3 +94,18 @@ def _sender_on_ticket(session: Session, ticket: Ticket, sender: str) -> bool:
         .limit(1)
     )
     return hit is not None
+
+
+def _follow_merge(session: Session, match: ThreadMatch) -> ThreadMatch:
+    """A merged ticket (agent command #merge) hands its mail on to the ticket it was merged
+    into; its articles moved there, but its number still appears in subjects."""
+    ticket, seen = match.ticket, set()
+    while ticket is not None and getattr(ticket, "merged_into", None) and ticket.id not in seen:
+        seen.add(ticket.id)
+        into = session.get(Ticket, ticket.merged_into)
+        if into is None:
+            break
+        match = ThreadMatch(into, match.by,
+                            f"{match.reason}, which was merged into ticket {into.number}")
+        ticket = into
+    return match

@@ -87,7 +87,7 @@ class Ticket(Base):
     number: Mapped[str | None] = mapped_column(String(40), unique=True)
     title: Mapped[str] = mapped_column(String(1000))
     queue: Mapped[str] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="new")  # new/open/pending/closed
+    state: Mapped[str] = mapped_column(String(16), default="new")  # new/open/pending/closed/merged
     priority: Mapped[int] = mapped_column(Integer, default=3)
     customer: Mapped[str] = mapped_column(String(320), index=True)
     owner: Mapped[str | None] = mapped_column(String(320))
@@ -109,10 +109,18 @@ class Ticket(Base):
     # "rule vip", ...); None: no SLA applies.
     sla: Mapped[str | None] = mapped_column(String(64))
     sla_reason: Mapped[str | None] = mapped_column(Text)
+    # Agent commands (issue 7, mailgw/agent_commands.py): when a pending ticket reopens by
+    # itself (#pending 3d), and the ticket a merged one (state "merged") was merged into.
+    pending_until: Mapped[datetime | None]
+    merged_into: Mapped[int | None] = mapped_column(BigId)
 
     __table_args__ = (
         # Least-open assignment counts each agent's open tickets.
         Index("ix_tickets_owner_state", "owner", "state"),
+        # The wake-up job each minute reads only tickets that have a reminder time.
+        Index("ix_tickets_pending_until", "pending_until",
+              postgresql_where=text("pending_until IS NOT NULL"),
+              sqlite_where=text("pending_until IS NOT NULL")),
     )
 
 
