@@ -344,6 +344,10 @@ def config_check(obj: Obj) -> None:
         except ConfigError as exc:
             errors += exc.errors
     errors += Renderer(obj.home.templates).check()
+    if not errors and settings.agent_mail.enabled:
+        from mailgw.outbound.render import AGENT_MAIL
+
+        errors += Renderer(obj.home.templates).check(AGENT_MAIL)
     if errors:
         for e in errors:
             click.echo(e, err=True)
