@@ -113,3 +113,77 @@ def test_agent_answers_from_own_client_and_customer_sees_the_queue(home, gateway
     assert len(sink.messages) == 4
     assert all(b"root cause" not in raw and b"out of the office" not in raw
                for _, _, raw in sink.messages)
+
+
+def _start(home, gateway, sink, **agent_mail):  # type: ignore[no-untyped-def]
+    data = home.config()
+    data["relay"] = {"host": "127.0.0.1", "port": sink.port}
+    data["agents"] = [{"name": "alice", "addresses": [AGENT], "queues": ["support"]}]
+    data["agent_mail"] = {**data["agent_mail"], **agent_mail}
+    home.write_config(data)
+    gateway.start()
+    first = EmailMessage()
+    first["From"] = "carol@customer.test"
+    first["To"] = "support@example.com"
+    first["Subject"] = "Printer jam"
+    first["Message-ID"] = make_msgid(domain="customer.test")
+    first.set_content("Paper stuck.")
+    send(gateway.port, first)
+    got = sink.wait_for(2)
+    [notification] = [g for g in got if g["To"] == AGENT]
+    return notification
+
+
+def test_forged_from_and_expired_token_are_refused_and_the_agent_told(home, gateway, sink):
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from mailgw.agent_mail.tokens import make_address
+
+    notification = _start(home, gateway, sink, forged="refuse")
+    # Someone writes with alice's From to the plain queue address, with a command.
+    forged = EmailMessage()
+    forged["From"] = AGENT
+    forged["To"] = "support@example.com"
+    forged["Subject"] = "Re: " + notification["Subject"]
+    forged["Message-ID"] = make_msgid(domain="evil.test")
+    forged.set_content("#close\nDone.")
+    send(gateway.port, forged)
+    # And alice answers with a reply address 31 days old.
+    settings = home.settings()
+    ticket_id = int(notification["Message-ID"].split(".")[1])
+    old = make_address(settings, settings.queue("support"), "t", settings.agent("alice"),
+                       ticket_id, datetime.now(UTC) - timedelta(days=31))
+    send(gateway.port, agent_mail(notification, old, "Answer on an old address"), rcpt=old)
+
+    got = sink.wait_for(4)
+    told = [g for g in got[2:] if g["To"] == AGENT]
+    assert len(told) == 2 and all("Not sent:" in t["Subject"] for t in told)
+    bodies = " ".join(t.get_payload(decode=True).decode() for t in told)
+    assert "signed reply address" in bodies and "expired" in bodies
+    assert [rcpts for _, rcpts, _ in sink.messages].count(["carol@customer.test"]) == 1  # ack
+    quarantined = json.loads(home.cli("quarantine", "list", "--json", check=True).stdout)
+    assert len(quarantined) == 2
+    [ticket] = json.loads(home.cli("tickets", "list", "--json", check=True).stdout)
+    assert ticket["state"] == "new"  # the forged #close did nothing
+
+
+def test_commands_by_mail_end_to_end(home, gateway, sink):
+    import json
+
+    import pytest
+
+    pytest.importorskip("mailgw.agent_commands", reason="agent-cmd branch not merged yet")
+    notification = _start(home, gateway, sink)
+    reply_to = notification["Reply-To"]
+    send(gateway.port, agent_mail(notification, reply_to, "#bogus\nHello"), rcpt=reply_to)
+    send(gateway.port, agent_mail(notification, reply_to, "#pending 3d\n#priority high\n"
+                                  "Waiting for the part."), rcpt=reply_to)
+    got = sink.wait_for(4)
+    [refusal] = [g for g in got[2:] if g["To"] == AGENT]
+    assert "bogus" in refusal.get_payload(decode=True).decode()
+    [answer] = [g for g in got[2:] if g["To"] == "carol@customer.test"]
+    text = answer.get_payload(decode=True).decode()
+    assert "Waiting for the part." in text and "#pending" not in text and "Hello" not in text
+    [ticket] = json.loads(home.cli("tickets", "list", "--json", check=True).stdout)
+    assert ticket["state"] == "pending" and ticket["priority"] == 2
