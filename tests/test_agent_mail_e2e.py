@@ -113,6 +113,12 @@ def test_agent_answers_from_own_client_and_customer_sees_the_queue(home, gateway
     assert len(sink.messages) == 4
     assert all(b"root cause" not in raw and b"out of the office" not in raw
                for _, _, raw in sink.messages)
+    import json
+
+    shown = json.loads(home.cli("tickets", "show", tag, "--json", check=True).stdout)
+    mine = [(a["internal"], a["direction"]) for a in shown["articles"] if a["agent"] == "alice"
+            and a["sender_type"] == "agent"]
+    assert mine == [(False, "out"), (True, "in"), (True, "in"), (False, "out")]
 
 
 def _start(home, gateway, sink, **agent_mail):  # type: ignore[no-untyped-def]
