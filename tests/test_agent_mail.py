@@ -348,3 +348,14 @@ def test_refused_command_sends_nothing_and_tells_the_agent(home):
     assert "frobnicate" in body
     [art] = [a for a in h.articles() if a.sender_type == "agent"]
     assert art.internal and "refused" in art.thread_reason
+
+
+def test_config_check_insists_on_agent_templates_once_a_key_is_set(home):
+    assert home.cli("config", "check").returncode == 0  # init wrote a key and the templates
+    (home.path / "templates" / "agent_refused.j2").unlink()
+    proc = home.cli("config", "check")
+    assert proc.returncode == 1 and b"templates/agent_refused.j2" in proc.stderr
+    data = home.config()
+    del data["agent_mail"]  # agent mail off: the template is not needed
+    home.write_config(data)
+    assert home.cli("config", "check").returncode == 0
