@@ -359,3 +359,26 @@ def test_config_check_insists_on_agent_templates_once_a_key_is_set(home):
     del data["agent_mail"]  # agent mail off: the template is not needed
     home.write_config(data)
     assert home.cli("config", "check").returncode == 0
+
+
+def test_refusal_notices_to_an_agent_are_rate_limited(home):
+    # Junk in an agent's name must not make us mail the agent without end.
+    setup(home, forged="refuse").close()
+    data = home.config()
+    data["loop_protection"] = {"max_per_sender": 1}
+    home.write_config(data)
+    h = Harness(home)
+    h.put(mail("one", "x", sender=AGENT), mail("two", "y", sender=AGENT), mail_from=AGENT)
+    h.drain()
+    assert len(outgoing(h, AGENT)) == 1
+    [hit] = h.events("rate_limit_hit")
+    assert hit.data["to"] == AGENT and hit.data["notice"] == "agent_refused"
+
+
+def test_answer_subject_does_not_stack_reply_prefixes(home):
+    h = setup(home)
+    ticket = customer_opens_ticket(h, subject="Re: your invoice")
+    [note] = outgoing(h, AGENT)
+    deliver_to_token(h, agent_reply(note, "See attached."), note["Reply-To"])
+    [_, sent] = outgoing(h, "carol@customer.test")
+    assert sent["Subject"] == f"[Ticket#{ticket.number}] Re: your invoice"

@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailgw import ticket_events
+from mailgw import loops, ticket_events
 from mailgw.agent_mail.notify import queue_agent_mail, thread_root
 from mailgw.agent_mail.tokens import Token, TokenError, find_token_address, verify_token
 from mailgw.agent_mail.trust import agent_for_address, auth_problem
@@ -57,6 +57,7 @@ __all__ = ["handle_agent_mail"]
 
 _ADDRESS = re.compile(r"[^@\s<>,;:]+@[^@\s<>,;:]+\.[^@\s<>,;:]+")
 _COMMAND_LINE = re.compile(r"^\s*#[A-Za-z]+\b")
+_REPLY_PREFIX = re.compile(r"^\s*(?:re|aw|sv|antw)\s*:", re.IGNORECASE)
 
 
 def _clean(text: str | None, limit: int | None = None) -> str:
@@ -260,7 +261,8 @@ def _send_to_customer(session: Session, row: m.Inbound, mail: ParsedMail, settin
     root = thread_root(session, ticket)
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     cfg = settings.ticket_numbers
-    subject = tag_subject(cfg, ticket.number or "", f"Re: {ticket.title}")
+    title = ticket.title if _REPLY_PREFIX.match(ticket.title) else f"Re: {ticket.title}"
+    subject = tag_subject(cfg, ticket.number or "", title)
     signer = signer_for(settings)
     message_id = signer.message_id(ticket.id)
     body = text.rstrip() + "\n"
@@ -329,7 +331,7 @@ def _untrusted(session: Session, row: m.Inbound, mail: ParsedMail, cls: Classifi
         return True
     if agent is not None and agent.addresses:
         _tell_agent(session, settings, renderer, queue, agent, ticket, mail, [reason], at)
-    row.state, row.processed_at = "quarantined", at
+    row.state, row.processed_at, row.claimed_until = "quarantined", at, None
     row.error = f"agent mail refused: {reason}"[:4000]
     _event(session, "quarantined", row, None, reason=row.error)
     return True
@@ -338,6 +340,16 @@ def _untrusted(session: Session, row: m.Inbound, mail: ParsedMail, cls: Classifi
 def _tell_agent(session: Session, settings: Settings, renderer: Renderer, queue: Queue,
                 agent: Agent, ticket: m.Ticket | None, mail: ParsedMail, reasons: list[str],
                 at: datetime) -> None:
+    # Anyone can make us write to an agent by sending junk in their name: the loop
+    # protection's limits apply to these notices as to any automatic mail.
+    to = agent.addresses[0]
+    ticket_id = ticket.id if ticket is not None else None
+    limit = loops.limit_reason(session, settings.loop_protection, to, ticket_id)
+    if limit:
+        session.add(m.Event(type="rate_limit_hit", created_at=at, ticket_id=ticket_id,
+                            data={"to": to, "reason": limit, "notice": "agent_refused"}))
+        return
+    loops.record(session, to, ticket_id)
     tag = f"[{settings.ticket_numbers.hook}{ticket.number}]" if ticket is not None else ""
     rendered = renderer.render("agent_refused", {
         "agent": {"name": agent.name},
