@@ -382,3 +382,13 @@ def test_answer_subject_does_not_stack_reply_prefixes(home):
     deliver_to_token(h, agent_reply(note, "See attached."), note["Reply-To"])
     [_, sent] = outgoing(h, "carol@customer.test")
     assert sent["Subject"] == f"[Ticket#{ticket.number}] Re: your invoice"
+
+
+def test_answer_with_only_an_attachment_is_sent(home):
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    deliver_to_token(h, agent_reply(note, "", quote=False, attachment=b"%PDF-1.4 x"),
+                     note["Reply-To"])
+    [_, sent] = outgoing(h, "carol@customer.test")
+    assert [p.get_filename() for p in sent.walk()][-1] == "invoice.pdf"

@@ -172,8 +172,11 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
     text = parsed.rest.strip("\n")
     reasons: list[str] = []
     recipient = ""
-    if not note and text.strip():
-        # An answer: it must be deliverable before any command changes the ticket.
+    # An answer has text or a file attached (inline images alone are a signature's logo).
+    answer = not note and bool(text.strip() or any(
+        a.disposition == "attachment" for a in mail.attachments))
+    if answer:
+        # It must be deliverable before any command changes the ticket.
         recipient, why = _customer_recipient(session, ticket)
         if why:
             reasons.append(why)
@@ -196,7 +199,7 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
         _done(row, ticket, article, at)
         return True
 
-    if note or not text.strip():
+    if not answer:
         # A note (+c. or #note), or commands alone: kept on the ticket, not sent.
         body = text if text.strip() else "\n".join(
             getattr(c, "raw", str(c)) for c in parsed.commands)
