@@ -265,6 +265,7 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
                 "signature": a.signature_text, "quoted_text": a.quoted_text,
                 "delivery_error": a.delivery_error,
                 "attachments": [{"filename": f, "content_type": c, "size": n} for f, c, n in atts],
+                "internal": a.internal, "agent": a.agent,  # agent mail (docs/agent-mail.md)
             })
         data = {
             "number": t.number, "title": t.title, "queue": t.queue, "state": t.state,
@@ -284,6 +285,9 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
                    f"at {a['created_at']}")
         click.echo(f"   subject: {a['subject']}")
         click.echo(f"   threaded: {a['threaded_by']} ({a['thread_reason']})")
+        if a["agent"] or a["internal"]:
+            click.echo(f"   agent: {a['agent'] or '-'}" + (" · internal, not sent to the customer"
+                                                         if a["internal"] else ""))
         if a["automatic"]:
             click.echo(f"   automatic: {a['automatic']}")
         if a["delivery_state"]:
@@ -347,6 +351,10 @@ def config_check(obj: Obj) -> None:
 
         errors += check_templates(settings, Renderer(obj.home.templates))
     errors += Renderer(obj.home.templates).check()
+    if not errors and settings.agent_mail.enabled:
+        from mailgw.outbound.render import AGENT_MAIL
+
+        errors += Renderer(obj.home.templates).check(AGENT_MAIL)
     if errors:
         for e in errors:
             click.echo(e, err=True)

@@ -44,4 +44,10 @@ def init_home(target: Path, *, exist_ok: bool = False) -> list[Path]:
             f.write("\n# Written by `mailgw init`: the HMAC key for VERP return paths and our\n"
                     "# Message-IDs. Keep it secret; use the same on every node.\n"
                     f"machine_mail:\n  secret: \"{secrets.token_urlsafe(32)}\"\n")
+            # The key for agents' signed reply addresses (docs/agent-mail.md); agent mail
+            # stays off until agents are configured.
+            f.write("\n# Written by `mailgw init`: the key for agents' signed reply addresses\n"
+                    "# (docs/agent-mail.md). Rotate: add a new key first, drop the old later.\n"
+                    "agent_mail:\n  keys:\n"
+                    f"    - {{id: k1, secret: \"{secrets.token_urlsafe(32)}\"}}\n")
     return written

@@ -16,6 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw import loops, ticket_events
+from mailgw.agent_mail.inbound import handle_agent_mail
+from mailgw.agent_mail.notify import notify_agents
 from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
@@ -117,6 +119,9 @@ def process(session: Session, row: m.Inbound, ctx: Context,
                    ours=ours_for(settings))
     if handle_machine_mail(session, row, mail, cls, _store_article, _event):
         return
+    # Agents' answers, notes and commands by signed reply address (docs/agent-mail.md).
+    if handle_agent_mail(session, row, mail, cls, settings, ctx.renderer):
+        return
     queue = queue_for(row, settings)
     sender = mail.from_addr or (row.mail_from or "").lower()
     auto = cls.reason
@@ -203,6 +208,9 @@ def process(session: Session, row: m.Inbound, ctx: Context,
                     "ack_new" if by == "new_ticket" else "ack_followup")
         _queue_ack(session, row, ctx, ticket, ticket_queue, article, mail, recipient, template,
                    reopened)
+    # Tell the agents (docs/agent-mail.md); nothing to do without agents.
+    notify_agents(session, settings, ctx.renderer, row, ticket, article, mail,
+                  new_ticket=new_ticket, at=stamp)
 
     row.state, row.processed_at = "done", stamp
     row.ticket_id, row.article_id, row.error = ticket.id, article.id, None

@@ -332,6 +332,51 @@ class SlaSweep(_Strict):
 
     interval: float = Field(default=30.0, gt=0)  # seconds
     batch_size: int = Field(default=200, ge=1, le=10000)
+class AgentMailKey(_Strict):
+    """One key for agents' signed reply addresses. The first key signs; every listed key
+    verifies, so a key is rotated by adding the new one first and dropping the old one once
+    its addresses may expire (``max_age_days``)."""
+
+    id: str = Field(pattern=r"^[a-z0-9]{1,8}$")
+    secret: str = Field(min_length=16)
+
+
+class AgentMailNotify(_Strict):
+    """Who is told of customer mail (OTRS's defaults): a new ticket goes to every agent of
+    its queue, a follow-up to the ticket's owner, or to the queue's agents when it has none."""
+
+    new_ticket: Literal["queue_agents", "owner", "none"] = "queue_agents"
+    followup: Literal["owner_or_queue", "queue_agents", "owner", "none"] = "owner_or_queue"
+
+
+class AgentMail(_Strict):
+    """Agents working tickets from their own mail client (docs/agent-mail.md). Off without
+    ``keys``: no notifications, and ``+t.``/``+c.`` addresses are plain queue mail."""
+
+    keys: list[AgentMailKey] = []
+    max_age_days: int = Field(default=30, ge=1, le=3650)  # a reply address expires after
+    notify: AgentMailNotify = AgentMailNotify()
+    # Also demand a DKIM (aligned with From) or DMARC pass from the trusted MTA's
+    # Authentication-Results header (its ``authserv_id``) before trusting an agent's mail.
+    require_auth: Literal["none", "dkim", "dmarc"] = "none"
+    authserv_id: str | None = None
+    # Mail with an agent's From but no valid reply address: processed as customer mail
+    # (and logged), or refused (quarantined, logged).
+    forged: Literal["customer", "refuse"] = "customer"
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentMail:
+        ids = [k.id for k in self.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("agent_mail.keys: key ids must be unique")
+        if self.require_auth != "none" and not self.authserv_id:
+            raise ValueError(f"require_auth: {self.require_auth} needs authserv_id (the "
+                             "trusted MTA's id in Authentication-Results)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
 
 
 class Settings(_Strict):
@@ -357,6 +402,7 @@ class Settings(_Strict):
     mailboxes: list[Mailbox] = []  # IMAP intake (mailgw/intake/imap.py)
     slas: list[Sla] = []  # SLA definitions (mailgw/sla, docs/sla.md)
     sla_sweep: SlaSweep = SlaSweep()  # the escalation sweep (docs/sla-escalations.md)
+    agent_mail: AgentMail = AgentMail()  # agents' replies by mail (docs/agent-mail.md)
 
     @model_validator(mode="after")
     def _check_agents(self) -> Settings:

@@ -8,6 +8,7 @@ a blank in a customer's mail.
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
+from mailgw.types import Attachment
+
 REQUIRED = ("ack_new", "ack_followup", "reject_closed")
+# Needed once agent mail is on (agent_mail.keys set; docs/agent-mail.md).
+AGENT_MAIL = ("agent_new_ticket", "agent_followup", "agent_refused")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,11 @@ class Renderer:
         subject = " ".join(subject.split())
         return Rendered(subject, body)
 
-    def check(self) -> list[str]:
-        """Compile every template; returns problems as ``file:line: reason``."""
+    def check(self, also: tuple[str, ...] = ()) -> list[str]:
+        """Compile every template (``also``: more names to insist on); returns problems as
+        ``file:line: reason``."""
         errors = []
-        for name in REQUIRED:
+        for name in REQUIRED + also:
             try:
                 tmpl = self.env.get_template(f"{name}.j2")
                 if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
@@ -83,6 +89,7 @@ def build_message(
     in_reply_to: str | None,
     references: list[str],
     extra_headers: dict[str, str],
+    attachments: list[Attachment] | None = None,
 ) -> bytes:
     # The compat32 Message API, not EmailMessage: EmailMessage builds a header class for every
     # header it sets and costs about 3 ms a mail, a quarter of a message's processing (see
@@ -100,13 +107,47 @@ def build_message(
     for name, value in extra_headers.items():
         msg[name] = _header(value)
     msg["MIME-Version"] = "1.0"
+    if attachments:
+        # multipart/mixed: the text first, then each attachment as it came (agent replies).
+        msg["Content-Type"] = "multipart/mixed"
+        text = Message()
+        _set_text(text, body)
+        del text["MIME-Version"]  # set_payload's charset adds one; it belongs on top only
+        msg.attach(text)
+        for att in attachments:
+            msg.attach(_attachment_part(att))
+        return msg.as_bytes(policy=_WIRE)
+    _set_text(msg, body)
+    return msg.as_bytes(policy=_WIRE)
+
+
+def _set_text(msg: Message, body: str) -> None:
     if body.isascii():
         msg["Content-Type"] = 'text/plain; charset="utf-8"'
         msg["Content-Transfer-Encoding"] = "7bit"
         msg.set_payload(body.replace("\r\n", "\n").replace("\n", "\r\n"))
     else:
         msg.set_payload(body, _UTF8_QP)
-    return msg.as_bytes(policy=_WIRE)
+
+
+def _attachment_part(att: Attachment) -> Message:
+    part = Message()
+    maintype, _, subtype = (att.content_type or "application/octet-stream").partition("/")
+    part["Content-Type"] = f"{maintype or 'application'}/{subtype or 'octet-stream'}"
+    if att.filename:
+        # RFC 2231 for names that are not ASCII.
+        part.set_param("name", att.filename if att.filename.isascii()
+                       else ("utf-8", "", att.filename))
+    disposition = "inline" if att.disposition == "inline" else "attachment"
+    part["Content-Disposition"] = disposition
+    if att.filename:
+        part.set_param("filename", att.filename if att.filename.isascii()
+                       else ("utf-8", "", att.filename), header="Content-Disposition")
+    if att.content_id:
+        part["Content-ID"] = f"<{att.content_id.strip('<>')}>"
+    part["Content-Transfer-Encoding"] = "base64"
+    part.set_payload(base64.encodebytes(att.data).decode("ascii").replace("\n", "\r\n"))
+    return part
 
 
 _UTF8_QP = Charset("utf-8")

@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -158,6 +159,10 @@ class Article(Base):
     delivery_error: Mapped[str | None] = mapped_column(Text)
     # Which filter rules matched this incoming article, which did not, what each changed.
     filter_trace: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Agent mail (issue 7, mailgw/agent_mail): an internal note is never sent to the customer;
+    # ``agent`` names the agent who wrote an agent article or note (the token's agent).
+    internal: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    agent: Mapped[str | None] = mapped_column(String(320))
 
 
 class Attachment(Base):

@@ -1,7 +1,7 @@
 """ticket pending_until and merged_into
 
 Revision ID: 0007
-Revises: 0005 (in branch agent-cmd; at merge re-chain to 0006, the agent-mail revision)
+Revises: 0006
 Create Date: 2026-11-27 00:09:04.711113
 """
 from alembic import op
@@ -9,8 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0007'
-# Re-chained to '0006' when merged after the agent-mail branch (which adds 0006 on 0005).
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
