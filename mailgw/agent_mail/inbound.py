@@ -188,6 +188,8 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
                                               parsed.commands, at=at)
             if commands_module.refused(results):
                 reasons += commands_module.refusal_text(results).splitlines()
+            else:  # after #merge the answer and the note belong on the merge target
+                ticket = commands_module.resolve_merged(session, ticket)
     if reasons:
         article = _agent_article(session, row, ticket, mail, agent, parts, tok, internal=True,
                                  text=parts.visible, at=at,
