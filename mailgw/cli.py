@@ -272,13 +272,22 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
             "priority": t.priority, "customer": t.customer, "owner": t.owner,
             "created_at": _iso(t.created_at), "updated_at": _iso(t.updated_at),
             "articles": articles,
+            # Appended keys (issues 6, 7): the SLA in force, #pending's reminder, #merge's target.
+            "sla": t.sla, "pending_until": _iso(t.pending_until),
+            "merged_into": (s.scalar(select(Ticket.number).where(Ticket.id == t.merged_into))
+                            if t.merged_into else None),
         }
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     hook = settings.ticket_numbers.hook
     click.echo(f"{hook}{t.number}  {t.title}")
-    click.echo(f"queue {t.queue} · state {t.state} · priority {t.priority} · customer {t.customer}")
+    click.echo(f"queue {t.queue} · state {t.state} · priority {t.priority} · customer {t.customer}"
+               + (f" · owner {t.owner}" if t.owner else "") + (f" · SLA {t.sla}" if t.sla else ""))
+    if data["pending_until"]:
+        click.echo(f"pending until {data['pending_until']}")
+    if data["merged_into"]:
+        click.echo(f"merged into {hook}{data['merged_into']}")
     for a in articles:
         arrow = "<-" if a["direction"] == "in" else "->"
         click.echo(f"\n{arrow} article {a['id']} {a['direction']} from {a['from']} "

@@ -122,3 +122,20 @@ def test_merge_cancels_the_merged_tickets_clocks_and_the_answer_lands_on_the_tar
         assert [a.ticket_id for a in answers] == [target.id]
     # The target's first response was met by that answer.
     assert clocks(h, target.id)[("first_response", 0)].outcome == "met"
+
+
+def test_tickets_show_gives_sla_pending_until_and_merge_target(home):
+    import json
+
+    h = setup(home)
+    target = open_ticket(h)
+    dup = open_ticket(h, msgid="dup@customer.test", subject="VPN again")
+    answer(h, "#pending 2d\nWaiting for you.", n=0)  # the notification of the first ticket
+    answer(h, f"#merge Ticket#{target.number}")
+    shown = json.loads(home.cli("tickets", "show", target.number, "--json", check=True).stdout)
+    assert shown["sla"] == "standard" and shown["state"] == "pending"
+    assert shown["pending_until"] is not None and shown["merged_into"] is None
+    merged = json.loads(home.cli("tickets", "show", dup.number, "--json", check=True).stdout)
+    assert (merged["state"], merged["merged_into"]) == ("merged", target.number)
+    text = home.cli("tickets", "show", dup.number, check=True).stdout.decode()
+    assert f"merged into Ticket#{target.number}" in text

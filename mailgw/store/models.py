@@ -118,6 +118,8 @@ class Ticket(Base):
     __table_args__ = (
         # Least-open assignment counts each agent's open tickets.
         Index("ix_tickets_owner_state", "owner", "state"),
+        # Reports select the tickets created in a range (mailgw report sla).
+        Index("ix_tickets_created_at", "created_at"),
         # The wake-up job each minute reads only tickets that have a reminder time.
         Index("ix_tickets_pending_until", "pending_until",
               postgresql_where=text("pending_until IS NOT NULL"),
