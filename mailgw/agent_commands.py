@@ -33,6 +33,8 @@ from mailgw.store import models as m
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from mailgw.outbound.render import Renderer
+
 log = logging.getLogger(__name__)
 
 # Aliases and what they count as in `Agent.commands`; #note is always allowed (it changes
@@ -597,7 +599,7 @@ def _jsonable(changes: dict[str, tuple[Any, Any]]) -> dict[str, list[Any]]:
 
 
 def wake_pending(session: Session, settings: Settings, now: datetime,
-                 limit: int = WAKE_BATCH) -> int:
+                 limit: int = WAKE_BATCH, renderer: Renderer | None = None) -> int:
     """Reopen up to ``limit`` pending tickets whose ``pending_until`` has passed; returns how
     many. Reads the partial index on ``pending_until``; on PostgreSQL the rows are locked with
     SKIP LOCKED so schedulers on two nodes do not both reopen a ticket."""
@@ -623,10 +625,15 @@ def wake_pending(session: Session, settings: Settings, now: datetime,
         ticket_events.ticket_changed(
             session, settings, t, {"state": ("pending", "open"), "pending_until": (until, None)},
             at=now, reason=reason)
+        if renderer is not None:  # the owner hears of it by mail (docs/agent-commands.md)
+            from mailgw.agent_mail.notify import notify_pending_reminder
+
+            notify_pending_reminder(session, settings, renderer, t, until=until, at=now)
     return len(due)
 
 
-def wake_pending_job(engine: Engine, settings: Settings) -> int:
+def wake_pending_job(engine: Engine, settings: Settings,
+                     renderer: Renderer | None = None) -> int:
     """The scheduler job (mailgw/gateway.py, each minute): wake every due ticket, a batch
     per transaction."""
     from mailgw.store.db import session_factory
@@ -634,7 +641,7 @@ def wake_pending_job(engine: Engine, settings: Settings) -> int:
     factory, total = session_factory(engine), 0
     while True:
         with factory.begin() as session:
-            n = wake_pending(session, settings, datetime.now(UTC))
+            n = wake_pending(session, settings, datetime.now(UTC), renderer=renderer)
         total += n
         if n < WAKE_BATCH:
             break

@@ -117,7 +117,8 @@ class Gateway:
 
             # First run at start: reminders that fell due while the gateway was down.
             scheduler.add_job(wake_pending_job, "interval", minutes=1, id="pending-reminder",
-                              args=(engine, self.settings), coalesce=True, max_instances=1,
+                              args=(engine, self.settings, ctx.renderer), coalesce=True,
+                              max_instances=1,
                               next_run_time=datetime.now(UTC))
             scheduler.start()
         for t in threads:

@@ -139,3 +139,38 @@ def test_tickets_show_gives_sla_pending_until_and_merge_target(home):
     assert (merged["state"], merged["merged_into"]) == ("merged", target.number)
     text = home.cli("tickets", "show", dup.number, check=True).stdout.decode()
     assert f"merged into Ticket#{target.number}" in text
+
+
+def test_pending_reminder_reopens_and_tells_the_owner_by_mail(home):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from mailgw.agent_commands import wake_pending_job
+    from mailgw.outbound.render import Renderer
+
+    h = setup(home)
+    ticket = open_ticket(h)
+    answer(h, "#take\n#pending 1d\nWaiting for the router model.")
+    sol = clocks(h, ticket.id)[("solution", 0)]
+    assert sol.state == "paused"
+    # The reminder time passes.
+    with h.engine.begin() as c:
+        c.execute(update(m.Ticket).values(
+            pending_until=datetime.now(UTC) - timedelta(minutes=1)))
+    before = len([o for o in h.outbox() if o.rcpt_tos == [AGENT]])
+    assert wake_pending_job(h.engine, home.settings(), Renderer(home.path / "templates")) == 1
+    with Session(h.engine) as s:
+        assert s.get(m.Ticket, ticket.id).state == "open"
+    assert clocks(h, ticket.id)[("solution", 0)].state == "running"
+    mails = [message_from_bytes(o.raw) for o in h.outbox() if o.rcpt_tos == [AGENT]]
+    assert len(mails) == before + 1
+    reminder = mails[-1]
+    assert reminder["Subject"].startswith(f"[Ticket#{ticket.number}] Pending reminder")
+    assert reminder["Reply-To"].startswith("support+t.")
+    assert reminder["Auto-Submitted"] == "auto-generated"
+    assert "is open again" in reminder.get_payload(decode=True).decode()
+    # An answer to the reminder reaches the customer like any agent answer.
+    deliver_to_token(h, agent_reply(reminder, "Any news?", quote=False), reminder["Reply-To"])
+    assert [o for o in h.outbox() if o.rcpt_tos == ["carol@customer.test"]
+            and b"Any news?" in o.raw]

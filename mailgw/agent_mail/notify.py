@@ -150,3 +150,46 @@ def notify_agents(session: Session, settings: Settings, renderer: Renderer, row:
                             data={"agent": agent.name, "template": template,
                                   "to": agent.addresses[0]}))
     return len(agents)
+
+
+def notify_pending_reminder(session: Session, settings: Settings, renderer: Renderer,
+                            ticket: m.Ticket, *, until: datetime | None, at: datetime) -> int:
+    """Tell the owner (or, without one, the queue's agents) that a ``#pending`` time has
+    passed and the ticket is open again (OTRS's "pending reminder reached"); returns how
+    many were told. Nothing when agent mail is off."""
+    if not settings.agents or not settings.agent_mail.enabled:
+        return 0
+    queue = settings.queue(ticket.queue)
+    if queue is None:
+        return 0
+    owner = settings.agent(ticket.owner) if ticket.owner else None
+    agents = ([owner] if owner is not None and owner.addresses else
+              [a for a in settings.agents
+               if ticket.queue in a.queues and a.addresses and not a.out_of_office])
+    root = thread_root(session, ticket)
+    base: dict[str, Any] = {
+        "ticket": {"number": ticket.number, "title": ticket.title, "queue": ticket.queue,
+                   "state": ticket.state, "priority": ticket.priority, "owner": ticket.owner,
+                   "customer": ticket.customer},
+        "queue": {"name": queue.name, "address": queue.from_address},
+        "tag": f"[{settings.ticket_numbers.hook}{ticket.number}]",
+        "pending_until": until.isoformat() if until else None,
+        "max_age_days": settings.agent_mail.max_age_days,
+    }
+    for agent in agents:
+        reply = make_address(settings, queue, "t", agent, ticket.id, at)
+        note = make_address(settings, queue, "c", agent, ticket.id, at)
+        rendered = renderer.render("agent_pending_reminder", {
+            **base, "agent": {"name": agent.name}, "reply_address": reply,
+            "note_address": note})
+        out = queue_agent_mail(
+            session, settings, ticket=ticket, queue=queue, agent=agent,
+            subject=rendered.subject, body=rendered.body,
+            from_name=queue.sender_name or queue.name, reply_to=reply, in_reply_to=root,
+            references=[root] if root else [], auto_submitted="auto-generated",
+            why=f"pending reminder to {agent.name}", at=at)
+        session.add(m.Event(type="agent_notified", created_at=at, ticket_id=ticket.id,
+                            article_id=out.article_id,
+                            data={"agent": agent.name, "template": "agent_pending_reminder",
+                                  "to": agent.addresses[0]}))
+    return len(agents)

@@ -27,7 +27,7 @@ from mailgw.types import Attachment
 
 REQUIRED = ("ack_new", "ack_followup", "reject_closed")
 # Needed once agent mail is on (agent_mail.keys set; docs/agent-mail.md).
-AGENT_MAIL = ("agent_new_ticket", "agent_followup", "agent_refused")
+AGENT_MAIL = ("agent_new_ticket", "agent_followup", "agent_refused", "agent_pending_reminder")
 
 
 @dataclass(frozen=True)
