@@ -23,7 +23,7 @@ from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
-from mailgw.mail.reply import split_html_reply, split_reply
+from mailgw.mail.reply import reply_parts
 from mailgw.numbers import format_number, tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
@@ -216,20 +216,10 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
 
 
-def _reply_parts(mail: ParsedMail):
-    parts = split_reply(mail.text)
-    if not parts.quoted and mail.html and ("<blockquote" in mail.html or "<hr" in mail.html):
-        # HTML mail: the quote may show only in the markup
-        from_html = split_html_reply(mail.html)
-        if from_html.quoted:
-            return from_html
-    return parts
-
-
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
-    parts = _reply_parts(mail)
+    parts = reply_parts(mail.text, mail.html)
     article = m.Article(
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),

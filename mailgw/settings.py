@@ -379,6 +379,12 @@ class AgentMail(_Strict):
         return bool(self.keys)
 
 
+def _unique(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} must be unique, repeated: {', '.join(dupes)}")
+
+
 class Settings(_Strict):
     store_url: str | None = None  # default: SQLite in the home's store/
     smtp: Listener = Listener()
@@ -409,9 +415,7 @@ class Settings(_Strict):
         queues = {q.name for q in self.queues}
         calendars = {c.name for c in self.calendars}
         agents = [a.name for a in self.agents]
-        dupes = sorted({n for n in agents if agents.count(n) > 1})
-        if dupes:
-            raise ValueError(f"agent names must be unique, repeated: {', '.join(dupes)}")
+        _unique(agents, "agent names")
         for a in self.agents:
             for q in a.queues:
                 if q not in queues:
@@ -433,9 +437,7 @@ class Settings(_Strict):
         calendars = {c.name for c in self.calendars}
         agents = {a.name for a in self.agents}
         names = [s.name for s in self.slas]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"SLA names must be unique, repeated: {', '.join(dupes)}")
+        _unique(names, "SLA names")
         for i, sla in enumerate(self.slas):
             where = f"slas[{i}] {sla.name}"
             if sla.first_response is None and sla.update is None and sla.solution is None:
@@ -471,9 +473,7 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _check_queues(self) -> Settings:
         names = [q.name for q in self.queues]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"queue names must be unique, repeated: {', '.join(dupes)}")
+        _unique(names, "queue names")
         seen: dict[str, str] = {}
         for q in self.queues:
             for a in q.addresses:

@@ -44,7 +44,7 @@ from mailgw.agent_mail.notify import queue_agent_mail, thread_root
 from mailgw.agent_mail.tokens import Token, TokenError, find_token_address, verify_token
 from mailgw.agent_mail.trust import agent_for_address, auth_problem
 from mailgw.mail.classify import Classification, unanswerable
-from mailgw.mail.reply import ReplyParts, split_html_reply, split_reply
+from mailgw.mail.reply import ReplyParts, reply_parts
 from mailgw.numbers import tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
@@ -116,8 +116,9 @@ def handle_agent_mail(session: Session, row: m.Inbound, mail: ParsedMail, cls: C
     if cls.automatic:
         # An out-of-office or other automatic answer to a notification: kept for the record,
         # never sent on, never read for commands.
-        article = _agent_article(session, row, ticket, mail, agent, _parts(mail), tok,
-                                 internal=True, automatic=cls.reason or cls.kind, cls=cls, at=at)
+        parts = reply_parts(mail.text, mail.html)
+        article = _agent_article(session, row, ticket, mail, agent, parts, tok, internal=True,
+                                 automatic=cls.reason or cls.kind, cls=cls, at=at)
         _event(session, "agent_auto_reply_stored", row, ticket, article, agent=agent.name,
                reason=cls.reason)
         ticket_events.article_added(session, settings, ticket, article, new_ticket=False, at=at)
@@ -166,7 +167,7 @@ def _parse_commands(text: str) -> tuple[Any, Any]:
 def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Settings,
              renderer: Renderer, queue: Queue, agent: Agent, ticket: m.Ticket, tok: Token,
              at: datetime) -> bool:
-    parts = _parts(mail)
+    parts = reply_parts(mail.text, mail.html)
     parsed, commands_module = _parse_commands(parts.visible)
     note = tok.kind == "c" or parsed.note
     text = parsed.rest.strip("\n")
@@ -372,15 +373,6 @@ def _tell_agent(session: Session, settings: Settings, renderer: Renderer, queue:
 
 
 # --- articles -------------------------------------------------------------------------------
-
-
-def _parts(mail: ParsedMail) -> ReplyParts:
-    parts = split_reply(mail.text)
-    if not parts.quoted and mail.html and ("<blockquote" in mail.html or "<hr" in mail.html):
-        from_html = split_html_reply(mail.html)
-        if from_html.quoted:
-            return from_html
-    return parts
 
 
 def _agent_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,

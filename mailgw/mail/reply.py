@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from mailgw.mail.sanitize import html_to_text
 
-__all__ = ["ReplyParts", "split_html_reply", "split_reply"]
+__all__ = ["ReplyParts", "reply_parts", "split_html_reply", "split_reply"]
 
 _WROTE = (r"wrote|writes|schrieb|geschrieben|a écrit|a ecrit|escribió|escribio|ha scritto|"
           r"schreef|geschreven|escreveu|skrev|skriver|napisał|napisała|napisał\(a\)|napsal|"
@@ -308,3 +308,14 @@ def split_html_reply(html: str) -> ReplyParts:
     if found:
         html = f"{html[: found.start()]}<p>{_MARK}</p>{html[found.start():]}"
     return split_reply(html_to_text(html))
+
+
+def reply_parts(text: str, html: str | None) -> ReplyParts:
+    """The parts of a message's new text: from the plain text, or from the HTML when the quote
+    shows only in the markup (``<blockquote>``, an ``<hr>`` before the history)."""
+    parts = split_reply(text)
+    if not parts.quoted and html and ("<blockquote" in html or "<hr" in html):
+        from_html = split_html_reply(html)
+        if from_html.quoted:
+            return from_html
+    return parts
