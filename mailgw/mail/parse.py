@@ -557,6 +557,7 @@ _FEED_CHUNK = 1 << 20
 _BODY_RUN = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
 # Runs at least this long stay in the raw bytes; the parser sees a placeholder line.
 _RUN_MIN = 64 * 1024
+_PLACEHOLDER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n]*")
 
 
@@ -581,9 +582,8 @@ class _RunBuffer(BufferedSubFile):
         super().__init__()
         self.raw = raw
         self.pos = start  # offset in raw of the next character handed to pushlines
-        self.nonce = secrets.token_hex(8)
+        self.nonce = ""  # made with the first placeholder: most messages have none
         self.runs: list[tuple[int, int]] = []
-        self.placeholder = re.compile(f"\x00{self.nonce}:(\\d+)\x00")
 
     def pushlines(self, lines: list[str]) -> None:
         text = "".join(lines)
@@ -604,12 +604,16 @@ class _RunBuffer(BufferedSubFile):
     def _run(self, run: str, start: int) -> str:
         if len(run) < _RUN_MIN:
             return run
+        if not self.nonce:
+            self.nonce = secrets.token_hex(8)
         ending = "\r\n" if run.endswith("\r\n") else "\n"
         self.runs.append((start, start + len(run) - len(ending)))
         return f"\x00{self.nonce}:{len(self.runs) - 1}\x00{ending}"
 
     def _text(self, match: re.Match[str]) -> str:
-        start, end = self.runs[int(match.group(1))]
+        if match.group(1) != self.nonce:  # the message's own text
+            return match.group(0)
+        start, end = self.runs[int(match.group(2))]
         return self.raw[start:end].decode("ascii")
 
     def _decode(self, payload: str) -> bytes | None:
@@ -617,10 +621,13 @@ class _RunBuffer(BufferedSubFile):
         from ``raw``; None when that cannot be shown to be the same (other text between
         the runs, padding before the end, a run not a whole number of 4-character groups,
         or bad padding at the end: then the stdlib decodes the text)."""
-        pieces = self.placeholder.split(payload)  # text, run number, text, ..., text
+        pieces = _PLACEHOLDER.split(payload)  # text, nonce, run number, text, ..., text
         segments: list[str | tuple[int, int]] = []
         for i, piece in enumerate(pieces):
-            if i % 2:
+            if i % 3 == 1:
+                if piece != self.nonce:
+                    return None
+            elif i % 3 == 2:
                 segments.append(self.runs[int(piece)])
             elif piece.strip("\r\n"):
                 if not _BASE64_TEXT.fullmatch(piece):
@@ -672,7 +679,7 @@ class _RunBuffer(BufferedSubFile):
                     part._mailgw_data = data
                     part._payload = ""
                     continue
-            part._payload = self.placeholder.sub(self._text, payload)
+            part._payload = _PLACEHOLDER.sub(self._text, payload)
 
 
 def _parse_tree(raw: bytes, start: int = 0) -> Message:
