@@ -37,7 +37,7 @@ from smtp_bench import bench_store  # noqa: E402
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 TICKET_COLS = ("id", "number", "title", "queue", "state", "priority", "customer",
-               "created_at", "updated_at")
+               "created_at", "updated_at", "tags", "custom_fields")
 ARTICLE_COLS = ("id", "ticket_id", "inbound_id", "direction", "sender_type", "from_addr",
                 "from_name", "to_addrs", "cc_addrs", "subject", "message_id", "in_reply_to",
                 "references", "body_text", "threaded_by", "thread_reason", "is_automatic",
@@ -61,7 +61,8 @@ def rows(cfg, start: int, stop: int, abase: int, ibase: int):  # type: ignore[no
         at = T0 + timedelta(seconds=i)
         number = format_number(cfg, i, at)
         state = "closed" if i % 3 == 0 else "open"
-        tickets.append((i, number, f"old request {i}", "support", state, 3, customer(i), at, at))
+        tickets.append((i, number, f"old request {i}", "support", state, 3, customer(i), at, at,
+                        "[]", "{}"))
         articles.append((a1, i, ib, "in", "customer", customer(i), "", "support@example.com",
                          "", f"old request {i}", f"old.{i}@customer.test", None, None,
                          "Please help with request " + str(i), "new_ticket", "bulk", False, at))
