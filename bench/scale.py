@@ -286,6 +286,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,100000,1000000")
     ap.add_argument("--messages", type=int, default=300, help="messages per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hash-indexes", action="store_true",
+                    help="PostgreSQL experiment: the two random-key lookup indexes "
+                         "(articles.message_id, inbound.sha256) as hash indexes")
     args = ap.parse_args()
 
     from sqlalchemy import text
@@ -311,6 +314,12 @@ def main() -> None:
             engine = make_engine(url)
             backends = _backend_pids(engine)
             migrate(engine)
+            if args.hash_indexes and engine.dialect.name == "postgresql":
+                with engine.begin() as c:
+                    for table, column in (("articles", "message_id"), ("inbound", "sha256")):
+                        c.exec_driver_sql(f"DROP INDEX ix_{table}_{column}")
+                        c.exec_driver_sql(f"CREATE INDEX ix_{table}_{column} ON {table} "
+                                          f"USING hash ({column})")
             ctx = Context(settings, Renderer(home.templates))
             worker = Worker(engine, lambda: ctx, batch_size=settings.worker.batch_size,
                             max_attempts=settings.worker.max_attempts)
