@@ -24,6 +24,22 @@ from gen_corpus import generate  # noqa: E402
 from smtp_bench import bench_store  # noqa: E402
 
 
+def _counts(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    out = {}
+    with engine.connect() as c:
+        for table in ("tickets", "articles", "attachments", "outbox", "auto_replies"):
+            out[table] = c.scalar(text(f"SELECT count(*) FROM {table}"))
+        for state, n in c.execute(text("SELECT state, count(*) FROM inbound GROUP BY state "
+                                       "ORDER BY state")):
+            out[f"inbound {state}"] = n
+        for kind, n in c.execute(text("SELECT type, count(*) FROM events GROUP BY type "
+                                      "ORDER BY type")):
+            out[f"event {kind}"] = n
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
@@ -31,6 +47,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--html", type=Path)
+    ap.add_argument("--cprofile", action="store_true",
+                    help="cProfile on CPU time (process_time), top functions by own time")
     args = ap.parse_args()
 
     from mailgw.home import init_home
@@ -64,16 +82,32 @@ def main() -> None:
 
                 profiler = Profiler(interval=0.0005)
                 profiler.start()
+            cprof = None
+            if args.cprofile:
+                import cProfile
+
+                cprof = cProfile.Profile(time.process_time)
+                cprof.enable()
             c0, t0 = time.process_time(), time.perf_counter()
             while worker.run_batch():
                 pass
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if profiler:
                 profiler.stop()
+            if cprof:
+                cprof.disable()
+            counts = _counts(engine)
             engine.dispose()
     n = len(corpus)
     print(f"worker alone: {n} messages in {wall:.2f} s: {n / wall:.0f} msg/s, "
           f"{cpu * 1000 / n:.2f} ms CPU per message")
+    # What was stored, to compare two versions of the code over the same corpus.
+    print("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if cprof:
+        import pstats
+
+        pstats.Stats(cprof).sort_stats("tottime").print_stats(40)
+        pstats.Stats(cprof).sort_stats("cumulative").print_stats(60)
     if profiler:
         if args.html:
             args.html.write_text(profiler.output_html())

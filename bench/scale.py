@@ -37,7 +37,7 @@ from smtp_bench import bench_store  # noqa: E402
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 TICKET_COLS = ("id", "number", "title", "queue", "state", "priority", "customer",
-               "created_at", "updated_at")
+               "created_at", "updated_at", "tags", "custom_fields")
 ARTICLE_COLS = ("id", "ticket_id", "inbound_id", "direction", "sender_type", "from_addr",
                 "from_name", "to_addrs", "cc_addrs", "subject", "message_id", "in_reply_to",
                 "references", "body_text", "threaded_by", "thread_reason", "is_automatic",
@@ -61,7 +61,8 @@ def rows(cfg, start: int, stop: int, abase: int, ibase: int):  # type: ignore[no
         at = T0 + timedelta(seconds=i)
         number = format_number(cfg, i, at)
         state = "closed" if i % 3 == 0 else "open"
-        tickets.append((i, number, f"old request {i}", "support", state, 3, customer(i), at, at))
+        tickets.append((i, number, f"old request {i}", "support", state, 3, customer(i), at, at,
+                        "[]", "{}"))
         articles.append((a1, i, ib, "in", "customer", customer(i), "", "support@example.com",
                          "", f"old request {i}", f"old.{i}@customer.test", None, None,
                          "Please help with request " + str(i), "new_ticket", "bulk", False, at))
@@ -253,12 +254,41 @@ def _cpu(pids: set[int]) -> float:
     return total
 
 
+def _blocks_text(blocks: list[tuple[float, float]]) -> str:
+    if not blocks or not any(r or h for r, h in blocks):
+        return ""
+    read = statistics.median(r for r, _ in blocks)
+    hit = statistics.median(h for _, h in blocks)
+    return f"blocks per message: {read:.1f} read into shared_buffers, {hit:.1f} found there; "
+
+
+def _blocks(engine) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """PostgreSQL: (blocks read from outside shared_buffers, blocks found in them) so far,
+    heap and indexes of this schema's tables (pg_statio: other databases' load not in it)."""
+    if engine.dialect.name != "postgresql":
+        return 0, 0
+    from sqlalchemy import text
+
+    time.sleep(1.1)  # the server publishes a backend's I/O counters at most once a second
+    with engine.connect() as c:
+        read, hit = c.execute(text(
+            "SELECT sum(coalesce(heap_blks_read, 0) + coalesce(idx_blks_read, 0) "
+            "+ coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0)), "
+            "sum(coalesce(heap_blks_hit, 0) + coalesce(idx_blks_hit, 0) "
+            "+ coalesce(toast_blks_hit, 0) + coalesce(tidx_blks_hit, 0)) "
+            "FROM pg_statio_user_tables WHERE schemaname = current_schema()")).one()
+    return int(read or 0), int(hit or 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
     ap.add_argument("--sizes", default="1000,100000,1000000")
     ap.add_argument("--messages", type=int, default=300, help="messages per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hash-indexes", action="store_true",
+                    help="PostgreSQL experiment: the two random-key lookup indexes "
+                         "(articles.message_id, inbound.sha256) as hash indexes")
     args = ap.parse_args()
 
     from sqlalchemy import text
@@ -284,6 +314,12 @@ def main() -> None:
             engine = make_engine(url)
             backends = _backend_pids(engine)
             migrate(engine)
+            if args.hash_indexes and engine.dialect.name == "postgresql":
+                with engine.begin() as c:
+                    for table, column in (("articles", "message_id"), ("inbound", "sha256")):
+                        c.exec_driver_sql(f"DROP INDEX ix_{table}_{column}")
+                        c.exec_driver_sql(f"CREATE INDEX ix_{table}_{column} ON {table} "
+                                          f"USING hash ({column})")
             ctx = Context(settings, Renderer(home.templates))
             worker = Worker(engine, lambda: ctx, batch_size=settings.worker.batch_size,
                             max_attempts=settings.worker.max_attempts)
@@ -293,7 +329,7 @@ def main() -> None:
                 t = time.perf_counter()
                 loaded.append(bulk_load(engine, cfg, size - sum(len(r) for r in loaded)))
                 load_s = time.perf_counter() - t
-                rates, cpus = [], []
+                rates, cpus, blocks = [], [], []
                 with engine.connect() as c:
                     first_inbound = c.scalar(text("SELECT max(id) FROM inbound"))
                 # The first round at the first size warms caches (compiled statements,
@@ -305,6 +341,7 @@ def main() -> None:
                                                rcpt_tos=("support@example.com",),
                                                source="smtp", received_at=datetime.now(UTC))
                                       for r in mails])
+                    b0 = _blocks(engine)
                     t, c0 = time.perf_counter(), time.process_time()
                     d0 = _cpu(backends)
                     while worker.run_batch():
@@ -316,6 +353,8 @@ def main() -> None:
                     # machine than the rate (on PostgreSQL the server's CPU is not in it).
                     cpus.append((time.process_time() - c0 + _cpu(backends) - d0)
                                 * 1000 / len(mails))
+                    b1 = _blocks(engine)
+                    blocks.append(((b1[0] - b0[0]) / len(mails), (b1[1] - b0[1]) / len(mails)))
                 with engine.connect() as c:
                     threaded = c.execute(text(
                         "SELECT threaded_by, count(*) FROM articles WHERE direction = 'in' "
@@ -327,7 +366,7 @@ def main() -> None:
                       f"{' '.join(f'{r:.1f}' for r in rates)}), "
                       f"{statistics.median(cpus):.2f} ms CPU/msg (worker + its database "
                       f"server processes: capacity {1000 / statistics.median(cpus):.0f} msg/s "
-                      f"per core); threaded by "
+                      f"per core); {_blocks_text(blocks)}threaded by "
                       f"{dict((k, v) for k, v in threaded)}", flush=True)
             print("\nquery plans at", sizes[-1], "tickets:")
             print(explain(engine))

@@ -132,11 +132,7 @@ def start_gateway(home: Path, url: str, port: int, extra: list[str]) -> subproce
                      f"{(home / 'gateway.log').read_text()[-2000:]}")
 
 
-# TODO(imap-bench): IMAP intake is being built in parallel (issue 5) and is not on this
-# branch. Its benchmark reuses what run_once is made of (make_home, bench_store, the commit
-# watcher, the sink that times acknowledgements): APPEND the corpus to a Dovecot mailbox
-# instead of sending it, start `mailgw run --role imap --role worker --role sender`, and
-# report the same figures, with "250" read as "the poller marked the message seen".
+# The IMAP variant is bench/imap_bench.py (it reuses make_home, bench_store and the sink).
 
 
 def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[str, float]:  # type: ignore[no-untyped-def]

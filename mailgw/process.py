@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from mailgw import loops, ticket_events
@@ -237,11 +237,15 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
     session.add(article)
     session.flush()
     for att in mail.attachments:
-        session.add(m.Attachment(
-            article_id=article.id, filename=_clean(att.filename, 500) or None,
-            content_type=_clean(att.content_type, 255), disposition=att.disposition[:16],
-            content_id=_clean(att.content_id, 500) or None, size=len(att.data), data=att.data,
-        ))
+        # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
+        # data and the database builds its record from it, so one attachment's copies are
+        # in memory at a time rather than every attachment's (issue 8, memory).
+        session.execute(insert(m.Attachment), {
+            "article_id": article.id, "filename": _clean(att.filename, 500) or None,
+            "content_type": _clean(att.content_type, 255), "disposition": att.disposition[:16],
+            "content_id": _clean(att.content_id, 500) or None, "size": len(att.data),
+            "data": att.data,
+        })
     return article
 
 

@@ -39,13 +39,15 @@ from __future__ import annotations
 import binascii
 import email
 import re
+import secrets
 from collections.abc import Iterator
 from email import policy
+from email.feedparser import BufferedSubFile, BytesFeedParser
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
-from io import BytesIO
+from io import BytesIO, StringIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
 from mailgw.types import Attachment, ParsedMail, ParseError
@@ -409,6 +411,23 @@ def _payload_bytes(part: Message, ctype: str, defects: list[str]) -> bytes:
         payload = part.get_payload()
         if isinstance(payload, list):  # parsed enclosed message(s), e.g. rfc822, delivery-status
             return b"".join(_flatten(m, defects) for m in payload if isinstance(m, Message))
+    # Base64 (most attachments) decoded straight from the payload string: the stdlib's
+    # get_payload(decode=True) makes three copies of a part on the way (an ASCII encode,
+    # a list of its lines and their join) and held 25 MB messages at 6x their size. The
+    # payload is read as stored: get_payload() checks for surrogates by encoding a copy.
+    data = getattr(part, "_mailgw_data", None)
+    if data is not None:  # decoded while parsing (_RunBuffer.settle)
+        return data
+    payload = part._payload
+    if (isinstance(payload, str) and payload.isascii()
+            and str(part.get("content-transfer-encoding", "")).lower() == "base64"):
+        try:
+            # Where this succeeds the stdlib's decode_b returns the same bytes (it ignores
+            # line breaks and, failing validation, other non-alphabet characters too);
+            # bad padding raises here and takes the stdlib's lenient path below.
+            return binascii.a2b_base64(payload)
+        except (binascii.Error, ValueError):
+            pass
     data = part.get_payload(decode=True)
     return data if isinstance(data, bytes) else b""
 
@@ -462,6 +481,8 @@ def _body_and_attachments(msg: Message, defects: list[str]):
                 candidates[ctype].append(part)
         else:
             attachments.append(_attachment(part, ctype, filename, defects))
+            # Decoded: the encoded text (or the early decoding) goes now, not with the tree.
+            part._payload = part._mailgw_data = None
     text = _first_with_content(candidates["text/plain"], "text/plain", defects)
     raw_html = _first_with_content(candidates["text/html"], "text/html", defects)
     # Imported here: bleach is heavy, and `mailgw deliver` needs only looks_like_mail.
@@ -528,6 +549,158 @@ def _minimal(raw: bytes, defects: list[str]) -> ParsedMail:
     )  # fmt: skip
 
 
+_FEED_CHUNK = 1 << 20
+# A line of base64 (or any run of letters, digits, "+", "/", "="): it can be neither a
+# header field (no colon, no leading space), nor a MIME delimiter (those start with "--"),
+# nor the blank line that ends a header block.
+# Lines start after "\n" (a line ending in a lone "\r" just does not start a run).
+_BODY_RUN = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
+# Runs at least this long stay in the raw bytes; the parser sees a placeholder line.
+_RUN_MIN = 64 * 1024
+_PLACEHOLDER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n]*")
+
+
+class _RunBuffer(BufferedSubFile):
+    """The stdlib parser's line buffer, with each run of base64-like lines handed out as
+    one line, and long runs left in the raw bytes.
+
+    The stdlib keeps every line of a part as its own ``str`` until the part ends (about 130
+    bytes for a 78-byte base64 line: 1.7x a 25 MB attachment), joins them, then copies the
+    join to drop the last line break; after all that the tree holds the whole message as
+    text. Every per-line test the parser makes (header field, MIME delimiter, blank line)
+    is decided by the start of a line and cannot match a base64-like line, so handing a run
+    out as one line yields the same tree. A run of ``_RUN_MIN`` or more is handed out as a
+    placeholder (NUL, a per-message nonce, the run's number, NUL: no header, delimiter or
+    blank line either, and not forgeable by the message) followed by the run's last line
+    break; the run's text stays in ``raw`` as an offset range. ``settle`` then decodes
+    base64 parts made of such runs straight from ``raw`` and puts the text back everywhere
+    else, so every part reads as the stdlib would have parsed it.
+    """
+
+    def __init__(self, raw: bytes, start: int) -> None:
+        super().__init__()
+        self.raw = raw
+        self.pos = start  # offset in raw of the next character handed to pushlines
+        self.nonce = ""  # made with the first placeholder: most messages have none
+        self.runs: list[tuple[int, int]] = []
+
+    def pushlines(self, lines: list[str]) -> None:
+        text = "".join(lines)
+        out: list[str] = []
+        pos = 0
+        for match in _BODY_RUN.finditer(text):
+            if match.start() > pos:  # the lines between runs, split as the stdlib splits them
+                out.extend(StringIO(text[pos : match.start()], newline="").readlines())
+            out.append(self._run(match.group(), self.pos + match.start()))
+            pos = match.end()
+        if not out:
+            out = lines
+        elif pos < len(text):
+            out.extend(StringIO(text[pos:], newline="").readlines())
+        self.pos += len(text)
+        self._lines.extend(out)
+
+    def _run(self, run: str, start: int) -> str:
+        if len(run) < _RUN_MIN:
+            return run
+        if not self.nonce:
+            self.nonce = secrets.token_hex(8)
+        ending = "\r\n" if run.endswith("\r\n") else "\n"
+        self.runs.append((start, start + len(run) - len(ending)))
+        return f"\x00{self.nonce}:{len(self.runs) - 1}\x00{ending}"
+
+    def _text(self, match: re.Match[str]) -> str:
+        if match.group(1) != self.nonce:  # the message's own text
+            return match.group(0)
+        start, end = self.runs[int(match.group(2))]
+        return self.raw[start:end].decode("ascii")
+
+    def _decode(self, payload: str) -> bytes | None:
+        """The bytes the stdlib's base64 decoding gives for ``payload``, decoded run by run
+        from ``raw``; None when that cannot be shown to be the same (other text between
+        the runs, padding before the end, a run not a whole number of 4-character groups,
+        or bad padding at the end: then the stdlib decodes the text)."""
+        pieces = _PLACEHOLDER.split(payload)  # text, nonce, run number, text, ..., text
+        segments: list[str | tuple[int, int]] = []
+        for i, piece in enumerate(pieces):
+            if i % 3 == 1:
+                if piece != self.nonce:
+                    return None
+            elif i % 3 == 2:
+                segments.append(self.runs[int(piece)])
+            elif piece.strip("\r\n"):
+                if not _BASE64_TEXT.fullmatch(piece):
+                    return None
+                segments.append(piece)
+        raw, view = self.raw, memoryview(self.raw)
+        out = BytesIO()
+        last = len(segments) - 1
+        for i, seg in enumerate(segments):
+            if isinstance(seg, str):
+                data: str | memoryview = seg
+                chars = len(seg) - seg.count("\n") - seg.count("\r")
+                padded = "=" in seg
+            else:
+                start, end = seg
+                data = view[start:end]
+                chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
+                padded = raw.find(b"=", start, end) >= 0
+            # Whole 4-character groups without padding decode on their own to what they
+            # contribute to the whole; only the last piece may end the data.
+            if i < last and (chars % 4 or padded):
+                return None
+            try:
+                out.write(binascii.a2b_base64(data))
+            except (binascii.Error, ValueError):
+                return None
+        return out.getvalue()
+
+    def settle(self, msg: Message) -> None:
+        """Give every part of the tree its payload back: base64 leaves of the message itself
+        decoded (kept on the part as ``_mailgw_data``, the text dropped), all else as text.
+        Parts of an enclosed message keep their text: ``_flatten`` serialises it."""
+        if not self.runs:
+            return
+        stack = [(msg, False)]
+        while stack:
+            part, enclosed = stack.pop()
+            payload = part._payload
+            if isinstance(payload, list):
+                inner = enclosed or part.get_content_maintype() == "message"
+                stack.extend((child, inner) for child in payload if isinstance(child, Message))
+                continue
+            if not isinstance(payload, str) or "\x00" not in payload:
+                continue
+            if (not enclosed and part.get_content_maintype() not in ("multipart", "message")
+                    and str(part.get("content-transfer-encoding", "")).lower() == "base64"):
+                data = self._decode(payload)
+                if data is not None:
+                    part._mailgw_data = data
+                    part._payload = ""
+                    continue
+            part._payload = _PLACEHOLDER.sub(self._text, payload)
+
+
+def _parse_tree(raw: bytes, start: int = 0) -> Message:
+    """``email.message_from_bytes(raw[start:], policy=compat32)``, in less memory.
+
+    The stdlib decodes the whole message to one string first and feeds that in 8 KB pieces;
+    here the bytes are decoded a megabyte at a time (ASCII with surrogate escapes maps byte
+    to character, so the pieces join to the same text) through ``_RunBuffer``. The parts
+    read the same (tests/test_parse_lean.py).
+    """
+    parser = BytesFeedParser(policy=policy.compat32)
+    buffer = _RunBuffer(raw, start)
+    parser._input = buffer  # read by the parser's generator on each step
+    view = memoryview(raw)
+    for pos in range(start, len(raw), _FEED_CHUNK):
+        parser.feed(bytes(view[pos : pos + _FEED_CHUNK]))
+    msg = parser.close()
+    buffer.settle(msg)
+    return msg
+
+
 def parse_message(raw: bytes) -> ParsedMail:
     """Parse one message. Raises ParseError only when ``looks_like_mail(raw)`` is False."""
     raw = bytes(raw) if isinstance(raw, (bytearray, memoryview)) else raw
@@ -537,7 +710,7 @@ def parse_message(raw: bytes) -> ParsedMail:
     if start:
         raw = raw[start:]
     try:
-        msg = email.message_from_bytes(raw, policy=policy.compat32)
+        msg = _parse_tree(raw)
         return _build(msg, [], _body_and_attachments)
     except Exception as exc:  # RecursionError on absurd nesting, or a stdlib bug on hostile input
         # Degrade rather than drop the customer's message: headers only, body as raw text.
