@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="sla_sweep.batch_size (default 200)")
     ap.add_argument("--store", help="store URL (default: a temporary SQLite file)")
     ap.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a pyinstrument profile of the last busy tick (bench extra)")
     args = ap.parse_args()
 
     from sqlalchemy import func, select
@@ -255,9 +257,18 @@ def main() -> None:
             r = sweeper.sweep(now - timedelta(minutes=30))
             idle.append((time.perf_counter() - t) * 1000)
             assert not r.fired, "nothing is due 30 minutes earlier"
+            profiler = None
+            if args.profile and _ == args.rounds - 1:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0005)
+                profiler.start()
             t = time.perf_counter()
             r = sweeper.sweep(now)
             busy.append((time.perf_counter() - t) * 1000)
+            if profiler is not None:
+                profiler.stop()
+                print(profiler.output_text(unicode=False, color=False, show_all=False))
             fired = len(r.fired)
             assert fired == len(due), f"fired {fired} of {len(due)}"
         print(f"\nidle tick (nothing due):         {stats(idle)}")
