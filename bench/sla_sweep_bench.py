@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="sla_sweep.batch_size (default 200)")
     ap.add_argument("--store", help="store URL (default: a temporary SQLite file)")
     ap.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a pyinstrument profile of the last busy tick (bench extra)")
     args = ap.parse_args()
 
     from sqlalchemy import func, select
@@ -239,7 +241,7 @@ def main() -> None:
                           batch_size=args.batch)
         print("\nclaim plan:\n" + explain(engine, now, sweeper.batch_size))
 
-        idle, claim, busy, fired = [], [], [], 0
+        idle, claim, busy, busy_cpu, fired = [], [], [], [], 0
         for _ in range(args.rounds):
             reset(engine, due, now)
             # the claim alone, with the due clocks there: what grows with the store, if
@@ -255,9 +257,19 @@ def main() -> None:
             r = sweeper.sweep(now - timedelta(minutes=30))
             idle.append((time.perf_counter() - t) * 1000)
             assert not r.fired, "nothing is due 30 minutes earlier"
-            t = time.perf_counter()
+            profiler = None
+            if args.profile and _ == args.rounds - 1:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0005)
+                profiler.start()
+            t, cpu0 = time.perf_counter(), time.process_time()
             r = sweeper.sweep(now)
             busy.append((time.perf_counter() - t) * 1000)
+            busy_cpu.append((time.process_time() - cpu0) * 1000)
+            if profiler is not None:
+                profiler.stop()
+                print(profiler.output_text(unicode=False, color=False, show_all=False))
             fired = len(r.fired)
             assert fired == len(due), f"fired {fired} of {len(due)}"
         print(f"\nidle tick (nothing due):         {stats(idle)}")
@@ -265,6 +277,9 @@ def main() -> None:
         print(f"busy tick ({fired} notices):      {stats(busy)}  "
               f"= {statistics.median(busy) / max(1, fired):.2f} ms a notice, "
               f"{sweeper.batch_size} per transaction")
+        # CPU time of this process (SQLite's work included, PostgreSQL's server not): less
+        # sensitive to other load on the machine than the wall clock.
+        print(f"busy tick, this process's CPU:  {stats(busy_cpu)}")
     finally:
         engine.dispose()
         if schema and not args.keep:

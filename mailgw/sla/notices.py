@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError, TemplateNotFound
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from mailgw.calendar import Calendar
@@ -93,14 +93,22 @@ def _local(cal: Calendar, dt: datetime | None) -> str | None:
 
 def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
     """The first message of each ticket (one query for a batch): notices reply to it, so
-    agents' clients file them in the ticket's thread."""
+    agents' clients file them in the ticket's thread.
+
+    One pass over the tickets' articles through ``ix_articles_ticket_id``: PostgreSQL's
+    ``DISTINCT ON``, SQLite's min() whose bare columns come from the row with the minimum
+    (documented SQLite behaviour). A join on ``min(id)`` let PostgreSQL's planner scan all
+    articles, which grows with the store."""
     if not ticket_ids:
         return {}
-    first = (select(func.min(m.Article.id))
-             .where(m.Article.ticket_id.in_(ticket_ids), m.Article.message_id.is_not(None))
-             .group_by(m.Article.ticket_id))
-    return dict(session.execute(select(m.Article.ticket_id, m.Article.message_id)
-                                .where(m.Article.id.in_(first))).tuples().all())
+    a = m.Article
+    has_id = (a.ticket_id.in_(ticket_ids), a.message_id.is_not(None))
+    if session.get_bind().dialect.name == "postgresql":
+        q = (select(a.ticket_id, a.message_id).where(*has_id)
+             .distinct(a.ticket_id).order_by(a.ticket_id, a.id))
+        return dict(session.execute(q).tuples().all())
+    q = select(a.ticket_id, a.message_id, func.min(a.id)).where(*has_id).group_by(a.ticket_id)
+    return {t: mid for t, mid, _ in session.execute(q)}
 
 
 def template_for(level: SlaLevel) -> str:
@@ -171,27 +179,46 @@ def prepare(settings: Settings, renderer: Renderer, *, ticket: m.Ticket, clock: 
 
 def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
     """Insert the notices' articles and outbox rows, a statement each for the whole batch;
-    sets ``article_id`` and ``outbox_id`` on each."""
+    sets ``article_id`` and ``outbox_id`` on each.
+
+    The ids are taken first (``allocate_ids``) and the rows inserted with them, without
+    RETURNING: SQLite cannot return the ids of a multi-row INSERT in order, so SQLAlchemy
+    would send it a statement per row, and each outbox row needs its article's id for VERP."""
     if not notices:
         return
-    ids = session.execute(
-        insert(m.Article).returning(m.Article.id, sort_by_parameter_order=True),
-        [n.article for n in notices]).scalars().all()
+    article_ids = allocate_ids(session, m.Article.__table__, len(notices))
+    outbox_ids = allocate_ids(session, m.Outbox.__table__, len(notices))
     signer = signer_for(settings)
-    rows = []
-    for n, article_id in zip(notices, ids, strict=True):
-        n.article_id = article_id
+    articles, rows = [], []
+    for n, article_id, outbox_id in zip(notices, article_ids, outbox_ids, strict=True):
+        n.article_id, n.outbox_id = article_id, outbox_id
+        articles.append({"id": article_id, **n.article})
         # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
         envelope_from = (signer.verp_address(article_id, n.from_address) if signer.verp
                          else n.from_address)
-        rows.append(dict(ticket_id=n.ticket_id, article_id=article_id, mail_from=envelope_from,
-                         rcpt_tos=n.to, message_id=n.message_id, raw=n.raw, state="pending",
-                         attempts=0, next_attempt_at=at, created_at=at))
-    out_ids = session.execute(
-        insert(m.Outbox).returning(m.Outbox.id, sort_by_parameter_order=True),
-        rows).scalars().all()
-    for n, outbox_id in zip(notices, out_ids, strict=True):
-        n.outbox_id = outbox_id
+        rows.append(dict(id=outbox_id, ticket_id=n.ticket_id, article_id=article_id,
+                         mail_from=envelope_from, rcpt_tos=n.to, message_id=n.message_id,
+                         raw=n.raw, state="pending", attempts=0, next_attempt_at=at,
+                         created_at=at))
+    session.execute(insert(m.Article.__table__), articles)
+    session.execute(insert(m.Outbox.__table__), rows)
+
+
+def allocate_ids(session: Session, table: Table, count: int) -> list[int]:
+    """``count`` new primary keys of ``table``, ascending, for rows this transaction inserts.
+
+    PostgreSQL: from the column's sequence, as a plain INSERT would take them. SQLite: the
+    ids after the largest, which is what SQLite gives rows without an explicit id (the
+    tables have no AUTOINCREMENT); safe because a writer holds the database's one write
+    lock from BEGIN IMMEDIATE (mailgw/store/db.py) to its commit."""
+    if count <= 0:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        seq = func.pg_get_serial_sequence(table.name, "id")
+        return sorted(session.scalars(
+            select(func.nextval(seq)).select_from(func.generate_series(1, count))))
+    top = session.scalar(select(func.max(table.c.id))) or 0
+    return list(range(top + 1, top + 1 + count))
 
 
 def check_templates(settings: Settings, renderer: Renderer) -> list[str]:

@@ -314,7 +314,7 @@ class Sweeper:
                 done["changes"]))
         if fired:
             s.execute(update(m.SlaNotice), updates)
-            s.execute(insert(m.Event), events)
+            s.execute(insert(m.Event.__table__), events)
 
     def _failed(self, s: Session, d: _Due, fresh: dict[tuple[int, int], int],
                 changes: dict[str, list[Any]], at: datetime, exc: TemplateError,
