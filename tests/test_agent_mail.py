@@ -289,6 +289,11 @@ AUTH = "mx.helpdesk.test"
      False),  # only the topmost of the trusted id counts
     (["other.mx; dkim=fail", f"{AUTH}; dkim=pass header.d=agents.test"], True),
     ([f"{AUTH}; spf=pass smtp.mailfrom=agents.test; dkim=pass header.d=agents.test"], True),
+    # The trusted header made unreadable by the sender (a HELO literal), the sender's own
+    # "pass" below it: the topmost header of the trusted id decides, and it cannot be read.
+    ([f"{AUTH}; dkim=none; spf=none smtp.helo=[192.0.2.1]",
+      f"{AUTH}; dkim=pass header.d=agents.test"], False),
+    ([f"{AUTH}; dkim=pass header.i=@agents.test"], True),  # identity only (Google's form)
 ])
 def test_required_dkim_from_the_trusted_authserv_id(home, headers, ok):
     h = setup(home, require_auth="dkim", authserv_id=AUTH)
@@ -392,3 +397,76 @@ def test_answer_with_only_an_attachment_is_sent(home):
                      note["Reply-To"])
     [_, sent] = outgoing(h, "carol@customer.test")
     assert [p.get_filename() for p in sent.walk()][-1] == "invoice.pdf"
+
+
+def test_dmarc_pass_without_header_from_is_not_trusted(home):
+    h = setup(home, require_auth="dmarc", authserv_id=AUTH)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    deliver_to_token(h, f"Authentication-Results: {AUTH}; dmarc=pass\r\n".encode()
+                     + agent_reply(note, "We are on it."), note["Reply-To"])
+    assert not outgoing(h, "carol@customer.test")[1:]
+
+
+def test_an_attached_original_is_refused_not_sent(home):
+    from email import policy
+
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    msg = message_from_bytes(agent_reply(note, "Hello Carol, fixed.", quote=False),
+                             policy=policy.default)
+    msg.add_attachment(message_from_bytes(note.as_bytes(), policy=policy.default))
+    deliver_to_token(h, msg.as_bytes(), note["Reply-To"])
+    assert not outgoing(h, "carol@customer.test")[1:]  # only the acknowledgement
+    [_, refusal] = outgoing(h, AGENT)
+    assert "message/rfc822" in refusal.get_payload(decode=True).decode()
+
+
+def test_the_agents_address_in_an_unmarked_signature_is_not_sent(home):
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    deliver_to_token(h, agent_reply(note, f"Hi Carol,\n\nfixed.\n\nAlice Agent\n{AGENT}\n"
+                                    f"write to {note['Reply-To']}\n+1 555 0100"),
+                     note["Reply-To"])
+    [_, sent] = outgoing(h, "carol@customer.test")
+    body = sent.get_payload(decode=True).decode()
+    assert "fixed." in body and "Alice Agent" in body
+    assert AGENT not in body and "+t." not in body and "+c." not in sent.as_string()
+    [ev] = h.events("agent_reply_scrubbed")
+    assert ev.data["lines_removed"] == 2
+
+
+def test_automatic_mail_with_a_token_but_a_strangers_from_is_not_an_agent_article(home):
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    deliver_to_token(h, agent_reply(note, "Mallory's text in alice's name", quote=False,
+                                    sender="mallory@evil.test", Auto_Submitted="auto-replied"),
+                     note["Reply-To"], sender="mallory@evil.test")
+    assert not [a for a in h.articles() if a.sender_type == "agent"]
+    assert h.events("agent_forgery_suspected")
+    assert not outgoing(h, "carol@customer.test")[1:]
+
+
+def test_an_agents_mail_without_token_is_never_the_customer_answered(home):
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    # The agent writes to the plain queue address (e.g. answering a notice that had no
+    # token) with a Reply-To of their team; it is customer mail on the ticket (forged:
+    # customer), but the next answer still goes to the customer.
+    msg = EmailMessage()
+    msg["From"], msg["To"] = f"Alice Agent <{AGENT}>", "support@example.com"
+    msg["Subject"] = note["Subject"]
+    msg["Message-ID"], msg["In-Reply-To"] = "<internal.1@agents.test>", note["Message-ID"]
+    msg["Reply-To"] = "alice-team@agents.test"
+    msg.set_content("Internal: be careful with this one.")
+    h.put(msg.as_bytes(), rcpt="support@example.com", mail_from=AGENT)
+    h.drain()
+    deliver_to_token(h, agent_reply(note, "Hi Carol, done."), note["Reply-To"])
+    [last] = [m for m in outgoing(h, "carol@customer.test") if b"done." in m.as_bytes()]
+    assert last["In-Reply-To"] == "<first@customer.test>"
+    # (the team address got the acknowledgement of that "customer" mail, not the answer)
+    assert not [m for m in outgoing(h, "alice-team@agents.test") if b"done." in m.as_bytes()]

@@ -113,6 +113,16 @@ def handle_agent_mail(session: Session, row: m.Inbound, mail: ParsedMail, cls: C
     assert ticket is not None
     queue = settings.queue(ticket.queue) or address_queue
 
+    if mail.from_addr not in agent.addresses:
+        reason = (f"mail to the signed reply address of agent {agent.name} came from "
+                  f"{mail.from_addr or 'no From address'}, not from one of the agent's addresses")
+        return _forged(session, row, mail, cls, settings, renderer, agent, ticket, reason)
+    # Trust first, also for automatic mail: a token alone must not put text on a ticket
+    # in an agent's name.
+    problem = auth_problem(settings, mail)
+    if problem:
+        return _untrusted(session, row, mail, cls, settings, renderer, queue, agent, ticket,
+                          problem, at)
     if cls.automatic:
         # An out-of-office or other automatic answer to a notification: kept for the record,
         # never sent on, never read for commands.
@@ -125,14 +135,6 @@ def handle_agent_mail(session: Session, row: m.Inbound, mail: ParsedMail, cls: C
         _done(row, ticket, article, at)
         return True
 
-    if mail.from_addr not in agent.addresses:
-        reason = (f"mail to the signed reply address of agent {agent.name} came from "
-                  f"{mail.from_addr or 'no From address'}, not from one of the agent's addresses")
-        return _forged(session, row, mail, cls, settings, renderer, agent, ticket, reason)
-    problem = auth_problem(settings, mail)
-    if problem:
-        return _untrusted(session, row, mail, cls, settings, renderer, queue, agent, ticket,
-                          problem, at)
     return _trusted(session, row, mail, settings, renderer, queue, agent, ticket, tok, at)
 
 
@@ -173,12 +175,23 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
     text = parsed.rest.strip("\n")
     reasons: list[str] = []
     recipient = ""
+    if not note:
+        text, removed = _scrub(text, agent)
+        if removed:
+            _event(session, "agent_reply_scrubbed", row, ticket, agent=agent.name,
+                   lines_removed=removed)
+        attached = [a.content_type for a in mail.attachments if _is_mail_part(a.content_type)]
+        if attached:
+            reasons.append(
+                f"a mail is attached ({', '.join(attached)}: a forwarded or attached original); "
+                "it is not sent to customers because it carries your address and the ticket's "
+                "signed reply addresses. Attach files only, and send the answer again.")
     # An answer has text or a file attached (inline images alone are a signature's logo).
     answer = not note and bool(text.strip() or any(
         a.disposition == "attachment" for a in mail.attachments))
     if answer:
         # It must be deliverable before any command changes the ticket.
-        recipient, why = _customer_recipient(session, ticket)
+        recipient, why = _customer_recipient(session, settings, ticket)
         if why:
             reasons.append(why)
     if not reasons and parsed.commands:
@@ -231,12 +244,43 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
     return True
 
 
-def _customer_recipient(session: Session, ticket: m.Ticket) -> tuple[str, str | None]:
+def _agents_addresses(settings: Settings) -> list[str]:
+    return [a for agent in settings.agents for a in agent.addresses]
+
+
+# A signed reply or comment address of ours (mailgw.agent_mail.tokens): never sent to customers.
+_TOKEN_ADDRESS = re.compile(r"[A-Za-z0-9._%-]+\+[tc]\.[A-Za-z0-9]+@[A-Za-z0-9.-]+")
+
+
+def _is_mail_part(content_type: str) -> bool:
+    ct = (content_type or "").lower()
+    return ct.startswith("message/") or ct == "text/rfc822-headers"
+
+
+def _scrub(text: str, agent: Agent) -> tuple[str, int]:
+    """The answer without the lines that name one of the agent's own addresses or one of our
+    signed addresses (an unmarked signature, a quote the splitter did not recognise); the
+    number of lines removed. The agent's address never reaches the customer."""
+    own = [a.lower() for a in agent.addresses]
+    kept, removed = [], 0
+    for line in text.split("\n"):
+        low = line.lower()
+        if any(a in low for a in own) or _TOKEN_ADDRESS.search(line):
+            removed += 1
+            continue
+        kept.append(line)
+    return "\n".join(kept), removed
+
+
+def _customer_recipient(session: Session, settings: Settings,
+                        ticket: m.Ticket) -> tuple[str, str | None]:
     """Where the customer is answered: the Reply-To of their last mail, else the ticket's
-    customer; and why not, when that is no address to write to."""
+    customer; and why not, when that is no address to write to. Mail from an agent's
+    address that came in as customer mail (no token) is never the one answered."""
     last = session.scalars(
         select(m.Article).where(m.Article.ticket_id == ticket.id, m.Article.direction == "in",
-                                m.Article.sender_type == "customer")
+                                m.Article.sender_type == "customer",
+                                m.Article.from_addr.not_in(_agents_addresses(settings)))
         .order_by(m.Article.is_automatic, m.Article.id.desc()).limit(1)).first()
     recipient = ticket.customer
     if last is not None and last.inbound_id is not None:
@@ -259,6 +303,7 @@ def _send_to_customer(session: Session, row: m.Inbound, mail: ParsedMail, settin
     last = session.scalars(
         select(m.Article).where(m.Article.ticket_id == ticket.id, m.Article.direction == "in",
                                 m.Article.sender_type == "customer",
+                                m.Article.from_addr.not_in(_agents_addresses(settings)),
                                 m.Article.message_id.is_not(None))
         .order_by(m.Article.id.desc()).limit(1)).first()
     in_reply_to = last.message_id if last is not None else None

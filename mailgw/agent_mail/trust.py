@@ -53,18 +53,20 @@ def auth_problem(settings: Settings, mail: ParsedMail) -> str | None:
     if am.require_auth == "none":
         return None
     wanted = (am.authserv_id or "").lower()
-    header = None
-    for value in mail.headers.get("authentication-results", ()):
-        try:
-            parsed = authres.AuthenticationResultsHeader.parse_value(value)
-        except authres.AuthResError:
-            continue  # unreadable: it cannot be the trusted MTA's header, which is well-formed
-        if (parsed.authserv_id or "").lower() == wanted:
-            header = parsed
-            break
-    if header is None:
+    # The topmost header of the trusted id is the one its MTA added (RFC 8601 5: an MTA
+    # removes or renames forged headers of its own id only above its own, and anything below
+    # may come from the sender). It is found by its authserv-id alone and must then parse: an
+    # unreadable trusted header never hands the decision to one further down.
+    value = next((v for v in mail.headers.get("authentication-results", ())
+                  if (v.split(";", 1)[0].split() or [""])[0].lower() == wanted), None)
+    if value is None:
         return (f"{am.require_auth.upper()} is required, and the mail has no "
                 f"Authentication-Results header from {am.authserv_id}")
+    try:
+        header = authres.AuthenticationResultsHeader.parse_value(value)
+    except authres.AuthResError as exc:
+        return (f"{am.require_auth.upper()} is required, and the Authentication-Results header "
+                f"from {am.authserv_id} cannot be read ({exc})")
     from_domain = mail.from_addr.rpartition("@")[2]
     seen = []
     for result in header.results:
@@ -73,14 +75,17 @@ def auth_problem(settings: Settings, mail: ParsedMail) -> str | None:
             continue
         props = {(p.type, p.name): p.value for p in (result.properties or [])}
         if method == "dkim":
-            domain = props.get(("header", "d")) or ""
+            # header.d, or the domain of header.i (some MTAs report only the identity).
+            domain = (props.get(("header", "d"))
+                      or (props.get(("header", "i")) or "").rpartition("@")[2])
             seen.append(f"dkim={verdict} d={domain or '?'}")
             if verdict == "pass" and _aligned(domain, from_domain):
                 return None
         else:
-            domain = props.get(("header", "from")) or from_domain
-            seen.append(f"dmarc={verdict} header.from={domain}")
-            if verdict == "pass" and domain.lower() == from_domain.lower():
+            # DMARC's verdict is about the domain it names; without header.from it names none.
+            domain = props.get(("header", "from")) or ""
+            seen.append(f"dmarc={verdict} header.from={domain or '?'}")
+            if verdict == "pass" and domain and domain.lower() == from_domain.lower():
                 return None
     got = ", ".join(seen) or f"no {am.require_auth} result"
     return (f"{am.require_auth.upper()} pass for {from_domain or 'the From domain'} is required; "
