@@ -470,3 +470,21 @@ def test_an_agents_mail_without_token_is_never_the_customer_answered(home):
     assert last["In-Reply-To"] == "<first@customer.test>"
     # (the team address got the acknowledgement of that "customer" mail, not the answer)
     assert not [m for m in outgoing(h, "alice-team@agents.test") if b"done." in m.as_bytes()]
+
+
+def test_the_same_agent_mail_again_is_acted_on_once(home):
+    h = setup(home)
+    ticket = customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    raw = agent_reply(note, "#priority 1\nAnswer once.")
+    deliver_to_token(h, raw, note["Reply-To"])
+    # The same mail again with one more Received header (sent twice, or replayed).
+    deliver_to_token(h, b"Received: from x by y; Fri, 27 Nov 2026 10:00:00 +0000\r\n" + raw,
+                     note["Reply-To"])
+    assert len([m for m in outgoing(h, "carol@customer.test") if b"Answer once." in m.as_bytes()]) == 1
+    assert len(h.events("agent_command")) == 1
+    [dup] = h.events("agent_mail_duplicate")
+    assert dup.ticket_id == ticket.id
+    # A new mail (another Message-ID) is acted on as usual.
+    deliver_to_token(h, agent_reply(note, "And a second answer."), note["Reply-To"])
+    assert [m for m in outgoing(h, "carol@customer.test") if b"second answer" in m.as_bytes()]

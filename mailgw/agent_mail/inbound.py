@@ -169,6 +169,13 @@ def _parse_commands(text: str) -> tuple[Any, Any]:
 def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Settings,
              renderer: Renderer, queue: Queue, agent: Agent, ticket: m.Ticket, tok: Token,
              at: datetime) -> bool:
+    if mail.message_id and _already_done(session, ticket, agent, mail.message_id):
+        # The same mail again (the agent's client sent it twice, a relay added a header, a
+        # replay): answered or noted once is enough; nothing is sent or changed again.
+        _event(session, "agent_mail_duplicate", row, ticket, agent=agent.name,
+               agent_message_id=mail.message_id)
+        row.state, row.processed_at, row.ticket_id, row.error = "done", at, ticket.id, None
+        return True
     parts = reply_parts(mail.text, mail.html)
     parsed, commands_module = _parse_commands(parts.visible)
     note = tok.kind == "c" or parsed.note
@@ -224,7 +231,8 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
                                  reason="internal note" if note else "commands only")
         _event(session, "agent_note_added" if note else "agent_commands_only", row, ticket,
                article, agent=agent.name, via="comment address" if tok.kind == "c" else
-               "#note" if parsed.note else "commands", commands=len(parsed.commands))
+               "#note" if parsed.note else "commands", commands=len(parsed.commands),
+               agent_message_id=mail.message_id)
         ticket_events.article_added(session, settings, ticket, article, new_ticket=False, at=at)
         _done(row, ticket, article, at)
         return True
@@ -270,6 +278,21 @@ def _scrub(text: str, agent: Agent) -> tuple[str, int]:
             continue
         kept.append(line)
     return "\n".join(kept), removed
+
+
+# What an agent's mail did once it was trusted; its Message-ID is kept in the event.
+_AGENT_DONE = ("agent_reply_sent", "agent_note_added", "agent_commands_only")
+
+
+def _already_done(session: Session, ticket: m.Ticket, agent: Agent, message_id: str) -> bool:
+    """Whether this agent's mail with this Message-ID was already acted on for the ticket
+    (a few events per ticket, read by the ticket's index)."""
+    for data in session.scalars(select(m.Event.data).where(
+            m.Event.ticket_id == ticket.id, m.Event.type.in_(_AGENT_DONE))):
+        if (data or {}).get("agent_message_id") == message_id and (
+                data or {}).get("agent") == agent.name:
+            return True
+    return False
 
 
 def _customer_recipient(session: Session, settings: Settings,
@@ -335,7 +358,7 @@ def _send_to_customer(session: Session, row: m.Inbound, mail: ParsedMail, settin
         rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending", attempts=0,
         next_attempt_at=at, created_at=at))
     _event(session, "agent_reply_sent", row, ticket, article, agent=agent.name, to=recipient,
-           attachments=len(mail.attachments), key=tok.key_id)
+           attachments=len(mail.attachments), key=tok.key_id, agent_message_id=mail.message_id)
     return article
 
 
