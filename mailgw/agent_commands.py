@@ -29,6 +29,7 @@ from mailgw.calendar import ALWAYS, Calendar
 from mailgw.numbers import subject_pattern
 from mailgw.settings import AGENT_COMMAND_ALIASES, AGENT_COMMANDS, Agent, Settings
 from mailgw.store import models as m
+from mailgw.types import aware as _aware
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -583,9 +584,6 @@ def _show(moment: datetime, cal: Calendar) -> str:
     return text
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite gives back naive datetimes; everything we store is UTC.
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _jsonable(changes: dict[str, tuple[Any, Any]]) -> dict[str, list[Any]]:

@@ -7,7 +7,7 @@ shape of a message as it travels through mailgw is declared in exactly one place
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +62,11 @@ class ParsedMail:
 
 class ParseError(Exception):
     """The input is not an email message at all (``mailgw deliver`` exits 65 on it)."""
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime: SQLite hands back naive ones, and every time
+    mailgw stores is UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

@@ -22,6 +22,7 @@ from mailgw.calendar import ALWAYS, Calendar
 from mailgw.settings import Settings, Sla, per_settings
 from mailgw.sla.select import select_sla, sla_by_name
 from mailgw.store import models as m
+from mailgw.types import aware
 
 TARGETS = ("first_response", "update", "solution")
 OPEN = ("running", "paused")
@@ -31,11 +32,6 @@ CANCEL_STATES = ("merged", "deleted", "removed")
 SELECTING = ("queue", "priority", "customer", "company", "sla")
 
 
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; the store keeps UTC."""
-    if dt is None:
-        return None
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 @per_settings

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 
 from mailgw.calendar import Calendar
 from mailgw.settings import Settings
-from mailgw.sla.clocks import aware, calendar_for
+from mailgw.sla.clocks import calendar_for
 from mailgw.store import models as m
+from mailgw.types import aware
 
 # At most this many working periods are listed per segment; the rest is summed up.
 MAX_PERIODS = 12

@@ -11,7 +11,7 @@ customers: the customers' loop-protection counters are not touched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError, TemplateNotFound
@@ -24,6 +24,7 @@ from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
 from mailgw.settings import Settings, Sla, SlaLevel
 from mailgw.store import models as m
+from mailgw.types import aware
 
 # Template names a level uses unless it names its own (`template:`).
 WARNING_TEMPLATE, BREACH_TEMPLATE = "sla_warning", "sla_breach"
@@ -47,11 +48,6 @@ class Prepared:
     outbox_id: int | None = None
 
 
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    if dt is None:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def recipients(settings: Settings, ticket: m.Ticket, level: SlaLevel) -> tuple[list[str], list[str]]:

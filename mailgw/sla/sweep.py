@@ -32,8 +32,10 @@ from mailgw.outbound.render import Renderer
 from mailgw.queue import now as utcnow
 from mailgw.settings import Settings, Sla, SlaActions, SlaLevel
 from mailgw.sla.clocks import calendar_for, schedule
-from mailgw.sla.notices import Prepared, aware, prepare, recipients, roots, store, template_for
+from mailgw.sla.notices import Prepared, prepare, recipients, roots, store, template_for
+from mailgw.sla.select import sla_by_name
 from mailgw.store import models as m
+from mailgw.types import aware
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +72,6 @@ class SweepResult:
     def as_json(self) -> dict[str, Any]:
         return {"fired": [asdict(f) for f in self.fired], "deferred": self.deferred,
                 "skipped": self.skipped, "batches": self.batches}
-
-
-def _calendar(settings: Settings, name: str | None) -> Calendar:
-    return calendar_for(settings, name)
-
-
-def _sla(settings: Settings, name: str) -> Sla | None:
-    return next((s for s in settings.slas if s.name == name), None)
 
 
 def _reached_at(clock: m.SlaClock, percent: int, cal: Calendar) -> datetime:
@@ -217,7 +211,7 @@ class Sweeper:
                 result: SweepResult) -> _Due | None:
         """What to do with one claimed clock: None when it is skipped, rescheduled or
         deferred (done here, on the row); else the level that fires now."""
-        sla = _sla(self.settings, clock.sla)
+        sla = sla_by_name(self.settings, clock.sla)
 
         def skip(why: str) -> None:
             clock.next_notice_at = None
@@ -234,8 +228,8 @@ class Sweeper:
             return skip("no level left")
         # The clock counts in its own calendar (None: 24x7); notices keep the SLA calendar's
         # working hours.
-        cal = _calendar(self.settings, clock.calendar)
-        hours = _calendar(self.settings, sla.calendar)
+        cal = calendar_for(self.settings, clock.calendar)
+        hours = calendar_for(self.settings, sla.calendar)
         level = sla.levels[clock.next_level]
         reached = _reached_at(clock, level.percent, cal)
         if reached > at:
