@@ -215,3 +215,19 @@ def test_schema_command_prints_json_schema(h):
     schema = json.loads(h.cli("filters", "schema", check=True).stdout)
     assert schema["title"] == "mailgw filter pipeline"
     assert "Rule" in schema["$defs"]
+
+
+@pytest.mark.parametrize("subject, expected", [
+    ("Request: VPN access for our new hire", "service_request"),
+    ("Please install the printer driver", "service_request"),
+    ("Review my pull request #42", None),
+    ("Merge Request !17 needs approval", None),
+    ("Feature request: dark mode", "service_request"),
+])
+def test_default_rules_service_request(h, tmp_path, subject, expected):
+    """The shipped 00-default.yaml: "pull request" / "merge request" are not service requests."""
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(mail(subject))
+    proc = h.cli("filters", "test", str(msg), "--json", check=True)
+    decision = json.loads(proc.stdout)["decision"]
+    assert decision.get("type") == expected
