@@ -1,12 +1,14 @@
 """Auto-assignment of new tickets to agents, per queue (``queues[].assignment``).
 
 Strategies: ``round_robin`` (the next available agent after the one who got the queue's last
-ticket; the cursor row is locked while choosing, so workers on several nodes take turns),
+ticket),
 ``least_open`` (the available agent with the fewest new/open/pending tickets), ``skills``
 (agents whose skills cover the ticket's tags that are skills at all; the least loaded of
 them). ``sticky: true`` first tries the owner of the customer's last ticket. Every strategy
 only picks agents who are available now: not out of office, and inside their working hours.
-When nobody is, the ticket stays unassigned in its queue. The result says why.
+When nobody is, the ticket stays unassigned in its queue. The result says why. Whatever the
+strategy, the queue's cursor row is locked while choosing, so workers on several nodes take
+turns (the second sees the first's committed ticket when it counts).
 """
 
 from __future__ import annotations
@@ -80,11 +82,12 @@ def _least_open(session: Session, agents: list[Agent]) -> tuple[Agent, int]:
     return best, counts[best.name]
 
 
-def _round_robin(session: Session, queue: Queue, agents: list[Agent], everyone: list[Agent],
-                 at: datetime) -> Agent:
-    # Create the queue's cursor row if missing without racing another worker (ON CONFLICT
-    # DO NOTHING), then lock it: workers on several nodes take turns instead of both
-    # giving the next ticket to the same agent.
+def _lock_queue(session: Session, queue: Queue, at: datetime) -> m.AssignmentCursor:
+    """Lock the queue's assignment cursor row (created if missing without racing another
+    worker: ON CONFLICT DO NOTHING) until the transaction ends. Every strategy takes it before
+    looking at the agents' load, so two workers (or nodes) assigning in the same queue take
+    turns: the second counts after the first has committed its ticket, instead of both giving
+    theirs to the same least-loaded agent. On SQLite the write transaction already serialises."""
     if session.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
@@ -92,9 +95,13 @@ def _round_robin(session: Session, queue: Queue, agents: list[Agent], everyone: 
     session.execute(insert(m.AssignmentCursor).values(
         queue=queue.name, last_agent=None, updated_at=at).on_conflict_do_nothing(
         index_elements=["queue"]))
-    cursor = session.scalars(select(m.AssignmentCursor)
-                             .where(m.AssignmentCursor.queue == queue.name)
-                             .with_for_update()).one()
+    return session.scalars(select(m.AssignmentCursor)
+                           .where(m.AssignmentCursor.queue == queue.name)
+                           .with_for_update()).one()
+
+
+def _round_robin(cursor: m.AssignmentCursor, agents: list[Agent], everyone: list[Agent],
+                 at: datetime) -> Agent:
     order = [a.name for a in everyone]
     start = order.index(cursor.last_agent) + 1 if cursor.last_agent in order else 0
     ring = order[start:] + order[:start]
@@ -120,6 +127,7 @@ def choose_owner(session: Session, settings: Settings, queue: Queue, *, tags: li
     if not agents:
         result.reason = "no agent is available; it stays in the queue"
         return result
+    cursor = _lock_queue(session, queue, at)
     if cfg.sticky and customer:
         q = select(m.Ticket.owner).where(m.Ticket.customer == customer,
                                          m.Ticket.owner.is_not(None))
@@ -134,7 +142,7 @@ def choose_owner(session: Session, settings: Settings, queue: Queue, *, tags: li
             why = unavailable.get(last, "not an agent of this queue")
             result.reason = f"sticky owner {last} skipped ({why}); "
     if cfg.strategy == "round_robin":
-        pick = _round_robin(session, queue, agents, everyone, at)
+        pick = _round_robin(cursor, agents, everyone, at)
         result.owner = pick.name
         result.reason += "round robin: next available agent after the queue's last owner"
     elif cfg.strategy == "least_open":

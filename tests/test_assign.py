@@ -180,3 +180,48 @@ def test_invalid_agent_settings(bad, message):
         Settings.model_validate({"queues": [{"name": "support", "addresses": ["s@e.com"]}],
                                  **bad})
     assert message in str(exc.value)
+
+
+def test_least_open_workers_take_turns_on_postgresql(home, close_after):
+    """Two workers assigning in one queue at once: the second waits for the first's commit and
+    then counts its ticket, so the two new tickets go to two agents, not both to the one that
+    looked least loaded in both snapshots."""
+    import threading
+
+    from sqlalchemy.orm import Session
+
+    from mailgw.assign import choose_owner
+    from mailgw.store import models as m
+
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("SQLite has a single writer: two assignments cannot overlap")
+    hx = configure(home, "least_open", agents("ann", "ben"))
+    close_after.append(hx)
+    queue = hx.settings.queues[0]
+    at = datetime(2026, 11, 27, 10, tzinfo=UTC)
+
+    def assign(session: Session) -> str | None:
+        owner = choose_owner(session, hx.settings, queue, tags=[], customer="", at=at).owner
+        session.add(m.Ticket(number=f"T-{owner}-{threading.get_ident()}", title="t",
+                             queue=queue.name, state="new", priority=3, customer="c@x.test",
+                             owner=owner, created_at=at, updated_at=at))
+        session.flush()
+        return owner
+
+    second: list[str | None] = []
+
+    def other_worker() -> None:
+        with Session(hx.engine) as s:
+            second.append(assign(s))
+            s.commit()
+
+    t = threading.Thread(target=other_worker)
+    with Session(hx.engine) as first:
+        assert assign(first) == "ann"  # ties go to the agent listed first
+        t.start()
+        t.join(0.5)
+        waited = t.is_alive()
+        first.commit()
+    t.join(10)
+    assert waited, "the second assignment did not wait for the first transaction"
+    assert second == ["ben"]
