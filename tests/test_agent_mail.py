@@ -488,3 +488,28 @@ def test_the_same_agent_mail_again_is_acted_on_once(home):
     # A new mail (another Message-ID) is acted on as usual.
     deliver_to_token(h, agent_reply(note, "And a second answer."), note["Reply-To"])
     assert [m for m in outgoing(h, "carol@customer.test") if b"second answer" in m.as_bytes()]
+
+
+def test_the_customer_replying_all_to_a_signed_address_is_a_follow_up(home):
+    """An agent Cc'd the customer on an answer sent to the signed address; the customer
+    replies to all. Even with ``forged: refuse`` that is the customer's follow-up on their
+    ticket, not a forgery: no quarantine, no agent power, the ticket gets the article."""
+    h = setup(home, forged="refuse")
+    ticket = customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    token_address = note["Reply-To"]
+    reply = mail("Re: Printer on fire", "#close\nStill burning, thanks for looking.",
+                 sender="Carol Customer <carol@customer.test>", msgid="second@customer.test",
+                 to=token_address, In_Reply_To="<first@customer.test>",
+                 References="<first@customer.test>")
+    [inbound_id] = h.put(reply, rcpt=token_address, mail_from="carol@customer.test")
+    h.drain()
+    assert h.inbound(inbound_id).state == "done"
+    assert not h.events("agent_forgery_suspected") and not h.events("quarantined")
+    [ev] = h.events("token_address_used_by_customer")
+    assert ev.data == {"agent": "alice", "from_addr": "carol@customer.test"}
+    [t] = h.tickets()
+    assert t.id == ticket.id and t.state != "closed"  # "#close" from a customer is just text
+    arts = [a for a in h.articles(ticket.id) if a.direction == "in"]
+    assert [a.sender_type for a in arts] == ["customer", "customer"]
+    assert arts[-1].message_id == "second@customer.test"

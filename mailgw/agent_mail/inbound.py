@@ -114,6 +114,14 @@ def handle_agent_mail(session: Session, row: m.Inbound, mail: ParsedMail, cls: C
     queue = settings.queue(ticket.queue) or address_queue
 
     if mail.from_addr not in agent.addresses:
+        if (mail.from_addr and ticket.customer and mail.from_addr == ticket.customer.lower()
+                and agent_for_address(settings, mail.from_addr) is None):
+            # The ticket's own customer writing to the signed address: an agent Cc'd them on
+            # an answer and they replied to all. Their follow-up, not a forgery; it gets no
+            # agent's power (the customer path threads it by its references).
+            _event(session, "token_address_used_by_customer", row, ticket, agent=agent.name,
+                   from_addr=mail.from_addr)
+            return False
         reason = (f"mail to the signed reply address of agent {agent.name} came from "
                   f"{mail.from_addr or 'no From address'}, not from one of the agent's addresses")
         return _forged(session, row, mail, cls, settings, renderer, agent, ticket, reason)
