@@ -9,7 +9,8 @@ nothing, and ``refusal_text`` tells the agent why, line by line. docs/agent-comm
 reference an agent reads.
 
 ``wake_pending`` is the OTRS "pending reminder": a ticket set ``#pending 3d`` goes back to
-``open`` by itself when its time has passed (a scheduler job, each minute).
+``open`` by itself when its time has passed (a scheduler job, each minute); one set
+``#pending 3d close`` is closed then instead (OTRS "pending auto close").
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def parse_commands(text: str) -> Parsed:
 _ARITY: dict[str, tuple[int, int | None, str]] = {
     # name: (min args, max args or None, what the argument is)
     "close": (0, 0, ""), "open": (0, 0, ""), "reopen": (0, 0, ""), "take": (0, 0, ""),
-    "pending": (1, None, "a duration (3d, 4h, 1w 2d) or a date (2026-12-01, monday)"),
+    "pending": (1, None, "a duration (3d, 4h, 1w 2d) or a date (2026-12-01, monday), "
+                "optionally followed by close"),
     "assign": (1, 1, "an agent's name"),
     "priority": (1, 2, "1-5 (1 is the highest) or very low/low/normal/high/very high/critical"),
     "queue": (1, 1, "a queue name"),
@@ -236,6 +238,7 @@ def execute(session: Session, settings: Settings, ticket: m.Ticket, agent: Agent
         "state": ticket.state, "queue": ticket.queue, "owner": ticket.owner,
         "priority": ticket.priority, "tags": list(ticket.tags or []),
         "pending_until": _aware(ticket.pending_until), "closed_at": _aware(ticket.closed_at),
+        "pending_action": ticket.pending_action,
         "merged_into": ticket.merged_into,
     })
     general = _general_refusal(session, settings, ticket, agent)
@@ -313,24 +316,36 @@ def _check(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
 def _close(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
     if ctx.plan["state"] == "closed":
         return {}, "already closed"
-    return {"state": "closed", "closed_at": ctx.at, "pending_until": None}, "closed"
+    return ({"state": "closed", "closed_at": ctx.at, "pending_until": None,
+             "pending_action": None}, "closed")
 
 
 def _open(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
     if ctx.plan["state"] == "open":
         return {}, "already open"
-    return {"state": "open", "closed_at": None, "pending_until": None}, "opened"
+    return ({"state": "open", "closed_at": None, "pending_until": None,
+             "pending_action": None}, "opened")
+
+
+# "#pending 3d close": the ticket is closed, not reopened, when the time passes.
+_AUTO_CLOSE = ("close", "autoclose", "auto-close")
 
 
 def _pending(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
     cal = agent_calendar(ctx.settings, ctx.agent)
-    until = pending_time(cmd.arg, ctx.at, cal)
+    words = cmd.arg.split()
+    action = "close" if any(w.lower() in _AUTO_CLOSE for w in words) else None
+    when = " ".join(w for w in words if w.lower() not in _AUTO_CLOSE)
+    if action and not when:
+        raise Refused("#pending close needs a duration (3d, 4h) or a date (2026-12-01, monday)")
+    until = pending_time(when, ctx.at, cal)
     if until <= ctx.at:
         raise Refused(f"{_show(until, cal)} is in the past")
     if until - ctx.at > MAX_PENDING:
         raise Refused(f"{_show(until, cal)} is more than {MAX_PENDING.days} days ahead")
-    return ({"state": "pending", "pending_until": until, "closed_at": None},
-            f"pending until {_show(until, cal)}")
+    return ({"state": "pending", "pending_until": until, "closed_at": None,
+             "pending_action": action},
+            f"pending until {_show(until, cal)}" + (", then closed" if action else ""))
 
 
 def _assign(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
@@ -409,7 +424,8 @@ def _merge(ctx: _Ctx, cmd: Command) -> tuple[dict[str, Any], str]:
         raise Refused(f"{ctx.agent.name} does not serve queue {target.queue}, the queue of "
                       f"{ctx.settings.ticket_numbers.hook}{number}")
     ctx.merge_target = target
-    return ({"state": "merged", "merged_into": target.id, "pending_until": None},
+    return ({"state": "merged", "merged_into": target.id, "pending_until": None,
+             "pending_action": None},
             f"merged into {ctx.settings.ticket_numbers.hook}{number}")
 
 
@@ -598,16 +614,18 @@ def _jsonable(changes: dict[str, tuple[Any, Any]]) -> dict[str, list[Any]]:
 
 def wake_pending(session: Session, settings: Settings, now: datetime,
                  limit: int = WAKE_BATCH, renderer: Renderer | None = None) -> int:
-    """Reopen up to ``limit`` pending tickets whose ``pending_until`` has passed; returns how
-    many. Reads the partial index on ``pending_until``; on PostgreSQL the rows are locked with
-    SKIP LOCKED so schedulers on two nodes do not both reopen a ticket."""
+    """Reopen up to ``limit`` pending tickets whose ``pending_until`` has passed (or close
+    those set ``#pending … close``); returns how many. Reads the partial index on
+    ``pending_until``; on PostgreSQL the rows are locked with SKIP LOCKED so schedulers on two
+    nodes do not both wake a ticket."""
     # A ticket that left pending another way (a customer reply) keeps a stale time; clear
     # those so the index holds only live reminders.
     session.execute(
         update(m.Ticket)
         .where(m.Ticket.pending_until.is_not(None), m.Ticket.pending_until <= now,
                m.Ticket.state != "pending")
-        .values(pending_until=None).execution_options(synchronize_session=False))
+        .values(pending_until=None, pending_action=None)
+        .execution_options(synchronize_session=False))
     due = session.scalars(
         select(m.Ticket)
         .where(m.Ticket.pending_until.is_not(None), m.Ticket.pending_until <= now,
@@ -616,6 +634,9 @@ def wake_pending(session: Session, settings: Settings, now: datetime,
         .with_for_update(skip_locked=True)).all()
     for t in due:
         until = _aware(t.pending_until)
+        if t.pending_action == "close":
+            _auto_close(session, settings, t, until, now)
+            continue
         t.state, t.pending_until, t.updated_at = "open", None, now
         reason = f"pending reminder: pending until {until.isoformat() if until else '?'} passed"
         session.add(m.Event(type="state_changed", ticket_id=t.id, created_at=now,
@@ -628,6 +649,20 @@ def wake_pending(session: Session, settings: Settings, now: datetime,
 
             notify_pending_reminder(session, settings, renderer, t, until=until, at=now)
     return len(due)
+
+
+def _auto_close(session: Session, settings: Settings, t: m.Ticket, until: datetime | None,
+                now: datetime) -> None:
+    """OTRS "pending auto close": the agent set ``#pending 3d close`` and nobody wrote since."""
+    t.state, t.closed_at, t.updated_at = "closed", now, now
+    t.pending_until, t.pending_action = None, None
+    reason = (f"pending auto close: pending until {until.isoformat() if until else '?'} "
+              "passed")
+    session.add(m.Event(type="state_changed", ticket_id=t.id, created_at=now,
+                        data={"old": "pending", "new": "closed", "reason": reason}))
+    ticket_events.ticket_changed(
+        session, settings, t, {"state": ("pending", "closed"), "pending_until": (until, None),
+                               "closed_at": (None, now)}, at=now, reason=reason)
 
 
 def wake_pending_job(engine: Engine, settings: Settings,

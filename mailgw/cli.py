@@ -276,6 +276,8 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
             "sla": t.sla, "pending_until": _iso(t.pending_until),
             "merged_into": (s.scalar(select(Ticket.number).where(Ticket.id == t.merged_into))
                             if t.merged_into else None),
+            # What happens at pending_until: "reopen" (reminder) or "close" (#pending … close).
+            "pending_action": (t.pending_action or "reopen") if t.pending_until else None,
         }
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -285,7 +287,8 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
     click.echo(f"queue {t.queue} · state {t.state} · priority {t.priority} · customer {t.customer}"
                + (f" · owner {t.owner}" if t.owner else "") + (f" · SLA {t.sla}" if t.sla else ""))
     if data["pending_until"]:
-        click.echo(f"pending until {data['pending_until']}")
+        then = "then closed" if data["pending_action"] == "close" else "then reopened"
+        click.echo(f"pending until {data['pending_until']}, {then}")
     if data["merged_into"]:
         click.echo(f"merged into {hook}{data['merged_into']}")
     for a in articles:

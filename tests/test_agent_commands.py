@@ -263,6 +263,55 @@ def test_wake_pending_job_commits_and_clears_stale_reminders(desk):
                 if "pending reminder" in e.data.get("reason", "")]) == 0
 
 
+def test_pending_close_closes_when_the_time_passes(desk, changed):
+    """OTRS "pending auto close": ``#pending 4h close`` closes instead of reopening."""
+    tid = desk.ticket()
+    [r] = desk.run(tid, "alice", "#pending 4h close")
+    assert r.ok and r.message.endswith(", then closed"), r.message
+    t = desk.get(tid)
+    assert (t.state, t.pending_action) == ("pending", "close")
+    later = AT + timedelta(hours=4, minutes=1)
+    with Session(desk.h.engine) as s, s.begin():
+        assert ac.wake_pending(s, desk.settings, later) == 1
+    t = desk.get(tid)
+    assert (t.state, t.pending_until, t.pending_action) == ("closed", None, None)
+    assert aware(t.closed_at) == later
+    [ev] = [e for e in desk.events(tid, "state_changed")
+            if "pending auto close" in e.data.get("reason", "")]
+    assert (ev.data["old"], ev.data["new"]) == ("pending", "closed")
+    assert changed[-1]["changes"]["state"] == ("pending", "closed")
+    assert changed[-1]["reason"].startswith("pending auto close")
+    with Session(desk.h.engine) as s, s.begin():  # once only
+        assert ac.wake_pending(s, desk.settings, later + timedelta(hours=1)) == 0
+
+
+def test_pending_close_words_and_a_later_reminder(desk):
+    tid = desk.ticket()
+    [r] = desk.run(tid, "alice", "#pending close")
+    assert not r.ok and "needs a duration" in r.message
+    assert desk.run(tid, "alice", "#pending autoclose monday")[0].ok
+    assert desk.get(tid).pending_action == "close"
+    # a plain #pending afterwards is a reminder again, #open drops the action
+    assert desk.run(tid, "alice", "#pending 2h")[0].ok
+    assert desk.get(tid).pending_action is None
+    assert desk.run(tid, "alice", "#pending 1d close")[0].ok
+    assert desk.run(tid, "alice", "#open")[0].ok
+    t = desk.get(tid)
+    assert (t.state, t.pending_until, t.pending_action) == ("open", None, None)
+
+
+def test_customer_reply_before_auto_close_keeps_the_ticket_open(desk):
+    tid = desk.ticket("other", sender="o@customer.test")
+    past = datetime.now(UTC) - timedelta(hours=2)
+    assert desk.run(tid, "alice", "#pending 1h close", at=past)[0].ok
+    desk.h.put(mail(f"Re: other [Ticket#{desk.get(tid).number}]", sender="o@customer.test"))
+    desk.h.drain()
+    assert desk.get(tid).state == "open"
+    assert ac.wake_pending_job(desk.h.engine, desk.settings) == 0
+    t = desk.get(tid)
+    assert (t.state, t.pending_until, t.pending_action) == ("open", None, None)
+
+
 def test_assign_take_priority_queue_tag_untag(desk):
     tid = desk.ticket()
     r = desk.run(tid, "alice", "#assign Bob\n#priority critical\n#tag vip,urgent\n#tag vip")

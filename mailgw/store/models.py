@@ -113,6 +113,9 @@ class Ticket(Base):
     # Agent commands (issue 7, mailgw/agent_commands.py): when a pending ticket reopens by
     # itself (#pending 3d), and the ticket a merged one (state "merged") was merged into.
     pending_until: Mapped[datetime | None]
+    # What happens at pending_until: None reopens the ticket and reminds the owner (OTRS
+    # "pending reminder"), "close" closes it (OTRS "pending auto close", #pending 3d close).
+    pending_action: Mapped[str | None] = mapped_column(String(16))
     merged_into: Mapped[int | None] = mapped_column(BigId)
 
     __table_args__ = (
