@@ -36,6 +36,14 @@ class Obj:
                 self._settings = self._settings.model_copy(update={"store_url": url})
         return self._settings
 
+    def reload_settings(self) -> Settings:
+        """Read config/mailgw.yaml again (``mailgw run`` on SIGHUP); raises ConfigError."""
+        settings = load_settings(self.home)
+        url = os.environ.get("MAILGW_STORE_URL")
+        if url:
+            settings = settings.model_copy(update={"store_url": url})
+        return settings
+
     def engine(self, *, migrate: bool = True):  # type: ignore[no-untyped-def]
         from mailgw.store.db import make_engine
         from mailgw.store.db import migrate as do_migrate
@@ -104,7 +112,7 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int,
             raise click.BadParameter(str(exc), param_hint="--smtp") from None
     try:
         code = Gateway(obj.home, settings, roles or ROLES, smtp, workers=workers,
-                       supervised=supervised).run()
+                       supervised=supervised, loader=obj.reload_settings).run()
     except ListenError as exc:
         click.echo(f"mailgw run: {exc}", err=True)
         sys.exit(EX_CONFIG)

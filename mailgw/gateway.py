@@ -6,6 +6,13 @@ by default; ``--role`` picks some, so roles can be split across processes and no
 PostgreSQL. Shutdown is clean and loses nothing: listeners stop accepting, messages already
 being received are committed (or refused with 4xx), the worker finishes its transaction, and
 whatever is still pending stays in the database for the next start.
+
+SIGHUP reloads config/mailgw.yaml and the filters (docs/architecture.md, decision 25): a valid
+config replaces the running one for everything that reads it per message or per job (queues,
+agents, SLAs, templates, loop protection, auto-responses…); a config that fails validation, or
+whose filters no longer compile against it, is logged with file, line and reason and the
+running config stays in force. Listeners, the store, the relay and the IMAP mailboxes are
+opened once: a change to them is logged as taking effect at the next start.
 """
 
 from __future__ import annotations
@@ -14,23 +21,28 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from mailgw.filters.loader import load_pipeline
 from mailgw.filters.reload import PipelineHolder
 from mailgw.intake.smtp import IntakeHandler, protocol_factory
 from mailgw.outbound.render import Renderer
 from mailgw.outbound.sender import Sender
 from mailgw.process import Context
 from mailgw.queue import GroupCommitWriter
-from mailgw.settings import Home, Listener, Settings
+from mailgw.settings import ConfigError, Home, Listener, Settings, display_path
 from mailgw.store.db import make_engine, migrate
 from mailgw.worker import Worker, pending_count, release_dead_claims
 
 log = logging.getLogger(__name__)
 ROLES = ("smtp", "worker", "sender", "scheduler", "imap")
+# Settings read once, when the gateway starts: a reload that changes them says so.
+RESTART_ONLY = ("store_url", "smtp", "lmtp", "hostname", "relay", "sender", "worker",
+                "mailboxes", "sla_sweep", "filters_dir", "filters_reload_interval")
 
 
 class ListenError(Exception):
@@ -49,6 +61,12 @@ class Gateway:
     workers: int = 0
     supervised: bool = False  # this process is such a worker, started by a gateway
     _pool: Any = None  # the WorkerPool when workers > 0
+    # Reads config/mailgw.yaml again (SIGHUP); None: the config is not reloaded.
+    loader: Callable[[], Settings] | None = None
+    _ctx: Context | None = None  # the worker's context; replaced on reload
+    _handlers: list[Any] = field(default_factory=list)  # SMTP/LMTP handlers (.settings)
+    _sweeper: Any = None  # the SLA sweeper (.settings)
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> int:
         if "worker" in self.roles:
@@ -59,7 +77,7 @@ class Gateway:
                 interval=self.settings.filters_reload_interval)
         engine = make_engine(self.home.store_url(self.settings))
         migrate(engine)
-        ctx = Context(self.settings, Renderer(self.home.templates))
+        ctx = self._ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
         threads: list[threading.Thread] = []
         pool = None
@@ -78,7 +96,7 @@ class Gateway:
 
                 on_outbox = supervised_child(self.stop, worker_wake)
             holder = self.filters
-            worker = Worker(engine, lambda: replace(ctx, pipeline=holder.current()),  # type: ignore[union-attr]
+            worker = Worker(engine, lambda: replace(self._ctx, pipeline=holder.current()),  # type: ignore[arg-type, union-attr]
                             batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
                             on_outbox=on_outbox)
@@ -99,27 +117,27 @@ class Gateway:
                               id="housekeeping", coalesce=True, max_instances=1)
             from mailgw.loops import prune  # the loop-protection counters outside the window
 
-            scheduler.add_job(prune, "interval", minutes=10, id="loop-counter-prune",
-                              args=(engine, self.settings.loop_protection),
-                              coalesce=True, max_instances=1)
-            if self.settings.slas:
-                # SLA escalations (docs/sla-escalations.md): exactly-once by the database,
-                # so several nodes may run this job; one at a time per process is enough.
-                from mailgw.sla.sweep import Sweeper
+            scheduler.add_job(lambda: prune(engine, self.settings.loop_protection), "interval",
+                              minutes=10, id="loop-counter-prune", coalesce=True,
+                              max_instances=1)
+            # SLA escalations (docs/sla-escalations.md): exactly-once by the database, so
+            # several nodes may run this job; one at a time per process is enough. Scheduled
+            # even without SLAs, so SLAs added by a reload are swept (an idle tick is one
+            # index probe).
+            from mailgw.sla.sweep import Sweeper
 
-                sweeper = Sweeper(engine, self.settings, ctx.renderer)
-                scheduler.add_job(self._sla_sweep, "interval", args=(sweeper, sender_wake),
-                                  seconds=self.settings.sla_sweep.interval, id="sla-sweep",
-                                  coalesce=True, max_instances=1)
+            self._sweeper = Sweeper(engine, self.settings, ctx.renderer)
+            scheduler.add_job(self._sla_sweep, "interval", args=(self._sweeper, sender_wake),
+                              seconds=self.settings.sla_sweep.interval, id="sla-sweep",
+                              coalesce=True, max_instances=1)
             from datetime import UTC, datetime
 
             from mailgw.agent_commands import wake_pending_job  # #pending reminders (issue 7)
 
             # First run at start: reminders that fell due while the gateway was down.
-            scheduler.add_job(wake_pending_job, "interval", minutes=1, id="pending-reminder",
-                              args=(engine, self.settings, ctx.renderer), coalesce=True,
-                              max_instances=1,
-                              next_run_time=datetime.now(UTC))
+            scheduler.add_job(lambda: wake_pending_job(engine, self.settings, self._ctx.renderer),  # type: ignore[union-attr]
+                              "interval", minutes=1, id="pending-reminder", coalesce=True,
+                              max_instances=1, next_run_time=datetime.now(UTC))
             scheduler.start()
         for t in threads:
             t.start()
@@ -153,17 +171,67 @@ class Gateway:
         return 0
 
     def _reload(self) -> None:
-        """SIGHUP: reload the filters now, here and in the worker processes."""
-        if self.filters is not None:
-            self.filters.request_reload()
+        """SIGHUP: reload the config and the filters now, here and in the worker processes
+        (off the signal handler's thread: the admin sees the result in the log at once)."""
+        threading.Thread(target=self.reload, name="config-reload", daemon=True).start()
         if self._pool is not None:
             self._pool.signal(signal.SIGHUP)
+
+    def reload(self) -> bool:
+        """Read config/mailgw.yaml again and put it in force if it is valid and the filters
+        compile against it; else log why and keep the running config. Then reload the
+        filters. Returns whether a new config was put in force."""
+        with self._reload_lock:
+            applied = self._reload_config()
+            # Templates are compiled once and cached (no mtime checks per mail): a new
+            # renderer reads them afresh.
+            renderer = Renderer(self.home.templates)
+            if self._ctx is not None:
+                self._ctx = replace(self._ctx, renderer=renderer)
+            if self._sweeper is not None:
+                self._sweeper.renderer = renderer
+            if self.filters is not None and not applied:
+                self.filters.request_reload()
+            return applied
+
+    def _reload_config(self) -> bool:
+        if self.loader is None:
+            return False
+        label = display_path(self.home.config_file)
+        try:
+            new = self.loader()
+            pipeline = (load_pipeline(self.filters.directory, new, self.filters.templates_dir,
+                                      self.filters.registry)
+                        if self.filters is not None else None)
+        except ConfigError as exc:
+            log.error("config: %s refused, keeping the running config:\n%s", label,
+                      "\n".join(exc.errors))
+            return False
+        if new == self.settings:
+            log.info("config: %s unchanged", label)
+            return False
+        old, self.settings = self.settings, new
+        for key in RESTART_ONLY:
+            if getattr(old, key, None) != getattr(new, key, None):
+                log.warning("config: %s changed; it takes effect when mailgw run restarts", key)
+        if self._ctx is not None:
+            self._ctx = replace(self._ctx, settings=new)
+        for handler in self._handlers:
+            handler.settings = new
+        if self._sweeper is not None:
+            self._sweeper.settings = new
+        if self.filters is not None and pipeline is not None:
+            self.filters.settings = new
+            self.filters.pipeline = pipeline
+            log.info("filters: loaded %d rule(s) from %s", len(pipeline.rules),
+                     self.filters.directory)
+        log.info("config: reloaded %s", label)
+        return True
 
     def _wait_for_signal(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
-        if self.filters is not None:
-            signal.signal(signal.SIGHUP, lambda *_: self._reload())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         log.info("mailgw running roles %s", ", ".join(self.roles))
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
@@ -195,8 +263,7 @@ class Gateway:
         stopped = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
-        if self.filters is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         writer = GroupCommitWriter(engine, on_commit=worker_wake.set)
         servers, handlers = [], []
         listeners: list[tuple[str, Listener, bool]] = [("smtp", self.settings.smtp, False)]
@@ -215,6 +282,7 @@ class Gateway:
                                       f"{exc.strerror or exc}") from None
                 servers.append(server)
                 handlers.append(handler)
+                self._handlers.append(handler)
                 log.info("mailgw listening for %s on %s", name.upper(), addr)
             print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
             await stopped.wait()
