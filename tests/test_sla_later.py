@@ -11,7 +11,7 @@ support has no SLA until its priority becomes 1.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -291,3 +291,42 @@ def test_article_times_after_now_are_not_history(engine, late):
                 sender="bob@example.com")
         to_priority_1(s, late, t, berlin(2026, 11, 30, 9, 10))
         assert "first_response" in clocks(s, t)
+
+
+def test_through_the_worker_a_rule_on_a_follow_up(home):
+    """The filter rule's ``sla:`` on a follow-up, through the worker: the ticket had no SLA,
+    the follow-up's rule sets one, its clocks count from the ticket's creation."""
+    import yaml
+
+    from mailgw.filters.loader import load_pipeline
+    from mailgw.process import Context
+    from tests.helpers import Harness, mail
+
+    home.update_config(slas=[{"name": "urgent", "first_response": 30, "solution": 600,
+                              "applies_to": {"priorities": [1]}}])
+    (home.path / "filters" / "50-urgent.yaml").write_text(yaml.safe_dump({"rules": [
+        {"name": "urgent", "when": {"subject": {"regex": "(?i)urgent"}},
+         "then": {"sla": "urgent"}}]}))
+    h = Harness(home)
+    pipeline = load_pipeline(home.path / "filters", h.settings, home.path / "templates")
+    h.worker.context = lambda: Context(h.settings, h.renderer, pipeline)
+    try:
+        h.put(mail("Printer broken", msgid="first@customer.test"))
+        h.drain()
+        [t] = h.tickets()
+        assert t.sla is None
+        h.put(mail("Re: Printer broken - URGENT now", msgid="second@customer.test",
+                   In_Reply_To="<first@customer.test>"))
+        h.drain()
+        [t] = h.tickets()
+        assert (t.sla, t.sla_reason) == ("urgent", "rule urgent")
+        with Session(h.engine) as s:
+            cs = clocks(s, t)
+            assert sorted(cs) == ["first_response", "solution"]
+            for c in cs.values():
+                assert utc(c.started_at) == utc(t.created_at)
+                assert c.state == "running"
+            fr = cs["first_response"]
+            assert utc(fr.due_at) == utc(t.created_at) + timedelta(minutes=30)
+    finally:
+        h.close()
