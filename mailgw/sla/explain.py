@@ -123,8 +123,9 @@ def describe_notice(notice: m.SlaNotice, reached: datetime | None, cal: Calendar
     elif reached is not None:
         text += f" (reached {_when(cal, reached)})"
     text += f" to {', '.join(to)}" if to else " to nobody"
-    if not to and done.get("unaddressed"):
-        text += f" ({'; '.join(done['unaddressed'])})"
+    if done.get("unaddressed"):
+        missing = "; ".join(done["unaddressed"])
+        text += f" ({missing})" if not to else f" (not to {missing})"
     if changes:
         text += "; " + ", ".join(f"{k} {_plain(v[0])} -> {_plain(v[1])}"
                                  for k, v in changes.items())
