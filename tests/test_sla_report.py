@@ -562,3 +562,27 @@ def test_business_time_is_the_sla_counted_time_of_the_engine(store_url, tmp_path
     # solution: the same 15 + 120 min (closed at 16:00), met within its 960
     sol = r["total"]["targets"]["solution"]
     assert (sol["met"], sol["time"]["median_business_seconds"]) == (1, 135 * 60)
+
+
+def test_sub_second_instants_and_local_midnight(home):
+    """Durations are exact to the microsecond and a ticket created a moment before local
+    midnight counts for its day, on both stores (SQLite keeps instants as text and rounds
+    fractions to milliseconds in its date functions: .9999 s must not become a second)."""
+    from datetime import timedelta
+
+    engine = home.engine()
+    with Session(engine) as s:
+        # 22:59:59.9999 UTC = 23:59:59.9999 in Europe/Berlin, still Monday 2 November
+        created = at(2, 22, 59, 59) + timedelta(microseconds=999_900)
+        tk = add_ticket(s, 1, "support", 3, created)
+        clock(s, tk, "first_response", created, outcome="met",
+              stop=created + timedelta(seconds=1, microseconds=100), used=1)
+        s.commit()
+    with Session(engine) as s:
+        r = build_report(s, home.settings(), start=at(1, 23), end=at(3, 23), tz="Europe/Berlin")
+    engine.dispose()
+    fr = r["total"]["targets"]["first_response"]
+    # 1.0001 s -> 1.0 (the report rounds to milliseconds); 2.0 if a fraction were rounded up
+    assert fr["time"]["median_seconds"] == 1.0
+    assert [(p["start"], p["met"]) for p in r["series"]["points"]] == [
+        ("2026-11-02", 1), ("2026-11-03", 0)]
