@@ -172,13 +172,12 @@ def main() -> None:
                     help="print a pyinstrument profile of the last round (bench extra)")
     args = ap.parse_args()
 
-    import mailgw
     from sqlalchemy import func, select
-    from sqlalchemy.orm import Session
 
+    import mailgw
     from mailgw.sla.report import build_report
     from mailgw.store import models as m
-    from mailgw.store.db import make_engine, migrate
+    from mailgw.store.db import make_engine, migrate, read_session
 
     print(f"mailgw from {Path(mailgw.__file__).parent}")
     tmp = None
@@ -223,7 +222,7 @@ def main() -> None:
                 profiler.start()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             t, c0 = time.perf_counter(), time.process_time()
-            with Session(engine) as s:
+            with read_session(engine) as s:  # as the CLI reads: no write lock on SQLite
                 report = build_report(s, st, start=start, end=end, tz=args.tz, as_of=as_of)
             wall.append((time.perf_counter() - t) * 1000)
             cpu.append((time.process_time() - c0) * 1000)

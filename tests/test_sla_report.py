@@ -586,3 +586,25 @@ def test_sub_second_instants_and_local_midnight(home):
     assert fr["time"]["median_seconds"] == 1.0
     assert [(p["start"], p["met"]) for p in r["series"]["points"]] == [
         ("2026-11-02", 1), ("2026-11-03", 0)]
+
+
+def test_days_of_a_zone_with_a_half_hour_offset(home):
+    """Asia/Kolkata is UTC+5:30: its days start at 18:30 UTC, so the report counts in spans
+    of 30 minutes (SQLite: by its date functions, not the hour of the stored text)."""
+    from datetime import timedelta
+
+    engine = home.engine()
+    with Session(engine) as s:
+        # 23:59:59.9999 on Monday 2 November in Kolkata, then its midnight
+        for n, created in enumerate((at(2, 18, 29, 59) + timedelta(microseconds=999_900),
+                                     at(2, 18, 30), at(2, 18, 59))):
+            tk = add_ticket(s, n, "support", 3, created)
+            clock(s, tk, "first_response", created, outcome="met",
+                  stop=created + timedelta(minutes=5), used=300)
+        s.commit()
+    with Session(engine) as s:
+        r = build_report(s, home.settings(), start=at(1, 18, 30), end=at(3, 18, 30),
+                         tz="Asia/Kolkata")
+    engine.dispose()
+    assert [(p["start"], p["met"]) for p in r["series"]["points"]] == [
+        ("2026-11-02", 1), ("2026-11-03", 2)]

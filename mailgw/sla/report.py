@@ -164,10 +164,27 @@ def _status_column(as_of: datetime):  # type: ignore[no-untyped-def]
 
 
 def _epoch_seconds(dialect: str, column):  # type: ignore[no-untyped-def]
-    """Whole seconds since 1970 of a stored UTC instant, as an integer, in SQL."""
+    """Whole seconds since 1970 of a stored UTC instant, as an integer, in SQL. SQLite:
+    without the fraction, which its date functions round to milliseconds (.9995 s would
+    become the next second)."""
     if dialect == "sqlite":
         return cast(func.strftime("%s", func.substr(column, 1, 19)), Integer)
-    return cast(func.floor(extract("epoch", column)), BigInteger)
+    return cast(func.floor(func.date_part("epoch", column)), BigInteger)
+
+
+def _bucket(dialect: str, column, bounds: list[int]):  # type: ignore[no-untyped-def]
+    """A key of the UTC span a stored instant lies in, in SQL, and a function from a key to
+    the span's first second. Every span lies within one period of the report (a day or a
+    week of its zone): its width divides 86400 and every period's start (``bounds``, UTC
+    seconds), e.g. 86400 s in UTC, 3600 s in Europe/Berlin, 1800 s in Asia/Kolkata. On
+    SQLite an hour's span is the first 13 characters of the stored text, far cheaper than
+    its date functions."""
+    width = math.gcd(86400, *bounds)
+    if dialect == "sqlite" and width % 3600 == 0:
+        def hour(key: str) -> int:
+            return int(datetime.fromisoformat(f"{key}:00:00+00:00").timestamp())
+        return func.substr(column, 1, 13), hour
+    return _epoch_seconds(dialect, column) // width, lambda key: int(key) * width
 
 
 def _micros_between(dialect: str, start, stop):  # type: ignore[no-untyped-def]
@@ -250,46 +267,39 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
             g.tickets += n
             g.tickets_with_sla += n_sla
 
-    # Clock counts per queue, priority, target and status. The status is computed in a
-    # subquery so PostgreSQL groups by a column, not by a CASE with bound parameters.
     first = start.astimezone(zone).date()
     last = (end - timedelta(microseconds=1)).astimezone(zone).date()
     starts = _period_starts(period, first, last)
     bounds = [int(datetime.combine(d, time(0), zone).timestamp()) for d in starts]
-    # The widest bucket that never straddles a period's start: 86400 s in UTC, 3600 s in
-    # Europe/Berlin, 1800 s in Asia/Kolkata.
-    bucket = math.gcd(86400, *bounds)
+    bucket, to_epoch = _bucket(dialect, Ticket.created_at, bounds)
+    # The status is computed in a subquery so PostgreSQL groups by a column, not by a CASE
+    # with bound parameters.
     clocks = (select(Ticket.queue, Ticket.priority, SlaClock.target, SlaClock.outcome,
                      SlaClock.used_seconds, SlaClock.started_at, SlaClock.stopped_at,
-                     (_epoch_seconds(dialect, Ticket.created_at) // bucket).label("bucket"),
-                     _status_column(as_of))
+                     bucket.label("bucket"), _status_column(as_of))
               .join(SlaClock, SlaClock.ticket_id == Ticket.id).where(*in_range).subquery())
-    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status, func.count())
-         .group_by(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status))
-    for queue, priority, target, status, n in session.execute(q):
-        if target not in TARGETS:
-            continue
-        for g in groups(queue, priority):
-            g.targets[target].counts[status] += n
 
-    # Durations of the stopped, decided clocks: calendar time (stop - start, exact to the
-    # microsecond on both stores) and business time (the SLA-counted time of the clock's
-    # ledger, pauses excluded: used_seconds), one text per queue, priority and target.
+    # One pass: clocks per queue, priority, target and status, and the durations of the
+    # stopped, decided ones (group_concat / string_agg skip the NULLs of the others):
+    # calendar time (stop - start, exact to the microsecond on both stores) and business
+    # time (the SLA-counted time of the clock's ledger, pauses excluded: used_seconds).
     decided = and_(clocks.c.outcome.in_(("met", "breached")), clocks.c.stopped_at.is_not(None),
                    clocks.c.started_at.is_not(None))
-    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.target,
-                _concat(dialect, _micros_between(dialect, clocks.c.started_at,
-                                                 clocks.c.stopped_at)),
-                _concat(dialect, func.coalesce(clocks.c.used_seconds, 0)))
-         .where(decided).group_by(clocks.c.queue, clocks.c.priority, clocks.c.target))
-    for queue, priority, target, walls, useds in session.execute(q):
+    wall_us = case((decided, _micros_between(dialect, clocks.c.started_at, clocks.c.stopped_at)))
+    used = case((decided, func.coalesce(clocks.c.used_seconds, 0)))
+    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status,
+                func.count(), _concat(dialect, wall_us), _concat(dialect, used))
+         .group_by(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status))
+    for queue, priority, target, status, n, walls, useds in session.execute(q):
         if target not in TARGETS:
             continue
         wall = [u / 1e6 for u in _ints(walls)]
         business = [float(u) for u in _ints(useds)]
         for g in groups(queue, priority):
-            g.targets[target].wall.append(wall)
-            g.targets[target].business.append(business)
+            g.targets[target].counts[status] += n
+            if wall:
+                g.targets[target].wall.append(wall)
+                g.targets[target].business.append(business)
 
     # Compliance over time: decided clocks (stopped or already past their goal) per target,
     # status and bucket of creation; each bucket lies within one day (or week) of the zone.
@@ -301,7 +311,7 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
     for target, status, k, n in session.execute(q):
         if target not in TARGETS:
             continue
-        i = bisect_right(bounds, int(k) * bucket) - 1
+        i = bisect_right(bounds, to_epoch(k)) - 1
         if i < 0:
             continue  # cannot happen: the first period starts before the range
         series[starts[i]][target][0 if status == "met" else 1] += n
