@@ -195,10 +195,13 @@ def _micros_between(dialect: str, start, stop):  # type: ignore[no-untyped-def]
         def frac(c):  # type: ignore[no-untyped-def]
             return cast(func.substr(func.substr(c, 21).op("||")(literal("000000")), 1, 6),
                         Integer)
-        def secs(c):  # type: ignore[no-untyped-def]
+        def whole(c):  # type: ignore[no-untyped-def]
             # without the fraction: SQLite rounds it to milliseconds, .9995 s to the next second
-            return cast(func.strftime("%s", func.substr(c, 1, 19)), Integer)
-        us = (secs(stop) - secs(start)) * 1_000_000 + frac(stop) - frac(start)
+            return func.julianday(func.substr(c, 1, 19))
+        # whole seconds apart: within 1e-4 s of an integer as a double, so round() is exact;
+        # julianday() is cheaper than strftime('%s') and older than unixepoch()
+        secs = cast(func.round((whole(stop) - whole(start)) * 86400), Integer)
+        us = secs * 1_000_000 + frac(stop) - frac(start)
         return func.max(0, us)
     us = cast(extract("epoch", stop - start) * 1_000_000, BigInteger)
     return func.greatest(0, us)
