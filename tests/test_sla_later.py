@@ -330,3 +330,18 @@ def test_through_the_worker_a_rule_on_a_follow_up(home):
             assert utc(fr.due_at) == utc(t.created_at) + timedelta(minutes=30)
     finally:
         h.close()
+
+
+def test_an_sla_chosen_while_closed_starts_at_the_reopen(engine, late):
+    with Session(engine) as s, s.begin():
+        t = open_ticket(s, late, FRI_1755)
+        record_state(s, late, t, "closed", berlin(2026, 11, 30, 9, 0))
+        to_priority_1(s, late, t, berlin(2026, 11, 30, 10, 0))
+        assert t.sla == "vip" and clocks(s, t) == {}
+        # an agent reopens it (no customer message): the solution clock counts from
+        # creation, the closed span not counted; nothing waits for an answer
+        record_state(s, late, t, "open", berlin(2026, 12, 1, 9, 0), "agent bob: #open")
+        cs = clocks(s, t)
+        assert sorted(cs) == ["solution"]
+        assert cs["solution"].used_seconds == 5 * MIN
+        assert [x.kind for x in segments(s, cs["solution"])] == ["running", "paused", "running"]

@@ -592,7 +592,10 @@ def on_change(session: Session, settings: Settings, ticket: m.Ticket,
     tc = _Clocks.load(session, settings, ticket, at)
     said = ", ".join(f"{k} {changes[k][0]} -> {changes[k][1]}" for k in relevant)
     why = f"{reason}: {said}" if reason else said
-    if any(k in SELECTING for k in changes):
+    if any(k in SELECTING for k in changes) or (
+            "state" in changes and ticket.sla is not None
+            and not any(c.sla == ticket.sla for c in tc.clocks)):
+        # (an SLA chosen while the ticket was closed starts its clocks at the reopen)
         sla = tc.reselect(why)
     else:
         sla = sla_by_name(settings, ticket.sla)
