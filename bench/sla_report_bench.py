@@ -153,6 +153,20 @@ def load(engine, count: int) -> None:  # type: ignore[no-untyped-def]
         raw.close()
 
 
+def _proc_cpu(pid: int | None) -> float | None:
+    """User + system CPU time (ms) of a local process, from /proc (the PostgreSQL backend
+    serving this bench's connection, when the server runs on this machine)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    import os
+
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def stats(values: list[float]) -> str:
     return (f"median {statistics.median(values):8.1f} ms  min {min(values):8.1f}  "
             f"max {max(values):8.1f}")
@@ -211,7 +225,7 @@ def main() -> None:
         print(f"{engine.dialect.name}: {n_clocks:,} clocks, {n_decided:,} decided")
         start, end = T0, T0 + timedelta(days=DAYS)
         as_of = end + timedelta(days=1)
-        wall, cpu, rss = [], [], None
+        wall, cpu, server, rss = [], [], [], None
         report = None
         for r in range(args.rounds):
             profiler = None
@@ -221,11 +235,17 @@ def main() -> None:
                 profiler = Profiler(interval=0.001)
                 profiler.start()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            t, c0 = time.perf_counter(), time.process_time()
             with read_session(engine) as s:  # as the CLI reads: no write lock on SQLite
+                backend = (s.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+                           if engine.dialect.name == "postgresql" else None)
+                b0 = _proc_cpu(backend)
+                t, c0 = time.perf_counter(), time.process_time()
                 report = build_report(s, st, start=start, end=end, tz=args.tz, as_of=as_of)
-            wall.append((time.perf_counter() - t) * 1000)
-            cpu.append((time.process_time() - c0) * 1000)
+                wall.append((time.perf_counter() - t) * 1000)
+                cpu.append((time.process_time() - c0) * 1000)
+                b1 = _proc_cpu(backend)
+                if b0 is not None and b1 is not None:
+                    server.append(b1 - b0)
             if rss is None:
                 rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
             if profiler is not None:
@@ -238,6 +258,8 @@ def main() -> None:
               f"{len(report['series']['points'])} {report['series']['period']}s")
         print(f"report, wall:               {stats(wall)}")
         print(f"report, this process's CPU: {stats(cpu)}")
+        if server:
+            print(f"report, PostgreSQL backend CPU: {stats(server)}")
         print(f"peak RSS growth, first round: {rss:.0f} MB")
         if args.json:
             print(json.dumps({k: report[k] for k in ("total", "by_queue", "by_priority",
