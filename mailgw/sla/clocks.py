@@ -113,6 +113,7 @@ class _History:
 
     @classmethod
     def load(cls, session: Session, ticket: m.Ticket, at: datetime) -> _History:
+        at = at.astimezone(UTC)  # SQLite compares the stored UTC text
         a = m.Article
         articles = [
             _Article(aware(t), addr or "", d == "in" and st == "customer" and not auto,
