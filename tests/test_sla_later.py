@@ -345,3 +345,25 @@ def test_an_sla_chosen_while_closed_starts_at_the_reopen(engine, late):
         assert sorted(cs) == ["solution"]
         assert cs["solution"].used_seconds == 5 * MIN
         assert [x.kind for x in segments(s, cs["solution"])] == ["running", "paused", "running"]
+
+
+def test_mailgw_tickets_state_moves_the_clocks(home):
+    """``mailgw tickets state`` records the change and tells the SLA clocks (they pause,
+    resume, stop), as agent commands and the worker do."""
+    home.update_config(slas=[{"name": "std", "first_response": 60, "solution": 600}])
+    st = home.settings()
+    engine = home.engine()
+    try:
+        with Session(engine) as s, s.begin():
+            t = open_ticket(s, st, datetime.now(base.UTC) - timedelta(minutes=10))
+            number = t.number
+        home.cli("tickets", "state", number, "pending", check=True)
+        with Session(engine) as s:
+            t = s.scalars(select(m.Ticket).where(m.Ticket.number == number)).one()
+            assert {c.state for c in clocks(s, t).values()} == {"paused"}
+        home.cli("tickets", "state", number, "closed", check=True)
+        with Session(engine) as s:
+            t = s.scalars(select(m.Ticket).where(m.Ticket.number == number)).one()
+            assert {(c.state, c.outcome) for c in clocks(s, t).values()} == {("stopped", "met")}
+    finally:
+        engine.dispose()
