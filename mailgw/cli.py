@@ -341,6 +341,11 @@ def tickets_state(obj: Obj, number: str, state: str) -> None:
         t.closed_at = stamp if state == "closed" else None
         s.add(Event(type="state_changed", ticket_id=t.id, created_at=stamp,
                     data={"old": old, "new": state, "reason": "mailgw tickets state"}))
+        if old != state:  # the SLA clocks pause, resume or stop with the state
+            from mailgw import ticket_events
+
+            ticket_events.ticket_changed(s, obj.settings(), t, {"state": (old, state)},
+                                         at=stamp, reason="mailgw tickets state")
     click.echo(f"{number}: {old} -> {state}")
 
 

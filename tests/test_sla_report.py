@@ -7,9 +7,13 @@ The fixture (all times UTC; range 2026-11-02 00:00 .. 2026-11-09 00:00, Mon..Mon
 Calendar ``office``: Mon-Fri 09:00-17:00 UTC. ``cal``: the clock's calendar (None = 24x7).
 "Open" clocks are due in 2099; "in progress" breaches are undecided clocks past their goal.
 
+"business" is the SLA-counted time the engine keeps on a stopped clock (``used_seconds``: the
+running spans of its ledger in its calendar, pauses excluded); "wall" is stop - start.
+
 ticket queue   prio created        target  outcome                 wall      business (cal)
 T1     support 2    Mon 02 10:00   FR      met  10:00-10:30        1800      1800 (office)
-                                   SOL     met  ->Tue 10:00        86400     86400 (24x7)
+                                   SOL     met  ->Tue 10:00        86400     79200 (24x7,
+                                                                             2 h pending)
 T2     support 2    Mon 02 16:00   FR      met  ->Tue 10:00        64800     7200 (office:
                                                                              Mon 16-17, Tue 9-10)
                                    SOL     open
@@ -21,8 +25,9 @@ T4     support 3    Wed 04 12:00   FR      met  12:00-12:45        2700      270
                                    SOL     cancelled
 T5     billing 2    Wed 04 18:00   FR      met  ->Thu 09:30        55800     1800 (office:
                                                                              Thu 9:00-9:30)
-                                   SOL     breached ->Fri 18:00    172800    57600 (office:
-                                                                             Thu 8h + Fri 8h)
+                                   SOL     breached ->Fri 18:00    172800    43200 (office:
+                                                                             Thu 8h + Fri 8h,
+                                                                             pending Thu 9-13)
 T6     billing 3    Thu 05 08:00   FR      breached 08:00-12:00    14400     14400 (24x7)
                                    SOL     paused, 4000 s used of 60 min -> breached, no time
 T7     billing 3    Sat 07 10:00   FR      open (office)
@@ -92,30 +97,32 @@ def clock(s: Session, t: m.Ticket, target: str, start: datetime, *, outcome: str
 def load_fixture(engine) -> None:  # type: ignore[no-untyped-def]
     with Session(engine) as s:
         t1 = add_ticket(s, 1, "support", 2, at(2, 10))
-        clock(s, t1, "first_response", at(2, 10), outcome="met", stop=at(2, 10, 30), cal="office")
-        clock(s, t1, "solution", at(2, 10), outcome="met", stop=at(3, 10), goal=2880)
+        clock(s, t1, "first_response", at(2, 10), outcome="met", stop=at(2, 10, 30), cal="office",
+              used=1800)
+        clock(s, t1, "solution", at(2, 10), outcome="met", stop=at(3, 10), goal=2880,
+              used=79200)
         t2 = add_ticket(s, 2, "support", 2, at(2, 16))
         clock(s, t2, "first_response", at(2, 16), outcome="met", stop=at(3, 10), goal=120,
-              cal="office")
+              cal="office", used=7200)
         clock(s, t2, "solution", at(2, 16), goal=2880)
         t3 = add_ticket(s, 3, "support", 3, at(3, 9))
         clock(s, t3, "first_response", at(3, 9), outcome="breached", stop=at(3, 11),
-              breached_at=at(3, 10))
-        clock(s, t3, "update", at(3, 12), outcome="met", stop=at(3, 12, 20), cycle=1)
+              breached_at=at(3, 10), used=7200)
+        clock(s, t3, "update", at(3, 12), outcome="met", stop=at(3, 12, 20), cycle=1, used=1200)
         clock(s, t3, "update", at(3, 13), cycle=2, due=at(3, 14))
-        clock(s, t3, "solution", at(3, 9), outcome="met", stop=at(4, 9), goal=2880)
+        clock(s, t3, "solution", at(3, 9), outcome="met", stop=at(4, 9), goal=2880, used=86400)
         t4 = add_ticket(s, 4, "support", 3, at(4, 12))
         clock(s, t4, "first_response", at(4, 12), outcome="met", stop=at(4, 12, 45),
-              cal="office")
+              cal="office", used=2700)
         clock(s, t4, "solution", at(4, 12), outcome="cancelled", stop=at(4, 13), goal=2880)
         t5 = add_ticket(s, 5, "billing", 2, at(4, 18))
         clock(s, t5, "first_response", at(4, 18), outcome="met", stop=at(5, 9, 30),
-              cal="office")
+              cal="office", used=1800)
         clock(s, t5, "solution", at(4, 18), outcome="breached", stop=at(6, 18), goal=480,
-              cal="office", breached_at=at(5, 17))
+              cal="office", breached_at=at(5, 17), used=43200)
         t6 = add_ticket(s, 6, "billing", 3, at(5, 8))
         clock(s, t6, "first_response", at(5, 8), outcome="breached", stop=at(5, 12), goal=120,
-              breached_at=at(5, 10))
+              breached_at=at(5, 10), used=14400)
         clock(s, t6, "solution", at(5, 8), state="paused", used=4000)
         t7 = add_ticket(s, 7, "billing", 3, at(7, 10))
         clock(s, t7, "first_response", at(7, 10), cal="office")
@@ -125,9 +132,10 @@ def load_fixture(engine) -> None:  # type: ignore[no-untyped-def]
         clock(s, t10, "first_response", at(6, 10), due=at(6, 11), breached_at=at(6, 11))
         clock(s, t10, "solution", at(6, 10), goal=2880)
         t0 = add_ticket(s, 0, "support", 2, at(1, 23, 59, 59))
-        clock(s, t0, "first_response", at(1, 23, 59, 59), outcome="met", stop=at(2, 0, 10))
+        clock(s, t0, "first_response", at(1, 23, 59, 59), outcome="met", stop=at(2, 0, 10),
+              used=601)
         t8 = add_ticket(s, 8, "support", 2, at(9, 0))
-        clock(s, t8, "first_response", at(9, 0), outcome="met", stop=at(9, 0, 10))
+        clock(s, t8, "first_response", at(9, 0), outcome="met", stop=at(9, 0, 10), used=600)
         s.commit()
 
 
@@ -164,43 +172,44 @@ NOTHING = t(0, 0, 0, 0, 0, None)
 # UPD: T3 #1 met (1200), #2 breached in progress -> 1/2 = 50 %.
 # SOL: T1 T3 met; T5, T6 (paused over its goal) breached; T2 T7 T10 open; T4 cancelled
 #   -> 2/4 = 50 %. wall 86400 86400 172800: median 86400, p90 rank ceil(2.7)=3 = 172800;
-#   business 57600 86400 86400: median 86400, p90 86400.
+#   business (pauses excluded) 43200 79200 86400: median 79200, p90 86400.
 TOTAL = {
     "tickets": 9, "tickets_with_sla": 8,  # T1-T7, T9, T10; T9 has no SLA
     "targets": {
         "first_response": t(8, 4, 3, 1, 0, 57.14, (6, 10800, 64800), (6, 4950, 14400)),
         "update": t(2, 1, 1, 0, 0, 50.0, (1, 1200, 1200)),
-        "solution": t(8, 2, 2, 3, 1, 50.0, (3, 86400, 172800), (3, 86400, 86400)),
+        "solution": t(8, 2, 2, 3, 1, 50.0, (3, 86400, 172800), (3, 79200, 86400)),
     },
 }
 BY_QUEUE = [
     # billing: T5 T6 T7 T10. FR: T5 met, T6 T10 breached, T7 open -> 1/3 = 33.33 %;
     #   wall 14400 55800 -> median 35100, p90 rank 2 = 55800; business 1800 14400 -> 8100, 14400.
-    #   SOL: T5 T6 breached, T7 T10 open -> 0 %; only T5 measured: 172800 / business 57600.
+    #   SOL: T5 T6 breached, T7 T10 open -> 0 %; only T5 measured: 172800 / business 43200.
     {"queue": "billing", "tickets": 4, "tickets_with_sla": 4, "targets": {
         "first_response": t(4, 1, 2, 1, 0, 33.33, (2, 35100, 55800), (2, 8100, 14400)),
         "update": NOTHING,
-        "solution": t(4, 0, 2, 2, 0, 0.0, (1, 172800, 172800), (1, 57600, 57600)),
+        "solution": t(4, 0, 2, 2, 0, 0.0, (1, 172800, 172800), (1, 43200, 43200)),
     }},
     # support: T1 T2 T3 T4 T9. FR: T1 T2 T4 met, T3 breached -> 75 %;
     #   wall 1800 2700 7200 64800 -> median 4950, p90 rank ceil(3.6)=4 = 64800;
     #   business 1800 2700 7200 7200 -> median 4950, p90 7200.
-    #   SOL: T1 T3 met, T2 open, T4 cancelled -> 100 %; 86400 86400.
+    #   SOL: T1 T3 met, T2 open, T4 cancelled -> 100 %; wall 86400 86400; business 79200
+    #   86400 -> median 82800, p90 rank 2 = 86400.
     {"queue": "support", "tickets": 5, "tickets_with_sla": 4, "targets": {
         "first_response": t(4, 3, 1, 0, 0, 75.0, (4, 4950, 64800), (4, 4950, 7200)),
         "update": t(2, 1, 1, 0, 0, 50.0, (1, 1200, 1200)),
-        "solution": t(4, 2, 0, 1, 1, 100.0, (2, 86400, 86400)),
+        "solution": t(4, 2, 0, 1, 1, 100.0, (2, 86400, 86400), (2, 82800, 86400)),
     }},
 ]
 BY_PRIORITY = [
     # 2: T1 T2 T5 T9 T10. FR: T1 T2 T5 met, T10 breached -> 75 %;
     #   wall 1800 55800 64800 -> median 55800, p90 64800; business 1800 1800 7200 -> 1800, 7200.
     #   SOL: T1 met, T5 breached, T2 T10 open -> 50 %; wall 86400 172800 -> median 129600,
-    #   p90 172800; business 57600 86400 -> 72000, 86400.
+    #   p90 172800; business 43200 79200 -> 61200, 79200.
     {"priority": 2, "tickets": 5, "tickets_with_sla": 4, "targets": {
         "first_response": t(4, 3, 1, 0, 0, 75.0, (3, 55800, 64800), (3, 1800, 7200)),
         "update": NOTHING,
-        "solution": t(4, 1, 1, 2, 0, 50.0, (2, 129600, 172800), (2, 72000, 86400)),
+        "solution": t(4, 1, 1, 2, 0, 50.0, (2, 129600, 172800), (2, 61200, 79200)),
     }},
     # 3: T3 T4 T6 T7. FR: T4 met, T3 T6 breached, T7 open -> 33.33 %; 2700 7200 14400 (same in
     #   business time) -> median 7200, p90 14400. SOL: T3 met, T6 breached, T7 open, T4
@@ -322,13 +331,13 @@ def test_csv_and_table_show_the_same_numbers(rhome):
     # 10800 s = 3h00m, 64800 = 18h00m, 4950 = 1h22m(30s), 14400 = 4h00m.
     assert ["total", "first_response", "8", "4", "3", "1", "0", "57.14", "3h00m", "18h00m", "1h22m",
             "4h00m"] in lines
-    # billing: 35100 = 9h45m, 55800 = 15h30m, 8100 = 2h15m; 172800 = 2d00h, 57600 = 16h00m.
+    # billing: 35100 = 9h45m, 55800 = 15h30m, 8100 = 2h15m; 172800 = 2d00h, 43200 = 12h00m.
     assert ["queue", "billing", "first_response", "4", "1", "2", "1", "0", "33.33", "9h45m", "15h30m",
             "2h15m", "4h00m"] in lines
-    assert ["solution", "4", "0", "2", "2", "0", "0.00", "2d00h", "2d00h", "16h00m",
-            "16h00m"] in lines
-    # support's solution: T4 cancelled, the column after OPEN.
-    assert ["solution", "4", "2", "0", "1", "1", "100.00", "1d00h", "1d00h", "1d00h",
+    assert ["solution", "4", "0", "2", "2", "0", "0.00", "2d00h", "2d00h", "12h00m",
+            "12h00m"] in lines
+    # support's solution: T4 cancelled, the column after OPEN; business 82800 = 23h00m.
+    assert ["solution", "4", "2", "0", "1", "1", "100.00", "1d00h", "1d00h", "23h00m",
             "1d00h"] in lines
     assert ["update", "0", "0", "0", "0", "0", "-", "-", "-", "-", "-"] in lines
     assert "9 tickets, 8 with an SLA" in table
@@ -463,23 +472,23 @@ def test_store_error_exits_1(tmp_path):
     assert "OperationalError" in proc.stderr
 
 
-def test_html_escapes_queue_names_and_unknown_calendars_warn(home):
+def test_html_escapes_queue_names_and_business_time_needs_no_calendar(home):
     engine = home.engine()
     with Session(engine) as s:
         tk = add_ticket(s, 1, "x<script>alert(1)</script>", 3, at(2, 10))
+        # 2 h between start and stop, 30 min of it paused, in a calendar removed since
         clock(s, tk, "first_response", at(2, 10), outcome="breached", stop=at(2, 12),
-              cal="gone")
+              cal="gone", used=5400)
         s.commit()
     settings = home.settings()
     with Session(engine) as s:
         r = build_report(s, settings, start=at(2, 0), end=at(3, 0))
     engine.dispose()
     fr = r["total"]["targets"]["first_response"]
-    # The wall time is measured; the business time needs a calendar nobody configures now.
+    # The business time is what the clock counted, whatever the configuration says now.
     assert fr["time"]["measured"] == 1 and fr["time"]["median_seconds"] == 7200
-    assert fr["time"]["measured_business"] == 0
-    assert r["warnings"] == ["calendar 'gone' of some clocks is not configured: their "
-                             "business times are left out"]
+    assert (fr["time"]["measured_business"], fr["time"]["median_business_seconds"]) == (1, 5400)
+    assert r["warnings"] == []
     html = to_html(r)
     assert "<script>" not in html
     assert "x&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -511,3 +520,91 @@ def test_dates_are_read_in_the_report_zone():
     assert parse_when("2026-11-02T08:30-05:00", berlin, option="--to") == at(2, 13, 30)
     with pytest.raises(ReportError, match="--to: '02.11.2026' is not a date"):
         parse_when("02.11.2026", berlin, option="--to")
+
+
+def test_business_time_is_the_sla_counted_time_of_the_engine(store_url, tmp_path):
+    """Clocks written by the SLA engine itself (mailgw/sla/clocks.py), not by hand: a pending
+    span is not business time. Office Europe/Berlin Mon-Fri 09:00-18:00 (tests/
+    test_sla_clocks.py): opened Fri 17:55, pending Mon 09:10-14:00, answered Mon 15:00.
+    First response: 5 min Fri + 10 Mon + 60 Mon = 75 min counted; the wall time is 69 h 5 min
+    (the working time between start and stop, the old measure, would be 365 min)."""
+    from mailgw.settings import Settings
+    from mailgw.store.db import make_engine, migrate
+    from tests.test_sla_clocks import (
+        CONFIG,
+        FRI_1755,
+        agent_answers,
+        berlin,
+        open_ticket,
+        set_state,
+    )
+
+    st = Settings.model_validate(CONFIG)
+    (tmp_path / "store").mkdir(exist_ok=True)
+    engine = make_engine(store_url)
+    migrate(engine)
+    try:
+        with Session(engine) as s, s.begin():
+            tk = open_ticket(s, st, FRI_1755)
+            set_state(s, st, tk, "pending", berlin(2026, 11, 30, 9, 10))
+            set_state(s, st, tk, "open", berlin(2026, 11, 30, 14, 0))
+            agent_answers(s, st, tk, berlin(2026, 11, 30, 15, 0))
+            set_state(s, st, tk, "closed", berlin(2026, 11, 30, 16, 0))
+        with Session(engine) as s:
+            r = build_report(s, st, start=at(27, 0), end=at(28, 0),
+                             as_of=berlin(2026, 12, 1, 0, 0))
+    finally:
+        engine.dispose()
+    fr = r["total"]["targets"]["first_response"]
+    assert (fr["met"], fr["breached"]) == (0, 1)  # due Mon 14:45
+    assert fr["time"]["median_seconds"] == 69 * 3600 + 5 * 60
+    assert fr["time"]["median_business_seconds"] == 75 * 60
+    # solution: the same 15 + 120 min (closed at 16:00), met within its 960
+    sol = r["total"]["targets"]["solution"]
+    assert (sol["met"], sol["time"]["median_business_seconds"]) == (1, 135 * 60)
+
+
+def test_sub_second_instants_and_local_midnight(home):
+    """Durations are exact to the microsecond and a ticket created a moment before local
+    midnight counts for its day, on both stores (SQLite keeps instants as text and rounds
+    fractions to milliseconds in its date functions: .9999 s must not become a second)."""
+    from datetime import timedelta
+
+    engine = home.engine()
+    with Session(engine) as s:
+        # 22:59:59.9999 UTC = 23:59:59.9999 in Europe/Berlin, still Monday 2 November
+        created = at(2, 22, 59, 59) + timedelta(microseconds=999_900)
+        tk = add_ticket(s, 1, "support", 3, created)
+        clock(s, tk, "first_response", created, outcome="met",
+              stop=created + timedelta(seconds=1, microseconds=100), used=1)
+        s.commit()
+    with Session(engine) as s:
+        r = build_report(s, home.settings(), start=at(1, 23), end=at(3, 23), tz="Europe/Berlin")
+    engine.dispose()
+    fr = r["total"]["targets"]["first_response"]
+    # 1.0001 s -> 1.0 (the report rounds to milliseconds); 2.0 if a fraction were rounded up
+    assert fr["time"]["median_seconds"] == 1.0
+    assert [(p["start"], p["met"]) for p in r["series"]["points"]] == [
+        ("2026-11-02", 1), ("2026-11-03", 0)]
+
+
+def test_days_of_a_zone_with_a_half_hour_offset(home):
+    """Asia/Kolkata is UTC+5:30: its days start at 18:30 UTC, so the report counts in spans
+    of 30 minutes (SQLite: by its date functions, not the hour of the stored text)."""
+    from datetime import timedelta
+
+    engine = home.engine()
+    with Session(engine) as s:
+        # 23:59:59.9999 on Monday 2 November in Kolkata, then its midnight
+        for n, created in enumerate((at(2, 18, 29, 59) + timedelta(microseconds=999_900),
+                                     at(2, 18, 30), at(2, 18, 59))):
+            tk = add_ticket(s, n, "support", 3, created)
+            clock(s, tk, "first_response", created, outcome="met",
+                  stop=created + timedelta(minutes=5), used=300)
+        s.commit()
+    with Session(engine) as s:
+        r = build_report(s, home.settings(), start=at(1, 18, 30), end=at(3, 18, 30),
+                         tz="Asia/Kolkata")
+    engine.dispose()
+    assert [(p["start"], p["met"]) for p in r["series"]["points"]] == [
+        ("2026-11-02", 1), ("2026-11-03", 2)]

@@ -12,6 +12,7 @@ Entry points: ``on_article`` and ``on_change`` (called from mailgw/ticket_events
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,6 +72,109 @@ def _set_due(clock: m.SlaClock, calendar: Calendar) -> None:
     # A clock already over its goal keeps the instant it really passed it.
     clock.due_at = breached if left <= 0 and breached is not None else calendar.add(
         since, max(0, left))
+
+
+def _first_level(sla: Sla, goal_minutes: int, used: float) -> int:
+    """The level a clock counted from the past starts at, ``used`` seconds counted now.
+    Levels it has passed are not all notified: every breach level (100 % and above) is, in
+    order from the first; of the warnings passed before any breach only the last one."""
+    passed = [i for i, lv in enumerate(sla.levels) if lv.percent * goal_minutes * 60 / 100 <= used]
+    breaches = [i for i in passed if sla.levels[i].percent >= 100]
+    if breaches:
+        return breaches[0]
+    return passed[-1] if passed else 0
+
+
+@dataclass
+class _Article:
+    created_at: datetime
+    from_addr: str
+    customer: bool  # a customer's message (not automatic)
+    answer: bool  # an agent's answer (not an internal note)
+
+
+class _History:
+    """What a ticket's clocks would have seen: its articles and its state changes (from the
+    event log) up to ``at``. Read only when an SLA applies later (``_Clocks.backfill``)."""
+
+    # Events that record a ticket's state: the worker's reopen, the pending reminder, the CLI
+    # (``state_changed``: data old/new); agent commands and filter rules (data changes.state).
+    STATE_EVENTS = ("state_changed", "agent_command", "filters_applied")
+
+    def __init__(self, created: datetime, articles: list[_Article],
+                 states: list[tuple[datetime, str, str]], initial: str):
+        self.created, self.articles, self.states, self.initial = (created, articles, states,
+                                                                  initial)
+        self.opening = articles[0] if articles and articles[0].customer else None
+        answers = [a.created_at for a in articles if a.answer]
+        self.last_answer = answers[-1] if answers else None
+        closes = [t for t, state, _ in states if state == "closed"]
+        self.last_closed = closes[-1] if closes else None
+
+    @classmethod
+    def load(cls, session: Session, ticket: m.Ticket, at: datetime) -> _History:
+        at = at.astimezone(UTC)  # SQLite compares the stored UTC text
+        a = m.Article
+        articles = [
+            _Article(aware(t), addr or "", d == "in" and st == "customer" and not auto,
+                     d == "out" and st == "agent" and not internal)
+            for t, d, st, auto, internal, addr in session.execute(
+                select(a.created_at, a.direction, a.sender_type, a.is_automatic, a.internal,
+                       a.from_addr).where(a.ticket_id == ticket.id, a.created_at <= at)
+                .order_by(a.created_at, a.id))]
+        states: list[tuple[datetime, str, str]] = []
+        initial = None
+        for t, kind, data in session.execute(
+                select(m.Event.created_at, m.Event.type, m.Event.data).where(
+                    m.Event.ticket_id == ticket.id, m.Event.type.in_(cls.STATE_EVENTS),
+                    m.Event.created_at <= at).order_by(m.Event.created_at, m.Event.id)):
+            data = data or {}
+            if kind == "state_changed":
+                change = [data.get("old"), data.get("new")]
+                who = data.get("reason") or ""
+            else:
+                change = (data.get("changes") or {}).get("state")
+                who = (f"agent {data.get('agent')}: {data.get('command')}"
+                       if kind == "agent_command" else "filter rules")
+            if not change or len(change) != 2 or not change[1]:
+                continue
+            initial = change[0] if initial is None else initial
+            states.append((aware(t), str(change[1]), who))  # type: ignore[arg-type]
+        # Without a recorded change the ticket has been in its current state throughout.
+        created = aware(ticket.created_at) or at
+        return cls(created, articles, states, initial or ticket.state)
+
+    def unanswered(self) -> _Article | None:
+        """The oldest customer message after the last answer and the last close."""
+        since = max((t for t in (self.last_answer, self.last_closed) if t is not None),
+                    default=None)
+        return next((x for x in self.articles if x.customer
+                     and (since is None or x.created_at > since)), None)
+
+    def spans(self, start: datetime, end: datetime, pause_states: list[str]
+              ) -> list[tuple[str, datetime, datetime, str]]:
+        """[start, end) cut into running and paused spans by the recorded state: a pause
+        state pauses, ``closed`` too (the clock stopped then and resumed at the reopen)."""
+        state, why = self.initial, "state at creation"
+        cuts: list[tuple[datetime, str, str]] = []
+        for t, new, who in self.states:
+            if t <= start:
+                state, why = new, who
+            elif t < end:
+                cuts.append((t, new, who))
+        out: list[tuple[str, datetime, datetime, str]] = []
+        t0 = start
+        for t, new, who in [*cuts, (end, state, "")]:
+            if t > t0:
+                kind = "paused" if state in pause_states or state == "closed" else "running"
+                reason = f"state {state}" + (f" ({why})" if why else "")
+                if out and out[-1][0] == kind:
+                    out[-1] = (kind, out[-1][1], t, out[-1][3])
+                else:
+                    out.append((kind, t0, t, reason))
+                t0 = t
+            state, why = new, who
+        return out
 
 
 def goal_of(sla: Sla, target: str) -> int | None:
@@ -287,15 +391,100 @@ class _Clocks:
         for c in stale:
             self.retarget(c, sla, f"SLA {c.sla} -> {sla.name} ({why}; {reason}): "
                                   "its goals apply from the clock's start")
-        if old is None and not self.open() and self.ticket.state not in (
-                "closed", *CANCEL_STATES):
-            # The ticket had no SLA so far: its solution clock starts now (first response
-            # and update clocks start with the next customer message).
-            self.start(sla, "solution", f"SLA {sla.name} applies ({why}; {reason})",
-                       cycle=max((c.cycle for c in self.clocks if c.target == "solution"),
-                                 default=-1) + 1,
-                       paused_by=self.pausing(sla))
+        if self.ticket.state not in ("closed", *CANCEL_STATES) and (
+                old != sla.name or not any(c.sla == sla.name for c in self.clocks)):
+            # The SLA applies from now on to a ticket that had no clock of it: a ticket
+            # without an SLA so far, another SLA, or a filter rule's choice on a follow-up
+            # (the rule sets ticket.sla before this runs). Its clocks are counted from the
+            # ticket's history, as if it had applied from the start. Cheap test first: on a
+            # ticket whose SLA has clocks this is an in-memory check.
+            self.backfill(sla, f"{why}; {reason}")
         return sla
+
+    def backfill(self, sla: Sla, why: str) -> None:
+        """Start the targets of ``sla`` that no open clock covers, from the ticket's
+        history (docs/sla.md, "An SLA that applies later"): first response from the
+        ticket's creation if no agent has answered and the ticket was never closed; update
+        from the oldest customer message since the last answer or close; solution from the
+        creation, the ticket's closed spans not counted. Pause states recorded in the
+        event log (state changes by the worker, agent commands, filter rules, the CLI)
+        are paused spans of the ledger; the current state decides the open span."""
+        history = _History.load(self.session, self.ticket, self.at)
+        note = (f"SLA {sla.name} applies since {self.at.astimezone(UTC):%Y-%m-%d %H:%M} UTC "
+                f"({why}); counted from the ticket's history")
+        have = {c.target for c in self.open()}
+        if "first_response" not in have and goal_of(sla, "first_response") is not None:
+            opening = history.opening
+            if (opening is not None and history.last_answer is None
+                    and history.last_closed is None):
+                self._backfilled(sla, "first_response", history, aware(self.ticket.created_at)
+                                 or opening.created_at,
+                                 f"ticket opened by a message from {opening.from_addr}; {note}")
+                have.add("first_response")
+        if ("first_response" not in have and "update" not in have
+                and goal_of(sla, "update") is not None):
+            waiting = history.unanswered()
+            if waiting is not None:
+                self._backfilled(sla, "update", history, waiting.created_at,
+                                 f"customer message from {waiting.from_addr}; {note}")
+        if "solution" not in have and goal_of(sla, "solution") is not None:
+            created = aware(self.ticket.created_at) or self.at
+            self._backfilled(sla, "solution", history, created, f"ticket created; {note}")
+
+    def _backfilled(self, sla: Sla, target: str, history: _History, start: datetime,
+                    reason: str) -> None:
+        """A clock of ``target`` started at ``start`` (before now), with its ledger from
+        the history: running spans counted, paused ones not, the breach instant if a closed
+        span passed the goal; its open span is the current state's."""
+        goal = goal_of(sla, target)
+        assert goal is not None
+        start = min(start, self.at)
+        cycle = max((c.cycle for c in self.clocks if c.target == target),
+                    default=0 if target == "update" else -1) + 1
+        clock = m.SlaClock(ticket_id=self.ticket.id, sla=sla.name, target=target, cycle=cycle,
+                           calendar=sla.calendar, goal_minutes=goal, state="running",
+                           started_at=start, used_seconds=0, next_level=0)
+        cal = calendar_for(self.settings, sla.calendar) if self.settings else ALWAYS
+        spans = history.spans(start, self.at, sla.pause_states)
+        paused_by = self.pausing(sla)
+        now_kind = "paused" if paused_by is not None else "running"
+        if spans and spans[-1][0] == now_kind:
+            open_kind, open_start, _, open_reason = spans.pop()
+        else:
+            open_kind, open_start = now_kind, self.at
+            open_reason = paused_by if paused_by is not None else (
+                f"state {self.ticket.state}")
+        if not spans:  # the whole history is the open span: it carries the clock's reason
+            open_reason = reason if open_kind == "running" else f"{reason}; {open_reason}"
+        used, breach, rows = 0, None, []
+        for i, (kind, a, b, why) in enumerate(spans):
+            counted = round(cal.working_seconds(a, b)) if kind == "running" else 0
+            if breach is None and used + counted > goal * 60:
+                breach = cal.add(a, goal * 60 - used)
+            used += counted
+            rows.append((kind, a, b, reason if i == 0 and kind == "running" else
+                         f"{reason}; {why}" if i == 0 else why, counted))
+        clock.used_seconds, clock.breached_at = used, breach
+        if open_kind == "running":
+            clock.state, clock.running_since = "running", open_start
+            _set_due(clock, cal)
+            now_used = used + cal.working_seconds(open_start, self.at)
+        else:
+            self._idle(clock, "paused")
+            now_used = used
+        clock.next_level = _first_level(sla, goal, now_used)
+        schedule(clock, sla, cal)
+        self.session.add(clock)
+        self.clocks.append(clock)
+        self.session.flush()
+        for kind, a, b, why, counted in rows:
+            self.session.add(m.SlaSegment(clock_id=clock.id, ticket_id=clock.ticket_id,
+                                          kind=kind, start_at=a, end_at=b, reason=why,
+                                          counted_seconds=counted))
+        seg = m.SlaSegment(clock_id=clock.id, ticket_id=clock.ticket_id, kind=open_kind,
+                           start_at=open_start, end_at=None, reason=open_reason)
+        self.session.add(seg)
+        self._open_segments[clock.id] = seg
 
     def pausing(self, sla: Sla | None) -> str | None:
         state = self.ticket.state
@@ -404,7 +593,10 @@ def on_change(session: Session, settings: Settings, ticket: m.Ticket,
     tc = _Clocks.load(session, settings, ticket, at)
     said = ", ".join(f"{k} {changes[k][0]} -> {changes[k][1]}" for k in relevant)
     why = f"{reason}: {said}" if reason else said
-    if any(k in SELECTING for k in changes):
+    if any(k in SELECTING for k in changes) or (
+            "state" in changes and ticket.sla is not None
+            and not any(c.sla == ticket.sla for c in tc.clocks)):
+        # (an SLA chosen while the ticket was closed starts its clocks at the reopen)
         sla = tc.reselect(why)
     else:
         sla = sla_by_name(settings, ticket.sla)

@@ -14,6 +14,7 @@ Times are shown in the clock's calendar zone (UTC for 24x7 clocks). Reports may 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,10 +100,64 @@ def _goal_words(clock: m.SlaClock, cal: Calendar) -> str:
             f"({cal.zone.key})")
 
 
+# A notice sent more than this after its level was reached was deferred (outside working
+# hours) or late (no sweep ran); the template's ``delayed`` uses the same minute.
+DELAYED = timedelta(minutes=1)
+
+
+def describe_notice(notice: m.SlaNotice, reached: datetime | None, cal: Calendar
+                    ) -> dict[str, Any]:
+    """One fired level of a clock (an ``sla_notices`` row): when the level was reached (from
+    the ``sla_warning``/``sla_breach`` event), when it was sent and to whom, what it did."""
+    fired = aware(notice.fired_at)
+    assert fired is not None
+    done = notice.actions or {}
+    deferred = reached is not None and fired - reached > DELAYED
+    to = list(done.get("recipients") or [])
+    changes = done.get("changes") or {}
+    text = f"{notice.kind} {notice.percent} % sent {_when(cal, fired)}"
+    if deferred:
+        assert reached is not None
+        text += (f", deferred from {_when(cal, reached)} "
+                 f"({duration((fired - reached).total_seconds())} later)")
+    elif reached is not None:
+        text += f" (reached {_when(cal, reached)})"
+    text += f" to {', '.join(to)}" if to else " to nobody"
+    if done.get("unaddressed"):
+        missing = "; ".join(done["unaddressed"])
+        text += f" ({missing})" if not to else f" (not to {missing})"
+    if changes:
+        text += "; " + ", ".join(f"{k} {_plain(v[0])} -> {_plain(v[1])}"
+                                 for k, v in changes.items())
+    if done.get("notes"):
+        text += "; " + "; ".join(done["notes"])
+
+    def iso(t: datetime | None) -> str | None:
+        return cal.local(t).isoformat() if t is not None else None
+
+    return {"level": notice.level, "percent": notice.percent, "kind": notice.kind,
+            "reached_at": iso(reached), "fired_at": iso(fired),
+            "deferred": deferred, "delay_seconds":
+                round((fired - reached).total_seconds()) if reached is not None else None,
+            "due_at": iso(aware(notice.due_at)), "recipients": to,
+            "unaddressed": list(done.get("unaddressed") or []), "changes": changes,
+            "notes": list(done.get("notes") or []), "template": done.get("template"),
+            "article_id": done.get("article_id"), "node": notice.node, "text": text}
+
+
+def _plain(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return "none" if v is None else str(v)
+
+
 def describe_clock(clock: m.SlaClock, segments: list[m.SlaSegment], settings: Settings,
-                   now: datetime | None = None) -> dict[str, Any]:
-    """One clock as data plus its ledger in words (``ledger``: a list of lines) and a
-    one-line ``summary``."""
+                   now: datetime | None = None,
+                   notices: Sequence[tuple[m.SlaNotice, datetime | None]] = ()
+                   ) -> dict[str, Any]:
+    """One clock as data plus its ledger in words (``ledger``: a list of lines), a one-line
+    ``summary`` and the ``notices`` fired for it (each with the instant its level was
+    reached, if known)."""
     now = now or datetime.now(UTC)
     cal = calendar_for(settings, clock.calendar)
     due = aware(clock.due_at)
@@ -169,6 +224,7 @@ def describe_clock(clock: m.SlaClock, segments: list[m.SlaSegment], settings: Se
         "segments": [{"kind": s.kind, "start_at": iso(aware(s.start_at)),
                       "end_at": iso(aware(s.end_at)), "reason": s.reason,
                       "counted_seconds": s.counted_seconds} for s in segments],
+        "notices": [describe_notice(n, reached, cal) for n, reached in notices],
     }
 
 
@@ -178,12 +234,29 @@ def explain_ticket(session: Session, settings: Settings, ticket: m.Ticket,
     clocks = list(session.scalars(select(m.SlaClock).where(m.SlaClock.ticket_id == ticket.id)
                                   .order_by(m.SlaClock.id)))
     segs: dict[int, list[m.SlaSegment]] = {}
+    notices: dict[int, list[tuple[m.SlaNotice, datetime | None]]] = {}
     if clocks:
         for s in session.scalars(select(m.SlaSegment).where(
                 m.SlaSegment.ticket_id == ticket.id).order_by(m.SlaSegment.id)):
             segs.setdefault(s.clock_id, []).append(s)
+        # When each level was reached: the sweep's sla_warning / sla_breach events say it
+        # (the notice row has when it was sent).
+        reached: dict[tuple[int, int], datetime] = {}
+        for data in session.scalars(select(m.Event.data).where(
+                m.Event.ticket_id == ticket.id,
+                m.Event.type.in_(("sla_warning", "sla_breach")))):
+            try:
+                reached[(int(data["clock_id"]), int(data["level"]))] = datetime.fromisoformat(
+                    data["reached_at"])
+            except (KeyError, TypeError, ValueError):
+                continue
+        for n in session.scalars(select(m.SlaNotice).where(m.SlaNotice.ticket_id == ticket.id)
+                                 .order_by(m.SlaNotice.fired_at, m.SlaNotice.level)):
+            notices.setdefault(n.clock_id, []).append(
+                (n, aware(reached.get((n.clock_id, n.level)))))
     return {"sla": ticket.sla, "reason": ticket.sla_reason,
-            "clocks": [describe_clock(c, segs.get(c.id, []), settings, now) for c in clocks]}
+            "clocks": [describe_clock(c, segs.get(c.id, []), settings, now,
+                                      notices.get(c.id, [])) for c in clocks]}
 
 
 def render_text(data: dict[str, Any]) -> list[str]:
@@ -197,4 +270,5 @@ def render_text(data: dict[str, Any]) -> list[str]:
         out.append(f"  {c['target']}{cycle} [{c['state']}"
                    + (f", {c['outcome']}" if c["outcome"] else "") + f"] {c['summary']}")
         out.extend(f"     {line}" for line in c["ledger"][:-1])
+        out.extend(f"     notice: {n['text']}" for n in c.get("notices", []))
     return out

@@ -1,11 +1,11 @@
 """SLA reports (issue 6): ``mailgw report sla``. Reads the clocks sla-core writes; writes nothing.
 
-Counts (met / breached / open / cancelled per queue, priority and target) are aggregated in
-SQL. Durations need the clock's business calendar, so the start and stop instants of the
-decided clocks in the range are fetched and the medians and p90s are computed here: memory
-grows with the number of stopped clocks in the range (a few hundred bytes each), and the
-numbers are the same on SQLite and PostgreSQL because both hand back the same instants.
-Definitions and the JSON contract: docs/reports.md.
+Everything is aggregated in SQL (``build_report``: four grouped queries); only the medians
+and nearest-rank p90s are computed here, over the durations each group hands back as one
+text of integers (calendar time in microseconds, SLA-counted business seconds): a few
+dozen bytes per decided clock, no Python object per row. The durations are integers on
+both stores, so the numbers are the same on SQLite and PostgreSQL. Definitions and the
+JSON contract: docs/reports.md.
 """
 
 from __future__ import annotations
@@ -14,17 +14,30 @@ import csv
 import io
 import math
 import statistics
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, func, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    and_,
+    case,
+    cast,
+    extract,
+    func,
+    literal,
+    or_,
+    select,
+)
 
-from mailgw.calendar import ALWAYS, Calendar
 from mailgw.store.models import SlaClock, Ticket
 
 if TYPE_CHECKING:
@@ -67,20 +80,6 @@ def _utc(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def _calendar_for(settings: Settings, name: str | None,
-                  cache: dict[str | None, Calendar | None]) -> Calendar | None:
-    """The compiled calendar of a clock: ALWAYS (24x7) for None, None if the name is no longer
-    configured (unlike ``mailgw.sla.clocks.calendar_for``, which counts 24x7 then: a report
-    leaves such a business time out and says so rather than show a wrong one)."""
-    if name not in cache:
-        if name is None:
-            cache[name] = ALWAYS
-        else:
-            cfg = next((c for c in settings.calendars if c.name == name), None)
-            cache[name] = Calendar(cfg) if cfg is not None else None
-    return cache[name]
-
-
 def median(values: Sequence[float]) -> float | None:
     """The middle value; for an even count the mean of the two middle values."""
     return float(statistics.median(values)) if values else None
@@ -95,6 +94,18 @@ def p90(values: Sequence[float]) -> float | None:
     return float(ordered[math.ceil(0.9 * len(ordered)) - 1])
 
 
+def _median_sorted(ordered: Sequence[float]) -> float | None:
+    n = len(ordered)
+    if not n:
+        return None
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _p90_sorted(ordered: Sequence[float]) -> float | None:
+    return float(ordered[math.ceil(0.9 * len(ordered)) - 1]) if ordered else None
+
+
 def compliance(met: int, breached: int) -> float | None:
     """met / (met + breached) in percent, two decimals; None when nothing is decided."""
     decided = met + breached
@@ -104,21 +115,24 @@ def compliance(met: int, breached: int) -> float | None:
 @dataclass
 class _Target:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    wall: list[float] = field(default_factory=list)
-    business: list[float] = field(default_factory=list)
+    # the durations, in parts (one per queue and priority): joined and sorted once
+    wall: list[list[float]] = field(default_factory=list)
+    business: list[list[float]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         c = self.counts
+        wall = sorted(chain.from_iterable(self.wall))
+        business = sorted(chain.from_iterable(self.business))
         return {
             "count": sum(c.values()), **c,
             "compliance": compliance(c["met"], c["breached"]),
             "time": {
-                "measured": len(self.wall),
-                "median_seconds": _round(median(self.wall)),
-                "p90_seconds": _round(p90(self.wall)),
-                "measured_business": len(self.business),
-                "median_business_seconds": _round(median(self.business)),
-                "p90_business_seconds": _round(p90(self.business)),
+                "measured": len(wall),
+                "median_seconds": _round(_median_sorted(wall)),
+                "p90_seconds": _round(_p90_sorted(wall)),
+                "measured_business": len(business),
+                "median_business_seconds": _round(_median_sorted(business)),
+                "p90_business_seconds": _round(_p90_sorted(business)),
             },
         }
 
@@ -149,12 +163,85 @@ def _status_column(as_of: datetime):  # type: ignore[no-untyped-def]
                 (over, literal("breached")), else_=literal("open")).label("status")
 
 
+def _epoch_seconds(dialect: str, column):  # type: ignore[no-untyped-def]
+    """Whole seconds since 1970 of a stored UTC instant, as an integer, in SQL. SQLite:
+    without the fraction, which its date functions round to milliseconds (.9995 s would
+    become the next second)."""
+    if dialect == "sqlite":
+        return cast(func.strftime("%s", func.substr(column, 1, 19)), Integer)
+    return cast(func.floor(func.date_part("epoch", column)), BigInteger)
+
+
+def _bucket(dialect: str, column, bounds: list[int]):  # type: ignore[no-untyped-def]
+    """A key of the UTC span a stored instant lies in, in SQL, and a function from a key to
+    the span's first second. Every span lies within one period of the report (a day or a
+    week of its zone): its width divides 86400 and every period's start (``bounds``, UTC
+    seconds), e.g. 86400 s in UTC, 3600 s in Europe/Berlin, 1800 s in Asia/Kolkata. On
+    SQLite an hour's span is the first 13 characters of the stored text, far cheaper than
+    its date functions."""
+    width = math.gcd(86400, *bounds)
+    if dialect == "sqlite" and width % 3600 == 0:
+        def hour(key: str) -> int:
+            return int(datetime.fromisoformat(f"{key}:00:00+00:00").timestamp())
+        return func.substr(column, 1, 13), hour
+    return _epoch_seconds(dialect, column) // width, lambda key: int(key) * width
+
+
+def _micros_between(dialect: str, start, stop):  # type: ignore[no-untyped-def]
+    """``stop - start`` in whole microseconds, exact, in SQL (never below 0). SQLite keeps
+    instants as text (``2026-11-02 10:00:00.123456``): whole seconds by ``strftime('%s')``,
+    the fraction from the text, padded, so a shorter fraction still reads right."""
+    if dialect == "sqlite":
+        def frac(c):  # type: ignore[no-untyped-def]
+            return cast(func.substr(func.substr(c, 21).op("||")(literal("000000")), 1, 6),
+                        Integer)
+        def whole(c):  # type: ignore[no-untyped-def]
+            # without the fraction: SQLite rounds it to milliseconds, .9995 s to the next second
+            return func.julianday(func.substr(c, 1, 19))
+        # whole seconds apart: within 1e-4 s of an integer as a double, so round() is exact;
+        # julianday() is cheaper than strftime('%s') and older than unixepoch()
+        secs = cast(func.round((whole(stop) - whole(start)) * 86400), Integer)
+        us = secs * 1_000_000 + frac(stop) - frac(start)
+        return func.max(0, us)
+    us = cast(extract("epoch", stop - start) * 1_000_000, BigInteger)
+    return func.greatest(0, us)
+
+
+def _concat(dialect: str, column):  # type: ignore[no-untyped-def]
+    """The values of an integer column of a group as one comma-separated text."""
+    if dialect == "sqlite":
+        return func.group_concat(column, literal(","))
+    return func.string_agg(cast(column, String), literal(","))
+
+
+def _ints(text: str | None) -> list[int]:
+    return list(map(int, text.split(","))) if text else []
+
+
+def _period_starts(period: str, first: date, last: date) -> list[date]:
+    """The first day of every period (day, or the Monday of an ISO week) of the range."""
+    day = first - timedelta(days=first.weekday()) if period == "week" else first
+    step = timedelta(days=7 if period == "week" else 1)
+    out = []
+    while day <= last:
+        out.append(day)
+        day += step
+    return out
+
+
 def build_report(session: Session, settings: Settings, *, start: datetime, end: datetime,
                  tz: str = "UTC", queues: Iterable[str] = (), as_of: datetime | None = None,
                  period: str = "auto") -> dict[str, Any]:
     """The SLA report of the tickets created in [start, end) as the JSON-ready dict that
     docs/reports.md describes. ``as_of`` (default now) decides which undecided clocks are
-    already past due."""
+    already past due.
+
+    Four aggregating queries over the range's tickets and clocks, no row per clock in
+    Python: tickets per queue and priority; clocks per queue, priority, target and status;
+    the durations of the decided clocks per queue, priority and target as one text of
+    integers each (group_concat / string_agg: wall-clock microseconds and SLA-counted
+    seconds); decided clocks per target, status and creation bucket for the series (a
+    bucket is a span of UTC seconds that lies within one local day of the report's zone)."""
     zone = ZoneInfo(tz)
     as_of = _utc(as_of) or datetime.now(UTC)
     queues = sorted(set(queues))
@@ -162,6 +249,7 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
         period = "day" if (end - start) <= timedelta(days=AUTO_DAY_LIMIT) else "week"
     if period not in ("day", "week"):
         raise ReportError(f"period must be day, week or auto, not {period!r}")
+    dialect = session.get_bind().dialect.name
 
     in_range = [Ticket.created_at >= start, Ticket.created_at < end]
     if queues:
@@ -182,55 +270,55 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
             g.tickets += n
             g.tickets_with_sla += n_sla
 
-    # Clock counts per queue, priority, target and status. The status is computed in a
-    # subquery so PostgreSQL groups by a column, not by a CASE with bound parameters.
-    clocks = (select(Ticket.queue, Ticket.priority, Ticket.created_at, SlaClock.target,
-                     SlaClock.outcome, SlaClock.calendar, SlaClock.started_at,
-                     SlaClock.stopped_at, _status_column(as_of))
+    first = start.astimezone(zone).date()
+    last = (end - timedelta(microseconds=1)).astimezone(zone).date()
+    starts = _period_starts(period, first, last)
+    bounds = [int(datetime.combine(d, time(0), zone).timestamp()) for d in starts]
+    bucket, to_epoch = _bucket(dialect, Ticket.created_at, bounds)
+    # The status is computed in a subquery so PostgreSQL groups by a column, not by a CASE
+    # with bound parameters.
+    clocks = (select(Ticket.queue, Ticket.priority, SlaClock.target, SlaClock.outcome,
+                     SlaClock.used_seconds, SlaClock.started_at, SlaClock.stopped_at,
+                     bucket.label("bucket"), _status_column(as_of))
               .join(SlaClock, SlaClock.ticket_id == Ticket.id).where(*in_range).subquery())
-    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status, func.count())
+
+    # One pass: clocks per queue, priority, target and status, and the durations of the
+    # stopped, decided ones (group_concat / string_agg skip the NULLs of the others):
+    # calendar time (stop - start, exact to the microsecond on both stores) and business
+    # time (the SLA-counted time of the clock's ledger, pauses excluded: used_seconds).
+    decided = and_(clocks.c.outcome.in_(("met", "breached")), clocks.c.stopped_at.is_not(None),
+                   clocks.c.started_at.is_not(None))
+    wall_us = case((decided, _micros_between(dialect, clocks.c.started_at, clocks.c.stopped_at)))
+    used = case((decided, func.coalesce(clocks.c.used_seconds, 0)))
+    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status,
+                func.count(), _concat(dialect, wall_us), _concat(dialect, used))
          .group_by(clocks.c.queue, clocks.c.priority, clocks.c.target, clocks.c.status))
-    for queue, priority, target, status, n in session.execute(q):
+    for queue, priority, target, status, n, walls, useds in session.execute(q):
         if target not in TARGETS:
             continue
+        wall = [u / 1e6 for u in _ints(walls)]
+        business = [float(u) for u in _ints(useds)]
         for g in groups(queue, priority):
             g.targets[target].counts[status] += n
-
-    # Decided clocks: durations (stopped ones) and compliance over time.
-    series: dict[date, dict[str, list[int]]] = defaultdict(
-        lambda: {t: [0, 0] for t in TARGETS})
-    cals: dict[str | None, Calendar | None] = {}
-    unknown_calendars: set[str] = set()
-    q = (select(clocks.c.queue, clocks.c.priority, clocks.c.created_at, clocks.c.target,
-                clocks.c.outcome, clocks.c.calendar, clocks.c.started_at, clocks.c.stopped_at,
-                clocks.c.status)
-         .where(clocks.c.status.in_(("met", "breached"))))
-    # Core, not ORM, execution: rows become Python objects one at a time and only the
-    # durations are kept. Not a server-side cursor: PostgreSQL plans cursors for the first
-    # rows, and without fresh statistics that was a nested loop over all clocks (9 s for one
-    # day of 100,000 tickets instead of 0.1 s).
-    for queue, priority, created, target, outcome, cal_name, started, stopped, status in (
-            session.connection().execute(q)):
-        if target not in TARGETS:
-            continue
-        local_day = _utc(created).astimezone(zone).date()  # type: ignore[union-attr]
-        bucket = local_day - timedelta(days=local_day.weekday()) if period == "week" else local_day
-        series[bucket][target][0 if status == "met" else 1] += 1
-        started, stopped = _utc(started), _utc(stopped)
-        if outcome not in ("met", "breached") or stopped is None or started is None:
-            continue  # breached but still running: no duration yet
-        wall = max(0.0, (stopped - started).total_seconds())
-        cal = _calendar_for(settings, cal_name, cals)
-        business = cal.working_seconds(started, stopped) if cal is not None else None
-        if cal is None and cal_name is not None:
-            unknown_calendars.add(cal_name)
-        for g in groups(queue, priority):
-            g.targets[target].wall.append(wall)
-            if business is not None:
+            if wall:
+                g.targets[target].wall.append(wall)
                 g.targets[target].business.append(business)
 
-    warnings = [f"calendar {name!r} of some clocks is not configured: their business times "
-                "are left out" for name in sorted(unknown_calendars)]
+    # Compliance over time: decided clocks (stopped or already past their goal) per target,
+    # status and bucket of creation; each bucket lies within one day (or week) of the zone.
+    series: dict[date, dict[str, list[int]]] = defaultdict(
+        lambda: {t: [0, 0] for t in TARGETS})
+    q = (select(clocks.c.target, clocks.c.status, clocks.c.bucket, func.count())
+         .where(clocks.c.status.in_(("met", "breached")))
+         .group_by(clocks.c.target, clocks.c.status, clocks.c.bucket))
+    for target, status, k, n in session.execute(q):
+        if target not in TARGETS:
+            continue
+        i = bisect_right(bounds, to_epoch(k)) - 1
+        if i < 0:
+            continue  # cannot happen: the first period starts before the range
+        series[starts[i]][target][0 if status == "met" else 1] += n
+
     return {
         "report": "sla",
         "version": REPORT_VERSION,
@@ -243,9 +331,8 @@ def build_report(session: Session, settings: Settings, *, start: datetime, end: 
         "total": total.as_json(),
         "by_queue": [{"queue": k, **by_queue[k].as_json()} for k in sorted(by_queue)],
         "by_priority": [{"priority": k, **by_priority[k].as_json()} for k in sorted(by_priority)],
-        "series": _series(series, period, start.astimezone(zone).date(),
-                          (end - timedelta(microseconds=1)).astimezone(zone).date()),
-        "warnings": warnings,
+        "series": _series(series, period, first, last),
+        "warnings": [],
     }
 
 
