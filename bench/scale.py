@@ -351,6 +351,21 @@ class Store:
         return {"rate": n / wall, "cpu": (proc + db) * 1000 / n, "cpu_worker": proc * 1000 / n,
                 "cpu_db": db * 1000 / n, "read": (b1[0] - b0[0]) / n, "hit": (b1[1] - b0[1]) / n}
 
+    def hot_updates(self) -> str:
+        """PostgreSQL: updates of each table so far, and how many were HOT (heap-only: the
+        same page, no index entries)."""
+        if not self.pg:
+            return ""
+        from sqlalchemy import text
+
+        with self.engine.connect() as c:
+            c.execute(text("SELECT pg_stat_force_next_flush()"))
+            c.commit()
+            rows = c.execute(text(
+                "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                "WHERE schemaname = current_schema() AND n_tup_upd > 0 ORDER BY relname")).all()
+        return ", ".join(f"{r} {h}/{u} HOT" for r, u, h in rows)
+
     def threaded(self, since_inbound: int) -> dict[str, int]:
         from sqlalchemy import text
 
@@ -538,6 +553,8 @@ def main() -> None:
                   f"| {_fmt([r['cpu_db'] for r in rs], 2)} | {_fmt([r['read'] for r in rs])} | "
                   f"{_fmt([r['hit'] for r in rs], 0)}; threaded "
                   f"{store.threaded(first[id(store)])}; {store.tickets():,} tickets at the end")
+            if store.pg:
+                print(f"{'':>11}updates: {store.hot_updates()}")
         base = results[id(stores[0])]
         for store in stores[1:]:
             rs = results[id(store)]
