@@ -1,19 +1,18 @@
-"""Does ingest keep its rate as the store grows? 1k, 100k and 1M tickets, SQLite and PostgreSQL.
+"""Does ingest keep its rate as the store grows? 1k and 1M tickets, SQLite and PostgreSQL.
 
-The store is bulk-loaded (not through SMTP: with the database's own bulk paths, SQLite
-``executemany`` and PostgreSQL ``COPY``) with N tickets, each with the customer's message and
-our acknowledgement as articles and a processed inbound row. At each size the same mixed
-mail is ingested by the worker in this process (queued, then drained; 40 % are replies to
-random pre-loaded tickets, by ``In-Reply-To`` or by the ticket number in the subject), and
-the rate is measured as the median of ``--rounds`` rounds. The store grows in place: 1k,
-then 100k, then 1M.
+Each size gets its own store, bulk-loaded once (not through SMTP: with the database's own
+bulk paths, SQLite ``executemany`` and PostgreSQL ``COPY``) with N tickets, each with the
+customer's message and our acknowledgement as articles, a processed inbound row, its events
+and its sent outbox row. The sizes are then measured in turns (ABBA: 1k, 1M, 1M, 1k, ...),
+so load on the machine falls on both alike: each round queues the same mixed mail for both
+(40 % replies to random pre-loaded tickets, by ``In-Reply-To`` or by the ticket number in the
+subject) and the worker in this process drains it. Per round: the rate, the CPU per message
+of this process and of the PostgreSQL backends serving it (from /proc), blocks read and hit;
+at the end the 1M / 1k ratios per pair. ``--statements`` (PostgreSQL) prints every statement
+the worker ran with its buffers and WAL per message at each size (auto_explain).
 
-It also prints the query plans of the lookups that run per message (threading by
-Message-ID, the ticket number, the sender check, the redelivery check, the root article,
-the claim), so a full scan would show.
-
-    .venv/bin/python bench/scale.py --sizes 1000,100000,1000000
-    .venv/bin/python bench/scale.py --store postgresql+psycopg://postgres@127.0.0.1/test
+    .venv/bin/python bench/scale.py
+    .venv/bin/python bench/scale.py --store postgresql+psycopg://postgres@127.0.0.1/test --statements
 """
 
 from __future__ import annotations
@@ -489,7 +488,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
     ap.add_argument("--sizes", default="1000,1000000",
-                    help="store sizes in tickets, each in its own store (default 1000,1000000)")
+                    help="store sizes in tickets, each in its own store (default 1000,1000000); "
+                         "PostgreSQL: SIZE:ffN loads that store with tickets at fillfactor N "
+                         "(1000000:ff100 is the store before migration 0010), to compare the "
+                         "two in the same run")
     ap.add_argument("--messages", type=int, default=300, help="messages per round")
     ap.add_argument("--pairs", type=int, default=8,
                     help="rounds per size, the sizes taking turns (ABBA order)")
@@ -506,7 +508,7 @@ def main() -> None:
     from mailgw.process import Context
     from mailgw.settings import Home, load_settings
 
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [(int(s.partition(":")[0]), s.partition(":")[2]) for s in args.sizes.split(",")]
     print(f"start {datetime.now(UTC):%H:%M:%S} UTC, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -516,11 +518,14 @@ def main() -> None:
         settings = load_settings(home)
         ctx = Context(settings, Renderer(home.templates))
         stores: list[Store] = []
-        for size in sizes:
-            where = Path(tmp) / f"store{size}"
+        for n, (size, variant) in enumerate(sizes):
+            where = Path(tmp) / f"store{n}"
             url = stack.enter_context(bench_store(args.store, where))
-            store = Store(url, ctx, settings, f"{size:,}")
+            store = Store(url, ctx, settings, f"{size:,}" + (f" {variant}" if variant else ""))
             stack.callback(store.engine.dispose)
+            if variant.startswith("ff") and store.pg:
+                with store.engine.begin() as c:
+                    c.exec_driver_sql(f"ALTER TABLE tickets SET (fillfactor = {int(variant[2:])})")
             if args.hash_indexes and store.pg:
                 with store.engine.begin() as c:
                     for table, column in (("articles", "message_id"), ("inbound", "sha256")):
@@ -528,7 +533,7 @@ def main() -> None:
                         c.exec_driver_sql(f"CREATE INDEX ix_{table}_{column} ON {table} "
                                           f"USING hash ({column})")
             load_s = store.load(size)
-            print(f"{size:>9} tickets loaded in {load_s:.1f} s", flush=True)
+            print(f"{store.label:>9} tickets loaded in {load_s:.1f} s", flush=True)
             stores.append(store)
         seed = 100
         # A first round on each store warms what is warmed once (compiled statements,
@@ -585,8 +590,9 @@ def main() -> None:
             seed += 1
             stats = [s.statements(mixed_mail(args.messages, seed, s.loaded,
                                              settings.ticket_numbers)) for s in stores]
-            print()
-            print(_statements_table(stats[0], stats[-1], (stores[0].label, stores[-1].label)))
+            for store, stat in zip(stores[1:], stats[1:], strict=True):
+                print()
+                print(_statements_table(stats[0], stat, (stores[0].label, store.label)))
         print(f"\nquery plans at {stores[-1].label} tickets:")
         print(explain(stores[-1].engine))
 
