@@ -118,6 +118,10 @@ class Ticket(Base):
     pending_action: Mapped[str | None] = mapped_column(String(16))
     merged_into: Mapped[int | None] = mapped_column(BigId)
 
+    # PostgreSQL creates this table with fillfactor 85 (migration 0010; Table options are not
+    # expressible here): a follow-up's update of updated_at stays on the row's page as a HOT
+    # update, without entries in the indexes below. An index on a column the worker updates
+    # per message would end that (docs/architecture.md, decision 22).
     __table_args__ = (
         # Least-open assignment counts each agent's open tickets.
         Index("ix_tickets_owner_state", "owner", "state"),

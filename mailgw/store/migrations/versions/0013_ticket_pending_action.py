@@ -1,7 +1,7 @@
 """ticket pending_action: what happens when pending_until passes (reopen or close)
 
 Revision ID: 0013
-Revises: 0008
+Revises: 0010
 Create Date: 2026-11-27 03:10:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0013'
-down_revision = '0008'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,185 @@
+"""What keeps ingest at the same cost when the store holds a million tickets (issue 8):
+
+- every SELECT the worker issues for a message, follow-ups included (threading by
+  Message-ID and by the ticket number, the sender and root-article lookups, the loop
+  protection counts, the redelivery check, the claim), can be answered from an index: the
+  plan of each statement, exactly as it was sent, has no full scan of a table;
+- on PostgreSQL a ticket's pages keep room for its updates, so the update a follow-up makes
+  (``updated_at``) is a HOT update: the same page, no new index entries (migration 0010).
+
+Speed itself is measured in bench/scale.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import event, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from mailgw.numbers import format_number
+from mailgw.store import models as m
+from tests.helpers import Harness, mail
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def _preload(engine, cfg, count: int) -> None:  # type: ignore[no-untyped-def]
+    """``count`` older tickets, each with the customer's message and our acknowledgement."""
+    tickets, articles = [], []
+    for i in range(1, count + 1):
+        at = T0 + timedelta(seconds=i)
+        tickets.append({"id": 10_000 + i, "number": format_number(cfg, 10_000 + i, at),
+                        "title": f"old {i}", "queue": "support", "state": "open", "priority": 3,
+                        "customer": f"old{i}@customer.test", "created_at": at, "updated_at": at,
+                        "tags": [], "custom_fields": {}})
+        for k, (direction, mid) in enumerate((("in", f"old.{i}@customer.test"),
+                                              ("out", f"ours.{i}@example.com"))):
+            articles.append({"id": 100_000 + 2 * i + k, "ticket_id": 10_000 + i,
+                             "direction": direction, "sender_type": "customer",
+                             "from_addr": f"old{i}@customer.test", "subject": f"old {i}",
+                             "message_id": mid, "threaded_by": "new_ticket", "created_at": at})
+    with engine.begin() as c:
+        c.execute(insert(m.Ticket), tickets)
+        c.execute(insert(m.Article), articles)
+    with engine.begin() as c:
+        c.exec_driver_sql("ANALYZE")
+
+
+def _full_scans(conn, statement: str, params, partial: set[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """The parts of the statement's plan that read a whole table or a whole index."""
+    if conn.dialect.name == "sqlite":
+        # "SCAN t" or "SCAN t USING INDEX i" walks all of it; "SEARCH" is a lookup.
+        rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+        return [r[-1] for r in rows if re.match(r"SCAN (?!CONSTANT ROW)", r[-1])]
+    plan = conn.exec_driver_sql("EXPLAIN (COSTS OFF, FORMAT JSON) " + statement,
+                                params).scalar()
+    bad: list[str] = []
+
+    def walk(node: dict) -> None:  # type: ignore[type-arg]
+        kind = node["Node Type"]
+        if kind == "Seq Scan":
+            bad.append(f"Seq Scan on {node['Relation Name']}")
+        # An index scan without an index condition reads the whole index (ordered by it),
+        # unless the index is partial: then its predicate is the condition.
+        elif (kind in ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+              and "Index Cond" not in node and node["Index Name"] not in partial):
+            bad.append(f"{kind} using {node['Index Name']} without a condition")
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk((plan if isinstance(plan, list) else json.loads(plan))[0]["Plan"])
+    return bad
+
+
+def test_every_select_of_the_worker_uses_an_index(home):
+    h = Harness(home)
+    cfg = h.settings.ticket_numbers
+    _preload(h.engine, cfg, 300)
+    first = format_number(cfg, 10_007, T0 + timedelta(seconds=7))
+    # Warm up: a new ticket (its statements are among those below too).
+    h.put(mail("A new question", sender="new@customer.test", msgid="n1@customer.test"))
+    h.drain()
+
+    seen: list[tuple[str, object]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    event.listen(h.engine, "before_cursor_execute", record)
+    try:
+        h.put(
+            # A follow-up by In-Reply-To (our acknowledgement's Message-ID) and References.
+            mail("Re: old 5", sender="old5@customer.test", msgid="r1@customer.test",
+                 In_Reply_To="<ours.5@example.com>", References="<old.5@customer.test>"),
+            # A follow-up by the ticket number in the subject only.
+            mail(f"Re: [Ticket#{first}] old 7", sender="old7@customer.test",
+                 msgid="r2@customer.test"),
+            # A stranger quoting a number: the sender check has to look at the articles.
+            mail(f"Re: [Ticket#{first}] old 7", sender="stranger@else.test",
+                 msgid="r3@customer.test"),
+            mail("Another new one", sender="new2@customer.test", msgid="n2@customer.test"),
+        )
+        h.drain()
+    finally:
+        event.remove(h.engine, "before_cursor_execute", record)
+
+    by_thread = {a.message_id: a.threaded_by for a in h.articles()}
+    assert by_thread["r1@customer.test"] == "in_reply_to"
+    assert by_thread["r2@customer.test"] == "subject_number"
+    assert by_thread["r3@customer.test"] == "new_ticket"
+
+    statements = {s for s, _ in seen}
+    # Not vacuous: the lookups that matter were issued and are checked below.
+    for needle in ("articles.message_id IN", "tickets.number =", "articles.from_addr =",
+                   "FROM auto_replies", "inbound.sha256 IN", "inbound.state ="):
+        assert any(needle in s for s in statements), needle
+
+    bad, checked = {}, 0
+    with h.engine.connect() as conn:
+        partial: set[str] = set()
+        if conn.dialect.name == "postgresql":
+            # Where an index can serve, the plan uses it: what remains is a real scan.
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            partial = set(conn.scalars(text(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                "AND indexdef LIKE '% WHERE %'")))
+            assert "ix_inbound_pending" in partial
+        for statement, params in seen:
+            if not re.search(r"\bFROM\b", statement, re.IGNORECASE):
+                continue  # SELECT pg_advisory_xact_lock(...) and the like
+            checked += 1
+            scans = _full_scans(conn, statement, params, partial)
+            if scans:
+                bad[" ".join(statement.split())[:200]] = scans
+        conn.rollback()
+    h.close()
+    assert checked >= 10
+    assert bad == {}
+
+
+def _updates(session: Session) -> tuple[int, int]:
+    """Rows of ``tickets`` updated so far by this connection (not yet published to the
+    statistics), and how many of those updates were HOT."""
+    return session.execute(text(
+        "SELECT pg_stat_get_xact_tuples_updated('tickets'::regclass), "
+        "pg_stat_get_xact_tuples_hot_updated('tickets'::regclass)")).one()
+
+
+def test_a_follow_up_updates_its_ticket_in_place_on_postgresql(home):
+    """The tickets table keeps free room in its pages (fillfactor), so bumping ``updated_at``
+    of an old ticket, as every follow-up does, is a HOT update. With full pages each such
+    update added an entry to all six indexes of ``tickets`` at random places."""
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL storage setting (SQLite updates rows in place)")
+    h = Harness(home)
+    _preload(h.engine, h.settings.ticket_numbers, 600)  # some 20 full pages
+    with h.engine.connect() as c:
+        options = c.scalar(text("SELECT reloptions FROM pg_class "
+                                "WHERE oid = 'tickets'::regclass"))
+    assert "fillfactor=85" in (options or [])
+
+    ids = list(range(10_001, 10_601, 6))  # one ticket in six, on every page
+    with Session(h.engine) as s, s.begin():
+        before = _updates(s)
+        for tid in ids:
+            ticket = s.get(m.Ticket, tid)
+            ticket.updated_at = datetime.now(UTC)
+        s.flush()
+        updated, hot = (a - b for a, b in zip(_updates(s), before, strict=True))
+    assert updated == len(ids)
+    assert hot == len(ids)
+
+    # A change of an indexed column is not HOT, and cannot be: the check above can fail.
+    with Session(h.engine) as s, s.begin():
+        before = _updates(s)
+        s.execute(update(m.Ticket).where(m.Ticket.id.in_(ids[:5])).values(state="closed"))
+        updated, hot = (a - b for a, b in zip(_updates(s), before, strict=True))
+    assert (updated, hot) == (5, 0)
+    with Session(h.engine) as s:
+        assert s.scalar(select(m.Ticket.state).where(m.Ticket.id == ids[0])) == "closed"
+    h.close()
