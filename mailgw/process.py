@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from mailgw import loops, ticket_events
 from mailgw.agent_mail.inbound import handle_agent_mail
 from mailgw.agent_mail.notify import notify_agents
+from mailgw.batch import batch_of
 from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
@@ -56,6 +57,13 @@ def _clean(text: str | None, limit: int | None = None) -> str:
 
 def _event(session: Session, type_: str, row: m.Inbound | None, ticket: m.Ticket | None,
            article: m.Article | None = None, **data: Any) -> None:
+    batch = batch_of(session)
+    if batch is not None:  # the worker's batch: one INSERT for its events at the end
+        batch.event(session, type=type_, created_at=now(), data=data,
+                    inbound_id=row.id if row else None,
+                    ticket_id=ticket.id if ticket else None,
+                    article_id=article.id if article else None)
+        return
     session.add(m.Event(
         type=type_, created_at=now(), data=data,
         inbound_id=row.id if row else None,
@@ -123,7 +131,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     if handle_agent_mail(session, row, mail, cls, settings, ctx.renderer):
         return
     queue = queue_for(row, settings)
-    sender = mail.from_addr or (row.mail_from or "").lower()
+    sender = sender_of(mail, row)
     auto = cls.reason
 
     match = find_ticket(session, mail, settings.ticket_numbers, sender)
@@ -163,8 +171,12 @@ def process(session: Session, row: m.Inbound, ctx: Context,
             created_at=stamp, updated_at=stamp,
         )
         session.add(ticket)
-        session.flush()
+        if ticket.id is None:  # in the worker's batch it has its id already (mailgw/batch.py)
+            session.flush()
         ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+        # In the store before its articles: nothing tells the ORM that they refer to it
+        # (no relationship), so one flush of both could insert an article first.
+        session.flush()
         _event(session, "ticket_created", row, ticket, queue=queue.name, number=ticket.number)
     elif not rejected:
         old = ticket.state
@@ -189,7 +201,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         if decision.auto_response is False
         else None
     )
-    recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
+    recipient = ack_recipient(mail, sender)
     if why_not is None and not _ADDRESS.fullmatch(recipient):
         why_not = f"no valid address to answer ({recipient or 'none'})"
     if why_not is None and unanswerable(recipient):
@@ -216,6 +228,16 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
 
 
+def sender_of(mail: ParsedMail, row: m.Inbound) -> str:
+    """Who the message is from: From:, else the envelope sender."""
+    return mail.from_addr or (row.mail_from or "").lower()
+
+
+def ack_recipient(mail: ParsedMail, sender: str) -> str:
+    """Where an acknowledgement would go: the first Reply-To, else the sender."""
+    return (mail.reply_to[:1] or [sender])[0] if sender else ""
+
+
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
@@ -235,7 +257,9 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         quoted_text=_clean(parts.quoted) or None,
     )
     session.add(article)
-    session.flush()
+    if article.id is None or mail.attachments:
+        # The attachments' rows name the article: it must be in the store before them.
+        session.flush()
     for att in mail.attachments:
         # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
         # data and the database builds its record from it, so one attachment's copies are
@@ -300,15 +324,19 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         created_at=now(),
     )
     session.add(out)
-    session.flush()
+    if out.id is None:
+        session.flush()
     stamp = now()
     # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
     envelope_from = (signer.verp_address(out.id, queue.from_address) if signer.verp
                      else queue.from_address)
     loops.record(session, recipient, ticket.id)
-    session.add(m.Outbox(
-        ticket_id=ticket.id, article_id=out.id, mail_from=envelope_from,
-        rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending", attempts=0,
-        next_attempt_at=stamp, created_at=stamp,
-    ))
+    outbox = dict(ticket_id=ticket.id, article_id=out.id, mail_from=envelope_from,
+                  rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending",
+                  attempts=0, next_attempt_at=stamp, created_at=stamp)
+    batch = batch_of(session)
+    if batch is not None:
+        batch.outbox_row(session, **outbox)
+    else:
+        session.add(m.Outbox(**outbox))
     _event(session, "auto_response_queued", row, ticket, out, template=template, to=recipient)

@@ -37,8 +37,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
 
+from mailgw.batch import Batch
 from mailgw.mail.parse import parse_message
-from mailgw.process import Context, Quarantine, process
+from mailgw.process import Context, Quarantine, ack_recipient, process, sender_of
 from mailgw.queue import now
 from mailgw.store import models as m
 from mailgw.store.db import read_session
@@ -232,28 +233,38 @@ class Worker:
                 if row.id in raws:
                     set_committed_value(row, "raw", raws[row.id])
             copies = _Redeliveries(session, rows, self._pg)
-            for row in rows:
-                self._current = row.id
-                if isolate:
-                    self._process_one(session, row, ctx, parsed.get(row.id), copies)
+            batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
+                          at=now())
+            try:
+                batch.loops.prefetch(session, _ack_recipients(rows, parsed))
+                for row in rows:
+                    self._current = row.id
+                    if isolate:
+                        self._process_one(session, row, ctx, parsed.get(row.id), copies, batch)
+                    else:
+                        process(session, row, ctx, parsed.get(row.id), redelivery=copies)
                     _forget_large(row, parsed, raws)
-                else:
-                    process(session, row, ctx, parsed.get(row.id), redelivery=copies)
-                    _forget_large(row, parsed, raws)
-                    # As a savepoint's release would: a database error shows at its message.
-                    session.flush()
-                copies.stored(row)
+                    copies.stored(row)
+                # The batch's rows go in together now: a database error here is the batch's
+                # (rolled back and retried one message at a time, where it shows at its own).
+                self._current = rows[0].id if len(rows) == 1 else None
+                batch.write(session)
+            finally:
+                batch.close(session)
 
     def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
-                     parsed: ParsedMail | Exception | None, copies: _Redeliveries) -> None:
+                     parsed: ParsedMail | Exception | None, copies: _Redeliveries,
+                     batch: Batch) -> None:
+        mark = batch.mark()
         savepoint = session.begin_nested()
         try:
             process(session, row, ctx, parsed, redelivery=copies)
-            savepoint.commit()
+            savepoint.commit()  # flushes: a database error shows at its message
         except DBAPIError:
             raise
         except Exception as exc:
             savepoint.rollback()
+            batch.rollback(mark)
             reason = _describe(exc)
             log.warning("inbound %s quarantined: %s", row.id, reason)
             row.state, row.error, row.processed_at = "quarantined", reason, now()
@@ -280,6 +291,17 @@ class Worker:
                 n = 0
             if n == 0:
                 wake.wait(poll_interval)
+
+
+def _ack_recipients(rows: list[m.Inbound],
+                    parsed: dict[int, ParsedMail | Exception | None]) -> set[str]:
+    """Where the batch's acknowledgements would go: their loop counts are asked at once."""
+    out = set()
+    for row in rows:
+        mail = parsed.get(row.id)
+        if isinstance(mail, ParsedMail):
+            out.add(ack_recipient(mail, sender_of(mail, row)).strip().lower())
+    return out
 
 
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
