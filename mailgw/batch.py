@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from mailgw.store import models as m
 
@@ -112,6 +112,11 @@ class Batch:
         self._next: dict[str, int] = {}
         self._pool: dict[str, list[int]] = {name: [] for name in _BLOCK}
         self.new_tickets: set[int] = set()
+        # ORM objects added in the batch (flushed or not): what a look-up that does not
+        # flush must add to what the store holds (mailgw/process.py, threading).
+        self.articles: list[m.Article] = []
+        self.message_ids: set[str] = set()
+        self.tickets: list[m.Ticket] = []
         self.events: list[dict[str, Any]] = []
         self.outbox: list[dict[str, Any]] = []
         self.auto_replies: list[dict[str, Any]] = []
@@ -141,6 +146,27 @@ class Batch:
                 reverse=True))
         return pool.pop()
 
+    def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
+        """Insert a new ticket at once with one statement, and put the object in the session
+        as if it had been loaded: its articles name it, and the ORM, which is not told
+        about that reference (no relationship), could flush an article before its ticket
+        (a flush for every new ticket cost more than the rest of its rows)."""
+        table = m.Ticket.__table__
+        if ticket.id is None:
+            ticket.id = self.take(session, "tickets")
+        self.new_tickets.add(ticket.id)
+        values = {}
+        for col in table.columns:
+            value = getattr(ticket, col.key)
+            if value is None and col.default is not None:
+                value = col.default.arg(None) if col.default.is_callable else col.default.arg
+            # Every column set: one left out would be expired and loaded again on access.
+            setattr(ticket, col.key, value)
+            values[col.key] = value
+        session.connection().execute(insert(table), values)
+        make_transient_to_detached(ticket)
+        session.add(ticket)
+
     # Rows written at the end of the batch -------------------------------------------------
 
     def event(self, session: Session, **row: Any) -> None:
@@ -160,13 +186,23 @@ class Batch:
 
     def mark(self) -> tuple[Any, ...]:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
-                Counter(self.loops.rcpt), Counter(self.loops.ticket))
+                Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
+                len(self.tickets))
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
-        ne, no, na, rcpt, ticket = mark
+        ne, no, na, rcpt, ticket, nart, ntick = mark
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
+        del self.articles[nart:], self.tickets[ntick:]
+        self.message_ids = {a.message_id for a in self.articles if a.message_id}
+
+    def first_article_with_message_id(self, ticket_id: int) -> m.Article | None:
+        """The batch's first article of the ticket that has a Message-ID."""
+        for a in self.articles:  # in id order: ids are taken when added
+            if a.ticket_id == ticket_id and a.message_id is not None:
+                return a
+        return None
 
     def write(self, session: Session) -> None:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
@@ -185,7 +221,15 @@ def _take_id(session: Session, obj: Any) -> None:
     if batch is None:
         return
     table = _MODELS.get(type(obj))
-    if table is not None and obj.id is None:
+    if table is None:
+        return
+    if obj.id is None:
         obj.id = batch.take(session, table)
         if table == "tickets":
             batch.new_tickets.add(obj.id)
+    if table == "articles":
+        batch.articles.append(obj)
+        if obj.message_id:
+            batch.message_ids.add(obj.message_id)
+    elif table == "tickets":
+        batch.tickets.append(obj)

@@ -25,13 +25,13 @@ from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
 from mailgw.mail.reply import reply_parts
-from mailgw.numbers import format_number, tag_subject
+from mailgw.numbers import format_number, subject_pattern, tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
 from mailgw.settings import Queue, Settings
 from mailgw.store import models as m
-from mailgw.threader import find_ticket
+from mailgw.threader import ThreadMatch, find_ticket
 from mailgw.types import ParsedMail
 
 # Good enough to tell an address from junk such as "@host" or "undisclosed-recipients:;".
@@ -134,7 +134,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     sender = sender_of(mail, row)
     auto = cls.reason
 
-    match = find_ticket(session, mail, settings.ticket_numbers, sender)
+    match = _find_ticket(session, mail, settings, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
     reopened = rejected = False
     if ticket is not None and ticket.state == "closed" and auto:
@@ -170,13 +170,15 @@ def process(session: Session, row: m.Inbound, ctx: Context,
             priority=settings.priority.default, customer=_clean(sender, 320),
             created_at=stamp, updated_at=stamp,
         )
-        session.add(ticket)
-        if ticket.id is None:  # in the worker's batch it has its id already (mailgw/batch.py)
+        batch = batch_of(session)
+        if batch is not None:  # the worker's batch: its id first, one INSERT (mailgw/batch.py)
+            ticket.id = batch.take(session, "tickets")
+            ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+            batch.add_ticket(session, ticket)
+        else:
+            session.add(ticket)
             session.flush()
-        ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
-        # In the store before its articles: nothing tells the ORM that they refer to it
-        # (no relationship), so one flush of both could insert an article first.
-        session.flush()
+            ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
         _event(session, "ticket_created", row, ticket, queue=queue.name, number=ticket.number)
     elif not rejected:
         old = ticket.state
@@ -238,6 +240,41 @@ def ack_recipient(mail: ParsedMail, sender: str) -> str:
     return (mail.reply_to[:1] or [sender])[0] if sender else ""
 
 
+def _find_ticket(session: Session, mail: ParsedMail, settings: Settings,
+                 sender: str) -> ThreadMatch:
+    """``find_ticket``; in the worker's batch without flushing the batch's rows first when
+    they cannot change the answer: no id the message refers to is one of the batch's
+    articles, and its subject names no ticket (a new one, or one whose senders the batch
+    adds to). Otherwise the look-up flushes, as any query does."""
+    cfg = settings.ticket_numbers
+    batch = batch_of(session)
+    if batch is None or (batch.tickets or batch.articles) and (
+            not batch.message_ids.isdisjoint(mail.in_reply_to)
+            or not batch.message_ids.isdisjoint(mail.references)
+            or subject_pattern(cfg).search(mail.subject or "")):
+        return find_ticket(session, mail, cfg, sender)
+    with session.no_autoflush:
+        return find_ticket(session, mail, cfg, sender)
+
+
+def _thread_root(session: Session, ticket: m.Ticket) -> str | None:
+    """The Message-ID of the ticket's first article that has one (leads the References)."""
+    q = (select(m.Article.id, m.Article.message_id)
+         .where(m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
+         .order_by(m.Article.id).limit(1))
+    batch = batch_of(session)
+    if batch is None:
+        row = session.execute(q).first()
+        return row.message_id if row else None
+    # The worker's batch: the store's first, or the batch's own (not flushed yet).
+    with session.no_autoflush:
+        row = session.execute(q).first()
+    mine = batch.first_article_with_message_id(ticket.id)
+    if mine is not None and (row is None or mine.id < row.id):
+        return mine.message_id
+    return row.message_id if row else None
+
+
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
@@ -293,10 +330,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
     # A ticket opened by this very message has it as its first (no query needed).
-    root = article.message_id if template == "ack_new" else session.scalar(
-        select(m.Article.message_id).where(
-            m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
-        .order_by(m.Article.id).limit(1))
+    root = article.message_id if template == "ack_new" else _thread_root(session, ticket)
     chain = mail.references + ([mail.message_id] if mail.message_id else [])
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     subject = tag_subject(cfg, ticket.number or "", rendered.subject)
