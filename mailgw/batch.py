@@ -118,6 +118,9 @@ class Batch:
         self.message_ids: set[str] = set()
         self.tickets: list[m.Ticket] = []
         self.events: list[dict[str, Any]] = []
+        self.out_articles: list[dict[str, Any]] = []  # our acknowledgements: rows, not objects
+        self.attachments: list[dict[str, Any]] = []
+        self.attachment_bytes = 0
         self.outbox: list[dict[str, Any]] = []
         self.auto_replies: list[dict[str, Any]] = []
         self.loops = LoopCounts(loop_window_hours, at, self.new_tickets)
@@ -177,6 +180,23 @@ class Batch:
         row["id"] = self.take(session, "outbox")
         self.outbox.append(row)
 
+    def out_article(self, session: Session, **row: Any) -> int:
+        """An article of ours (an acknowledgement) as a row: nothing in the transaction reads
+        it back as an object. Returns its id."""
+        row["id"] = self.take(session, "articles")
+        self.out_articles.append(row)
+        return row["id"]
+
+    def attachment(self, session: Session, row: dict[str, Any], limit: int) -> bool:
+        """Queue an attachment row for the end of the batch while the batch's queued
+        attachments stay under ``limit`` bytes; False: insert it now."""
+        size = len(row["data"])
+        if self.attachment_bytes + size > limit:
+            return False
+        self.attachment_bytes += size
+        self.attachments.append(row)
+        return True
+
     def auto_reply(self, session: Session, recipient: str, ticket_id: int | None,
                    at: datetime) -> None:
         self.auto_replies.append({"id": self.take(session, "auto_replies"),
@@ -187,32 +207,44 @@ class Batch:
     def mark(self) -> tuple[Any, ...]:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
                 Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
-                len(self.tickets))
+                len(self.tickets), len(self.out_articles), len(self.attachments),
+                self.attachment_bytes)
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
-        ne, no, na, rcpt, ticket, nart, ntick = mark
+        ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes = mark
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
+        del self.out_articles[nout:], self.attachments[natt:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
         del self.articles[nart:], self.tickets[ntick:]
         self.message_ids = {a.message_id for a in self.articles if a.message_id}
 
-    def first_article_with_message_id(self, ticket_id: int) -> m.Article | None:
-        """The batch's first article of the ticket that has a Message-ID."""
+    def first_message_id(self, ticket_id: int) -> tuple[int, str] | None:
+        """(id, Message-ID) of the batch's first article of the ticket that has one."""
+        first = None
         for a in self.articles:  # in id order: ids are taken when added
             if a.ticket_id == ticket_id and a.message_id is not None:
-                return a
-        return None
+                first = (a.id, a.message_id)
+                break
+        for row in self.out_articles:
+            if row["ticket_id"] == ticket_id and row["message_id"] is not None:
+                if first is None or row["id"] < first[0]:
+                    first = (row["id"], row["message_id"])
+                break
+        return first
 
     def write(self, session: Session) -> None:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
         session.flush()
         conn = session.connection()
-        for table, rows in ((m.Event.__table__, self.events), (m.Outbox.__table__, self.outbox),
+        for table, rows in ((m.Article.__table__, self.out_articles),
+                            (m.Attachment.__table__, self.attachments),
+                            (m.Event.__table__, self.events), (m.Outbox.__table__, self.outbox),
                             (m.AutoReply.__table__, self.auto_replies)):
             if rows:
                 conn.execute(insert(table), rows)
                 rows.clear()
+        self.attachment_bytes = 0
 
 
 @event.listens_for(Session, "transient_to_pending")

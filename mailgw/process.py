@@ -34,6 +34,11 @@ from mailgw.store import models as m
 from mailgw.threader import ThreadMatch, find_ticket
 from mailgw.types import ParsedMail
 
+# In the worker's batch, the attachments of mail under SMALL_MAIL are inserted at its end
+# while they stay under BATCH_ATTACHMENTS.
+SMALL_MAIL = 1024 * 1024
+BATCH_ATTACHMENTS = 8 * 1024 * 1024
+
 # Good enough to tell an address from junk such as "@host" or "undisclosed-recipients:;".
 _ADDRESS = re.compile(r"[^@\s<>,;:]+@[^@\s<>,;:]+\.[^@\s<>,;:]+")
 
@@ -56,19 +61,19 @@ def _clean(text: str | None, limit: int | None = None) -> str:
 
 
 def _event(session: Session, type_: str, row: m.Inbound | None, ticket: m.Ticket | None,
-           article: m.Article | None = None, **data: Any) -> None:
+           article: m.Article | int | None = None, **data: Any) -> None:
+    """Record a decision; ``article`` is the article or its id."""
+    article_id = article if isinstance(article, int) or article is None else article.id
     batch = batch_of(session)
     if batch is not None:  # the worker's batch: one INSERT for its events at the end
         batch.event(session, type=type_, created_at=now(), data=data,
                     inbound_id=row.id if row else None,
-                    ticket_id=ticket.id if ticket else None,
-                    article_id=article.id if article else None)
+                    ticket_id=ticket.id if ticket else None, article_id=article_id)
         return
     session.add(m.Event(
         type=type_, created_at=now(), data=data,
         inbound_id=row.id if row else None,
-        ticket_id=ticket.id if ticket else None,
-        article_id=article.id if article else None,
+        ticket_id=ticket.id if ticket else None, article_id=article_id,
     ))
 
 
@@ -267,11 +272,10 @@ def _thread_root(session: Session, ticket: m.Ticket) -> str | None:
         row = session.execute(q).first()
         return row.message_id if row else None
     # The worker's batch: the store's first, or the batch's own (not flushed yet).
-    with session.no_autoflush:
-        row = session.execute(q).first()
-    mine = batch.first_article_with_message_id(ticket.id)
-    if mine is not None and (row is None or mine.id < row.id):
-        return mine.message_id
+    row = session.connection().execute(q).first()
+    mine = batch.first_message_id(ticket.id)
+    if mine is not None and (row is None or mine[0] < row.id):
+        return mine[1]
     return row.message_id if row else None
 
 
@@ -294,19 +298,32 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         quoted_text=_clean(parts.quoted) or None,
     )
     session.add(article)
-    if article.id is None or mail.attachments:
-        # The attachments' rows name the article: it must be in the store before them.
-        session.flush()
+    batch = batch_of(session)
+    flushed = False
     for att in mail.attachments:
-        # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
-        # data and the database builds its record from it, so one attachment's copies are
-        # in memory at a time rather than every attachment's (issue 8, memory).
-        session.execute(insert(m.Attachment), {
+        values = {
             "article_id": article.id, "filename": _clean(att.filename, 500) or None,
             "content_type": _clean(att.content_type, 255), "disposition": att.disposition[:16],
             "content_id": _clean(att.content_id, 500) or None, "size": len(att.data),
             "data": att.data,
-        })
+        }
+        # In the worker's batch, attachments of small mail are inserted with the batch's
+        # rows at its end (the parsed mail is held until then anyway; a large message's is
+        # let go of as soon as it is stored: mailgw/worker.py _forget_large).
+        if batch is not None and (row.size or 0) < SMALL_MAIL and batch.attachment(
+                session, values, BATCH_ATTACHMENTS):
+            continue
+        if not flushed:
+            # The attachments' rows name the article: it must be in the store before them.
+            session.flush()
+            flushed = True
+        # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
+        # data and the database builds its record from it, so one attachment's copies are
+        # in memory at a time rather than every attachment's (issue 8, memory).
+        values["article_id"] = article.id
+        session.execute(insert(m.Attachment), values)
+    if article.id is None:
+        session.flush()
     return article
 
 
@@ -347,7 +364,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
             "X-Mailgw-Ticket": ticket.number or "",
         },
     )
-    out = m.Article(
+    values = dict(
         ticket_id=ticket.id, direction="out", sender_type="system",
         from_addr=queue.from_address, from_name=queue.sender_name or "",
         to_addrs=_clean(recipient),
@@ -357,15 +374,20 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         is_automatic=True, automatic_reason="our acknowledgement", delivery_state="queued",
         created_at=now(),
     )
-    session.add(out)
-    if out.id is None:
+    batch = batch_of(session)
+    if batch is not None:  # the worker's batch: a row inserted at its end (mailgw/batch.py)
+        out_id = batch.out_article(session, **values)
+    else:
+        out = m.Article(**values)
+        session.add(out)
         session.flush()
+        out_id = out.id
     stamp = now()
     # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
-    envelope_from = (signer.verp_address(out.id, queue.from_address) if signer.verp
+    envelope_from = (signer.verp_address(out_id, queue.from_address) if signer.verp
                      else queue.from_address)
     loops.record(session, recipient, ticket.id)
-    outbox = dict(ticket_id=ticket.id, article_id=out.id, mail_from=envelope_from,
+    outbox = dict(ticket_id=ticket.id, article_id=out_id, mail_from=envelope_from,
                   rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending",
                   attempts=0, next_attempt_at=stamp, created_at=stamp)
     batch = batch_of(session)
@@ -373,4 +395,4 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         batch.outbox_row(session, **outbox)
     else:
         session.add(m.Outbox(**outbox))
-    _event(session, "auto_response_queued", row, ticket, out, template=template, to=recipient)
+    _event(session, "auto_response_queued", row, ticket, out_id, template=template, to=recipient)
