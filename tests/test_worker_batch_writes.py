@@ -148,3 +148,31 @@ def test_ids_continue_after_the_stored_rows_across_batches(home):
         assert all(arts[o.article_id].direction == "out" for o in out)
     finally:
         hx.close()
+
+
+def _with_attachment(subject: str, msgid: str, sender: str, name: str, data: bytes) -> bytes:
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, "support@example.com", subject
+    msg["Message-ID"] = f"<{msgid}>"
+    msg.set_content("see attached")
+    msg.add_attachment(data, maintype="application", subtype="octet-stream", filename=name)
+    return msg.as_bytes()
+
+
+def test_attachments_queued_to_the_batchs_end_name_their_own_articles(home):
+    hx = _harness(home)
+    try:
+        ids = hx.put(_with_attachment("one", "a1@c", "alice@c.test", "a.bin", b"A" * 5000),
+                     mail("no attachment", msgid="n@c", sender="bob@c.test"),
+                     _with_attachment("two", "a2@c", "carol@c.test", "b.bin", bytes(range(256))))
+        assert hx.worker.run_batch() == 3
+        with Session(hx.engine) as s:
+            rows = s.execute(select(m.Attachment.article_id, m.Attachment.filename,
+                                    m.Attachment.data).order_by(m.Attachment.id)).all()
+        by_inbound = {hx.inbound(i).article_id: i for i in ids}
+        assert [(by_inbound[r.article_id], r.filename, r.data) for r in rows] == [
+            (ids[0], "a.bin", b"A" * 5000), (ids[2], "b.bin", bytes(range(256)))]
+    finally:
+        hx.close()
