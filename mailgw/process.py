@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from mailgw import loops, ticket_events
 from mailgw.agent_mail.inbound import handle_agent_mail
-from mailgw.agent_mail.notify import notify_agents
+from mailgw.agent_mail.notify import notify_agents, thread_root
 from mailgw.batch import batch_of
 from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
@@ -262,23 +262,6 @@ def _find_ticket(session: Session, mail: ParsedMail, settings: Settings,
         return find_ticket(session, mail, cfg, sender)
 
 
-def _thread_root(session: Session, ticket: m.Ticket) -> str | None:
-    """The Message-ID of the ticket's first article that has one (leads the References)."""
-    q = (select(m.Article.id, m.Article.message_id)
-         .where(m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
-         .order_by(m.Article.id).limit(1))
-    batch = batch_of(session)
-    if batch is None:
-        row = session.execute(q).first()
-        return row.message_id if row else None
-    # The worker's batch: the store's first, or the batch's own (not flushed yet).
-    row = session.connection().execute(q).first()
-    mine = batch.first_message_id(ticket.id)
-    if mine is not None and (row is None or mine[0] < row.id):
-        return mine[1]
-    return row.message_id if row else None
-
-
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
@@ -347,7 +330,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
     # A ticket opened by this very message has it as its first (no query needed).
-    root = article.message_id if template == "ack_new" else _thread_root(session, ticket)
+    root = article.message_id if template == "ack_new" else thread_root(session, ticket)
     chain = mail.references + ([mail.message_id] if mail.message_id else [])
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     subject = tag_subject(cfg, ticket.number or "", rendered.subject)

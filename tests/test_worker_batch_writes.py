@@ -176,3 +176,28 @@ def test_attachments_queued_to_the_batchs_end_name_their_own_articles(home):
             (ids[0], "a.bin", b"A" * 5000), (ids[2], "b.bin", bytes(range(256)))]
     finally:
         hx.close()
+
+
+def test_agent_notifications_in_one_batch_lead_with_the_tickets_first_message(home):
+    from email import message_from_bytes
+
+    data = home.config()
+    data["agents"] = [{"name": "alice", "addresses": ["alice@agents.test"],
+                       "queues": ["support"]}]
+    home.write_config(data)
+    hx = Harness(home)
+    try:
+        hx.put(mail("Printer", msgid="p1@c"), mail("Re: Printer", msgid="p2@c",
+                                                   In_Reply_To="<p1@c>", References="<p1@c>"))
+        assert hx.worker.run_batch() == 2
+        notes = [message_from_bytes(o.raw) for o in hx.outbox()
+                 if o.rcpt_tos == ["alice@agents.test"]]
+        assert [n["In-Reply-To"] for n in notes] == ["<p1@c>", "<p2@c>"]
+        assert all(n["References"].split()[0] == "<p1@c>" for n in notes)
+        # each notification is an internal article of the one ticket, named by its outbox row
+        [t] = hx.tickets()
+        arts = {a.id: a for a in hx.articles(t.id)}
+        for o in hx.outbox():
+            assert arts[o.article_id].to_addrs == o.rcpt_tos[0]
+    finally:
+        hx.close()
