@@ -11,7 +11,12 @@ A batch goes through three steps:
    batch needs none); when a message raises an application error (parse, config,
    template), that transaction is rolled back and the batch is stored again with a
    SAVEPOINT per message, so the error rolls back that message alone and quarantines it
-   with the reason while the rest of the batch commits.
+   with the reason while the rest of the batch commits. The rows are written per batch
+   (``mailgw.batch``): ids are taken first, so nothing is flushed to learn one; the ORM
+   objects are flushed when a look-up needs them or at the end, and the events, outbox,
+   acknowledgement, attachment and loop-protection rows go in with one INSERT per table
+   at the end; a database error therefore shows at the end of the batch, which is then
+   retried a message at a time, where it shows at its message.
 
 A database error rolls the whole batch back; its rows are released at once and, their
 attempts being counted, retried one at a time. A row whose worker crashed or hung keeps its
