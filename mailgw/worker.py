@@ -37,7 +37,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
@@ -335,8 +335,12 @@ class _Redeliveries:
         if not shas:
             return
         if pg:
-            for key in sorted({int(sha[:15], 16) for sha in shas}):
-                session.execute(select(func.pg_advisory_xact_lock(key)))
+            # One statement, the locks taken in key order: PostgreSQL evaluates a volatile
+            # function of the output list after the sort (ORDER BY).
+            keys = sorted({int(sha[:15], 16) for sha in shas})
+            session.connection().exec_driver_sql(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
+                "ORDER BY k", {"keys": keys})
         for other_id, sha, rcpts, queue in session.execute(
             select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
             .where(m.Inbound.sha256.in_(shas), m.Inbound.state == "done")
