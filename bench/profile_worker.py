@@ -142,6 +142,7 @@ def main() -> None:
             while worker.run_batch():
                 pass
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            sent = statements["statements"]
             if profiler:
                 profiler.stop()
             if cprof:
@@ -154,7 +155,7 @@ def main() -> None:
     print(f"worker alone: {n} messages in {wall:.2f} s: {n / wall:.0f} msg/s, "
           f"{cpu * 1000 / n:.2f} ms CPU per message")
     # What was stored, to compare two versions of the code over the same corpus.
-    print(f"statements: {statements['statements'] / n:.2f} per message")
+    print(f"statements: {sent / n:.2f} per message")
     print("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if cprof:
         import pstats
