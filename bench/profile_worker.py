@@ -79,6 +79,21 @@ def _dump(engine, out: Path) -> None:  # type: ignore[no-untyped-def]
                 f.write(f"{name} {ours.sub(b'<ours>', line.encode()).decode()}\n")
 
 
+def _backend_cpu(pids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of PostgreSQL backend processes on this host."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # not on this host, or gone
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
@@ -111,6 +126,14 @@ def main() -> None:
         settings = load_settings(home)
         with bench_store(args.store, path) as url:
             engine = make_engine(url)
+            backends: set[int] = set()
+            if engine.dialect.name == "postgresql":
+                # The server's CPU for this worker: its connections' backends (same host).
+                @event.listens_for(engine, "connect")
+                def _pid(dbapi_conn, record):  # type: ignore[no-untyped-def]
+                    with dbapi_conn.cursor() as cur:
+                        cur.execute("SELECT pg_backend_pid()")
+                        backends.add(cur.fetchone()[0])
             migrate(engine)
             stamp = datetime.now(UTC)
             put_many(engine, [Envelope(raw=raw, mail_from="bench@customer.test",
@@ -138,11 +161,14 @@ def main() -> None:
 
                 cprof = cProfile.Profile(time.process_time)
                 cprof.enable()
+            server0 = _backend_cpu(backends)
             c0, t0 = time.process_time(), time.perf_counter()
             while worker.run_batch():
                 pass
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             sent = statements["statements"]
+            server1 = _backend_cpu(backends)
+            server = sum(v - server0.get(pid, 0.0) for pid, v in server1.items())
             if profiler:
                 profiler.stop()
             if cprof:
@@ -155,7 +181,9 @@ def main() -> None:
     print(f"worker alone: {n} messages in {wall:.2f} s: {n / wall:.0f} msg/s, "
           f"{cpu * 1000 / n:.2f} ms CPU per message")
     # What was stored, to compare two versions of the code over the same corpus.
-    print(f"statements: {sent / n:.2f} per message")
+    print(f"statements: {sent / n:.2f} per message"
+          + (f"; PostgreSQL backends {server * 1000 / n:.2f} ms CPU per message "
+             f"({len(server1)} connection(s))" if server1 else ""))
     print("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if cprof:
         import pstats
