@@ -40,6 +40,60 @@ def _counts(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
     return out
 
 
+def _dump(engine, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every row of the tables the worker writes, in id order, without the columns that differ
+    between two runs by nature (times; the acknowledgement's bytes carry its Date): two
+    versions of the code over the same corpus must write the same file."""
+    import hashlib
+    import json
+    import re
+
+    from sqlalchemy import DateTime, LargeBinary, MetaData, select
+
+    # Our Message-IDs carry the time and a random part, VERP addresses the home's key.
+    ours = re.compile(rb"mailgw\.[0-9]+\.[0-9]+\.[0-9a-f]+\.[a-z0-9]+@|(?<=bounces\+)"
+                      rb"[0-9a-f]+-[a-z0-9]+(?=@)")
+    meta = MetaData()
+    meta.reflect(engine)
+    with engine.connect() as c, out.open("w") as f:
+        for name in ("tickets", "articles", "attachments", "events", "outbox", "auto_replies",
+                     "inbound", "sla_clocks", "sla_segments"):
+            if name not in meta.tables:
+                continue
+            table = meta.tables[name]
+            cols = [col for col in table.columns if not isinstance(col.type, DateTime)
+                    and col.name not in ("claimed_by",)]
+            for row in c.execute(select(*cols).order_by(table.c.id)):
+                values = {}
+                for col, v in zip(cols, row, strict=True):
+                    if isinstance(v, bytes | memoryview):
+                        v = bytes(v)
+                        if name == "outbox":  # Date: differs run to run
+                            v = b"\n".join(line for line in v.split(b"\n")
+                                           if not line.startswith(b"Date:"))
+                        v = hashlib.sha256(ours.sub(b"<ours>", v)).hexdigest()
+                    elif isinstance(col.type, LargeBinary) and v is None:
+                        v = None
+                    values[col.name] = v
+                line = json.dumps(values, sort_keys=True, default=str)
+                f.write(f"{name} {ours.sub(b'<ours>', line.encode()).decode()}\n")
+
+
+def _backend_cpu(pids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of PostgreSQL backend processes on this host."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # not on this host, or gone
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
@@ -49,7 +103,11 @@ def main() -> None:
     ap.add_argument("--html", type=Path)
     ap.add_argument("--cprofile", action="store_true",
                     help="cProfile on CPU time (process_time), top functions by own time")
+    ap.add_argument("--dump", type=Path,
+                    help="write every stored row (times left out) to this file, to compare")
     args = ap.parse_args()
+
+    from sqlalchemy import event
 
     from mailgw.home import init_home
     from mailgw.outbound.render import Renderer
@@ -68,6 +126,14 @@ def main() -> None:
         settings = load_settings(home)
         with bench_store(args.store, path) as url:
             engine = make_engine(url)
+            backends: set[int] = set()
+            if engine.dialect.name == "postgresql":
+                # The server's CPU for this worker: its connections' backends (same host).
+                @event.listens_for(engine, "connect")
+                def _pid(dbapi_conn, record):  # type: ignore[no-untyped-def]
+                    with dbapi_conn.cursor() as cur:
+                        cur.execute("SELECT pg_backend_pid()")
+                        backends.add(cur.fetchone()[0])
             migrate(engine)
             stamp = datetime.now(UTC)
             put_many(engine, [Envelope(raw=raw, mail_from="bench@customer.test",
@@ -76,6 +142,13 @@ def main() -> None:
             ctx = Context(settings, Renderer(home.templates))
             worker = Worker(engine, lambda: ctx, batch_size=settings.worker.batch_size,
                             max_attempts=settings.worker.max_attempts)
+            # Statements the worker sends (an executemany counts once): round trips on
+            # PostgreSQL, and work its server does that the CPU figure leaves out.
+            statements = {"statements": 0}
+
+            @event.listens_for(engine, "before_cursor_execute")
+            def _count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+                statements["statements"] += 1
             profiler = None
             if args.profile or args.html:
                 from pyinstrument import Profiler
@@ -88,20 +161,29 @@ def main() -> None:
 
                 cprof = cProfile.Profile(time.process_time)
                 cprof.enable()
+            server0 = _backend_cpu(backends)
             c0, t0 = time.process_time(), time.perf_counter()
             while worker.run_batch():
                 pass
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            sent = statements["statements"]
+            server1 = _backend_cpu(backends)
+            server = sum(v - server0.get(pid, 0.0) for pid, v in server1.items())
             if profiler:
                 profiler.stop()
             if cprof:
                 cprof.disable()
             counts = _counts(engine)
+            if args.dump:
+                _dump(engine, args.dump)
             engine.dispose()
     n = len(corpus)
     print(f"worker alone: {n} messages in {wall:.2f} s: {n / wall:.0f} msg/s, "
           f"{cpu * 1000 / n:.2f} ms CPU per message")
     # What was stored, to compare two versions of the code over the same corpus.
+    print(f"statements: {sent / n:.2f} per message"
+          + (f"; PostgreSQL backends {server * 1000 / n:.2f} ms CPU per message "
+             f"({len(server1)} connection(s))" if server1 else ""))
     print("rows: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if cprof:
         import pstats

@@ -6,7 +6,9 @@ loop. The rate limit is the backstop for the ones that are not: an autoresponder
 strips every header, a forwarding chain. OTRS's default is 40 automatic mails a day per
 address (``PostmasterMaxEmails``); we count per recipient address and per ticket in a
 sliding window (``loop_protection`` in config/mailgw.yaml). Each count is one indexed
-COUNT on the ``auto_replies`` table, written in the same transaction as the mail.
+COUNT on the ``auto_replies`` table, written in the same transaction as the mail; in the
+worker's batch (``mailgw.batch``) the counts are kept in memory for the batch and the
+store is asked once per recipient and ticket.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import timedelta
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
+from mailgw.batch import batch_of
 from mailgw.queue import now
 from mailgw.settings import LoopProtection
 from mailgw.store import models as m
@@ -26,17 +29,27 @@ __all__ = ["limit_reason", "prune", "record"]
 def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
                  ticket_id: int | None) -> str | None:
     """Why one more automatic mail to ``recipient`` on this ticket would break a limit."""
-    since = now() - timedelta(hours=cfg.window_hours)
     recipient = recipient.strip().lower()
     window = f"{cfg.window_hours:g} h"
-    sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
-        m.AutoReply.recipient == recipient, m.AutoReply.created_at >= since)) or 0
+    batch = batch_of(session)
+    counts = batch.loops if batch is not None and batch.loops.window_hours == cfg.window_hours \
+        else None
+    if counts is not None:
+        # The worker's batch: the store's counts before it plus its own (mailgw/batch.py).
+        sent = counts.for_recipient(session, recipient)
+    else:
+        since = now() - timedelta(hours=cfg.window_hours)
+        sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
+            m.AutoReply.recipient == recipient, m.AutoReply.created_at >= since)) or 0
     if sent >= cfg.max_per_sender:
         return (f"rate limit: {sent} automatic mails to {recipient} in {window} "
                 f"(loop_protection.max_per_sender {cfg.max_per_sender})")
     if ticket_id is not None:
-        sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
-            m.AutoReply.ticket_id == ticket_id, m.AutoReply.created_at >= since)) or 0
+        if counts is not None:
+            sent = counts.for_ticket(session, ticket_id)
+        else:
+            sent = session.scalar(select(func.count()).select_from(m.AutoReply).where(
+                m.AutoReply.ticket_id == ticket_id, m.AutoReply.created_at >= since)) or 0
         if sent >= cfg.max_per_ticket:
             return (f"rate limit: {sent} automatic mails on this ticket in {window} "
                     f"(loop_protection.max_per_ticket {cfg.max_per_ticket})")
@@ -44,6 +57,10 @@ def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
 
 
 def record(session: Session, recipient: str, ticket_id: int | None) -> None:
+    batch = batch_of(session)
+    if batch is not None:
+        batch.auto_reply(session, recipient.strip().lower()[:320], ticket_id, now())
+        return
     session.add(m.AutoReply(recipient=recipient.strip().lower()[:320], ticket_id=ticket_id,
                             created_at=now()))
 

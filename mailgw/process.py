@@ -17,21 +17,27 @@ from sqlalchemy.orm import Session
 
 from mailgw import loops, ticket_events
 from mailgw.agent_mail.inbound import handle_agent_mail
-from mailgw.agent_mail.notify import notify_agents
+from mailgw.agent_mail.notify import notify_agents, thread_root
+from mailgw.batch import batch_of
 from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
 from mailgw.mail.reply import reply_parts
-from mailgw.numbers import format_number, tag_subject
+from mailgw.numbers import format_number, subject_pattern, tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
 from mailgw.settings import Queue, Settings
 from mailgw.store import models as m
-from mailgw.threader import find_ticket
+from mailgw.threader import ThreadMatch, find_ticket
 from mailgw.types import ParsedMail
+
+# In the worker's batch, the attachments of mail under SMALL_MAIL are inserted at its end
+# while they stay under BATCH_ATTACHMENTS.
+SMALL_MAIL = 1024 * 1024
+BATCH_ATTACHMENTS = 8 * 1024 * 1024
 
 # Good enough to tell an address from junk such as "@host" or "undisclosed-recipients:;".
 _ADDRESS = re.compile(r"[^@\s<>,;:]+@[^@\s<>,;:]+\.[^@\s<>,;:]+")
@@ -55,12 +61,19 @@ def _clean(text: str | None, limit: int | None = None) -> str:
 
 
 def _event(session: Session, type_: str, row: m.Inbound | None, ticket: m.Ticket | None,
-           article: m.Article | None = None, **data: Any) -> None:
+           article: m.Article | int | None = None, **data: Any) -> None:
+    """Record a decision; ``article`` is the article or its id."""
+    article_id = article if isinstance(article, int) or article is None else article.id
+    batch = batch_of(session)
+    if batch is not None:  # the worker's batch: one INSERT for its events at the end
+        batch.event(session, type=type_, created_at=now(), data=data,
+                    inbound_id=row.id if row else None,
+                    ticket_id=ticket.id if ticket else None, article_id=article_id)
+        return
     session.add(m.Event(
         type=type_, created_at=now(), data=data,
         inbound_id=row.id if row else None,
-        ticket_id=ticket.id if ticket else None,
-        article_id=article.id if article else None,
+        ticket_id=ticket.id if ticket else None, article_id=article_id,
     ))
 
 
@@ -123,10 +136,10 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     if handle_agent_mail(session, row, mail, cls, settings, ctx.renderer):
         return
     queue = queue_for(row, settings)
-    sender = mail.from_addr or (row.mail_from or "").lower()
+    sender = sender_of(mail, row)
     auto = cls.reason
 
-    match = find_ticket(session, mail, settings.ticket_numbers, sender)
+    match = _find_ticket(session, mail, settings, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
     reopened = rejected = False
     if ticket is not None and ticket.state == "closed" and auto:
@@ -162,9 +175,15 @@ def process(session: Session, row: m.Inbound, ctx: Context,
             priority=settings.priority.default, customer=_clean(sender, 320),
             created_at=stamp, updated_at=stamp,
         )
-        session.add(ticket)
-        session.flush()
-        ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+        batch = batch_of(session)
+        if batch is not None:  # the worker's batch: its id first, one INSERT (mailgw/batch.py)
+            ticket.id = batch.take(session, "tickets")
+            ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+            batch.add_ticket(session, ticket)
+        else:
+            session.add(ticket)
+            session.flush()
+            ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
         _event(session, "ticket_created", row, ticket, queue=queue.name, number=ticket.number)
     elif not rejected:
         old = ticket.state
@@ -189,7 +208,7 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         if decision.auto_response is False
         else None
     )
-    recipient = (mail.reply_to[:1] or [sender])[0] if sender else ""
+    recipient = ack_recipient(mail, sender)
     if why_not is None and not _ADDRESS.fullmatch(recipient):
         why_not = f"no valid address to answer ({recipient or 'none'})"
     if why_not is None and unanswerable(recipient):
@@ -216,6 +235,33 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     row.ticket_id, row.article_id, row.error = ticket.id, article.id, None
 
 
+def sender_of(mail: ParsedMail, row: m.Inbound) -> str:
+    """Who the message is from: From:, else the envelope sender."""
+    return mail.from_addr or (row.mail_from or "").lower()
+
+
+def ack_recipient(mail: ParsedMail, sender: str) -> str:
+    """Where an acknowledgement would go: the first Reply-To, else the sender."""
+    return (mail.reply_to[:1] or [sender])[0] if sender else ""
+
+
+def _find_ticket(session: Session, mail: ParsedMail, settings: Settings,
+                 sender: str) -> ThreadMatch:
+    """``find_ticket``; in the worker's batch without flushing the batch's rows first when
+    they cannot change the answer: no id the message refers to is one of the batch's
+    articles, and its subject names no ticket (a new one, or one whose senders the batch
+    adds to). Otherwise the look-up flushes, as any query does."""
+    cfg = settings.ticket_numbers
+    batch = batch_of(session)
+    if batch is None or (batch.tickets or batch.articles) and (
+            not batch.message_ids.isdisjoint(mail.in_reply_to)
+            or not batch.message_ids.isdisjoint(mail.references)
+            or subject_pattern(cfg).search(mail.subject or "")):
+        return find_ticket(session, mail, cfg, sender)
+    with session.no_autoflush:
+        return find_ticket(session, mail, cfg, sender)
+
+
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
@@ -235,17 +281,32 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         quoted_text=_clean(parts.quoted) or None,
     )
     session.add(article)
-    session.flush()
+    batch = batch_of(session)
+    flushed = False
     for att in mail.attachments:
-        # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
-        # data and the database builds its record from it, so one attachment's copies are
-        # in memory at a time rather than every attachment's (issue 8, memory).
-        session.execute(insert(m.Attachment), {
+        values = {
             "article_id": article.id, "filename": _clean(att.filename, 500) or None,
             "content_type": _clean(att.content_type, 255), "disposition": att.disposition[:16],
             "content_id": _clean(att.content_id, 500) or None, "size": len(att.data),
             "data": att.data,
-        })
+        }
+        # In the worker's batch, attachments of small mail are inserted with the batch's
+        # rows at its end (the parsed mail is held until then anyway; a large message's is
+        # let go of as soon as it is stored: mailgw/worker.py _forget_large).
+        if batch is not None and (row.size or 0) < SMALL_MAIL and batch.attachment(
+                session, values, BATCH_ATTACHMENTS):
+            continue
+        if not flushed:
+            # The attachments' rows name the article: it must be in the store before them.
+            session.flush()
+            flushed = True
+        # One INSERT each, not ORM objects flushed together: the driver binds a copy of the
+        # data and the database builds its record from it, so one attachment's copies are
+        # in memory at a time rather than every attachment's (issue 8, memory).
+        values["article_id"] = article.id
+        session.execute(insert(m.Attachment), values)
+    if article.id is None:
+        session.flush()
     return article
 
 
@@ -269,10 +330,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
     # A ticket opened by this very message has it as its first (no query needed).
-    root = article.message_id if template == "ack_new" else session.scalar(
-        select(m.Article.message_id).where(
-            m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
-        .order_by(m.Article.id).limit(1))
+    root = article.message_id if template == "ack_new" else thread_root(session, ticket)
     chain = mail.references + ([mail.message_id] if mail.message_id else [])
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     subject = tag_subject(cfg, ticket.number or "", rendered.subject)
@@ -289,7 +347,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
             "X-Mailgw-Ticket": ticket.number or "",
         },
     )
-    out = m.Article(
+    values = dict(
         ticket_id=ticket.id, direction="out", sender_type="system",
         from_addr=queue.from_address, from_name=queue.sender_name or "",
         to_addrs=_clean(recipient),
@@ -299,16 +357,25 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
         is_automatic=True, automatic_reason="our acknowledgement", delivery_state="queued",
         created_at=now(),
     )
-    session.add(out)
-    session.flush()
+    batch = batch_of(session)
+    if batch is not None:  # the worker's batch: a row inserted at its end (mailgw/batch.py)
+        out_id = batch.out_article(session, **values)
+    else:
+        out = m.Article(**values)
+        session.add(out)
+        session.flush()
+        out_id = out.id
     stamp = now()
     # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
-    envelope_from = (signer.verp_address(out.id, queue.from_address) if signer.verp
+    envelope_from = (signer.verp_address(out_id, queue.from_address) if signer.verp
                      else queue.from_address)
     loops.record(session, recipient, ticket.id)
-    session.add(m.Outbox(
-        ticket_id=ticket.id, article_id=out.id, mail_from=envelope_from,
-        rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending", attempts=0,
-        next_attempt_at=stamp, created_at=stamp,
-    ))
-    _event(session, "auto_response_queued", row, ticket, out, template=template, to=recipient)
+    outbox = dict(ticket_id=ticket.id, article_id=out_id, mail_from=envelope_from,
+                  rcpt_tos=[recipient], message_id=message_id, raw=raw, state="pending",
+                  attempts=0, next_attempt_at=stamp, created_at=stamp)
+    batch = batch_of(session)
+    if batch is not None:
+        batch.outbox_row(session, **outbox)
+    else:
+        session.add(m.Outbox(**outbox))
+    _event(session, "auto_response_queued", row, ticket, out_id, template=template, to=recipient)

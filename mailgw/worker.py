@@ -11,7 +11,12 @@ A batch goes through three steps:
    batch needs none); when a message raises an application error (parse, config,
    template), that transaction is rolled back and the batch is stored again with a
    SAVEPOINT per message, so the error rolls back that message alone and quarantines it
-   with the reason while the rest of the batch commits.
+   with the reason while the rest of the batch commits. The rows are written per batch
+   (``mailgw.batch``): ids are taken first, so nothing is flushed to learn one; the ORM
+   objects are flushed when a look-up needs them or at the end, and the events, outbox,
+   acknowledgement, attachment and loop-protection rows go in with one INSERT per table
+   at the end; a database error therefore shows at the end of the batch, which is then
+   retried a message at a time, where it shows at its message.
 
 A database error rolls the whole batch back; its rows are released at once and, their
 attempts being counted, retried one at a time. A row whose worker crashed or hung keeps its
@@ -32,13 +37,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
 
+from mailgw.batch import Batch
 from mailgw.mail.parse import parse_message
-from mailgw.process import Context, Quarantine, process
+from mailgw.process import Context, Quarantine, ack_recipient, process, sender_of
 from mailgw.queue import now
 from mailgw.store import models as m
 from mailgw.store.db import read_session
@@ -232,28 +238,38 @@ class Worker:
                 if row.id in raws:
                     set_committed_value(row, "raw", raws[row.id])
             copies = _Redeliveries(session, rows, self._pg)
-            for row in rows:
-                self._current = row.id
-                if isolate:
-                    self._process_one(session, row, ctx, parsed.get(row.id), copies)
+            batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
+                          at=now())
+            try:
+                batch.loops.prefetch(session, _ack_recipients(rows, parsed))
+                for row in rows:
+                    self._current = row.id
+                    if isolate:
+                        self._process_one(session, row, ctx, parsed.get(row.id), copies, batch)
+                    else:
+                        process(session, row, ctx, parsed.get(row.id), redelivery=copies)
                     _forget_large(row, parsed, raws)
-                else:
-                    process(session, row, ctx, parsed.get(row.id), redelivery=copies)
-                    _forget_large(row, parsed, raws)
-                    # As a savepoint's release would: a database error shows at its message.
-                    session.flush()
-                copies.stored(row)
+                    copies.stored(row)
+                # The batch's rows go in together now: a database error here is the batch's
+                # (rolled back and retried one message at a time, where it shows at its own).
+                self._current = rows[0].id if len(rows) == 1 else None
+                batch.write(session)
+            finally:
+                batch.close(session)
 
     def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
-                     parsed: ParsedMail | Exception | None, copies: _Redeliveries) -> None:
+                     parsed: ParsedMail | Exception | None, copies: _Redeliveries,
+                     batch: Batch) -> None:
+        mark = batch.mark()
         savepoint = session.begin_nested()
         try:
             process(session, row, ctx, parsed, redelivery=copies)
-            savepoint.commit()
+            savepoint.commit()  # flushes: a database error shows at its message
         except DBAPIError:
             raise
         except Exception as exc:
             savepoint.rollback()
+            batch.rollback(mark)
             reason = _describe(exc)
             log.warning("inbound %s quarantined: %s", row.id, reason)
             row.state, row.error, row.processed_at = "quarantined", reason, now()
@@ -282,6 +298,17 @@ class Worker:
                 wake.wait(poll_interval)
 
 
+def _ack_recipients(rows: list[m.Inbound],
+                    parsed: dict[int, ParsedMail | Exception | None]) -> set[str]:
+    """Where the batch's acknowledgements would go: their loop counts are asked at once."""
+    out = set()
+    for row in rows:
+        mail = parsed.get(row.id)
+        if isinstance(mail, ParsedMail):
+            out.add(ack_recipient(mail, sender_of(mail, row)).strip().lower())
+    return out
+
+
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
                   raws: dict[int, bytes]) -> None:
     """Let go of a large message's bytes and parsed form once it is stored, before the flush
@@ -308,8 +335,12 @@ class _Redeliveries:
         if not shas:
             return
         if pg:
-            for key in sorted({int(sha[:15], 16) for sha in shas}):
-                session.execute(select(func.pg_advisory_xact_lock(key)))
+            # One statement, the locks taken in key order: PostgreSQL evaluates a volatile
+            # function of the output list after the sort (ORDER BY).
+            keys = sorted({int(sha[:15], 16) for sha in shas})
+            session.connection().exec_driver_sql(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
+                "ORDER BY k", {"keys": keys})
         for other_id, sha, rcpts, queue in session.execute(
             select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
             .where(m.Inbound.sha256.in_(shas), m.Inbound.state == "done")

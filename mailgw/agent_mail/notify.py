@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from mailgw import ticket_events
 from mailgw.agent_mail.tokens import make_address
+from mailgw.batch import batch_of
 from mailgw.numbers import tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
@@ -47,10 +48,20 @@ def recipients(settings: Settings, ticket: m.Ticket, *, new_ticket: bool) -> lis
 
 def thread_root(session: Session, ticket: m.Ticket) -> str | None:
     """The Message-ID of the ticket's first article that has one: leads every References."""
-    return session.scalar(
-        select(m.Article.message_id).where(
-            m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
-        .order_by(m.Article.id).limit(1))
+    q = (select(m.Article.id, m.Article.message_id)
+         .where(m.Article.ticket_id == ticket.id, m.Article.message_id.is_not(None))
+         .order_by(m.Article.id).limit(1))
+    batch = batch_of(session)
+    if batch is None:
+        row = session.execute(q).first()
+        return row.message_id if row else None
+    # The worker's batch (mailgw/batch.py): the store's first, or the batch's own first if
+    # it comes before (its rows are not flushed yet; ids follow the order rows were made).
+    row = session.connection().execute(q).first()
+    mine = batch.first_message_id(ticket.id)
+    if mine is not None and (row is None or mine[0] < row.id):
+        return mine[1]
+    return row.message_id if row else None
 
 
 def queue_agent_mail(session: Session, settings: Settings, *, ticket: m.Ticket | None,
@@ -88,7 +99,8 @@ def queue_agent_mail(session: Session, settings: Settings, *, ticket: m.Ticket |
             threaded_by="agent_mail", thread_reason=why, is_automatic=True,
             automatic_reason=why, delivery_state="queued", created_at=at)
         session.add(article)
-        session.flush()
+        if article.id is None:  # in the worker's batch it has its id already
+            session.flush()
     envelope_from = (signer.verp_address(article.id, queue.from_address)
                      if signer.verp and article is not None else queue.from_address)
     out = m.Outbox(

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailgw.assign import choose_owner
+from mailgw.batch import batch_of
 from mailgw.filters.engine import Decision, MessageView, Pipeline, Trace
 from mailgw.settings import Settings
 from mailgw.store import models as m
@@ -46,6 +47,12 @@ def run_filters(pipeline: Pipeline | None, mail: ParsedMail, row: m.Inbound, que
 
 def _event(session: Session, type_: str, row: m.Inbound, ticket: m.Ticket | None,
            article: m.Article | None = None, **data: Any) -> None:
+    batch = batch_of(session)
+    if batch is not None:  # the worker's batch (mailgw/batch.py): written at its end
+        batch.event(session, type=type_, created_at=datetime.now(UTC), data=data,
+                    inbound_id=row.id, ticket_id=ticket.id if ticket else None,
+                    article_id=article.id if article else None)
+        return
     session.add(m.Event(type=type_, created_at=datetime.now(UTC), data=data, inbound_id=row.id,
                         ticket_id=ticket.id if ticket else None,
                         article_id=article.id if article else None))

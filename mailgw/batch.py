@@ -1,0 +1,267 @@
+"""Per-batch writes of the worker's transaction (issue 8: the worker's CPU per message).
+
+The worker stores a batch of messages in one transaction. Written through the ORM's unit of
+work message by message, each message cost 4-5 flushes (the ticket and the articles were
+flushed one by one to learn their ids) and an INSERT per event, outbox row and counter row.
+A ``Batch`` installed on the session (``session.info["batch"]``) changes three things:
+
+* **Ids are taken first.** Every ticket, article, event, outbox and ``auto_replies`` row made
+  in the transaction gets its primary key when it is added to the session (ORM objects,
+  whichever module adds them) or queued here (rows). On SQLite these are the ids after the
+  largest, read once per batch: what SQLite itself gives a row without an id (the tables
+  have no AUTOINCREMENT), and safe because the worker holds the one write lock from ``BEGIN
+  IMMEDIATE`` to its commit. On PostgreSQL they come from the column's sequence, as a plain
+  INSERT would take them. Ids therefore follow the order in which rows are made, whether a
+  row goes through the ORM or through the batch's lists, so the event log reads in order.
+  No flush is needed to learn an id; the ORM objects are flushed together when a query
+  needs them (autoflush: the next message's threading look-up sees this message's
+  articles) or at the end.
+* **Rows nobody reads back in the transaction are inserted at the end**, one executemany per
+  table: the worker's events, the outbox rows and the loop-protection rows.
+* **Loop-protection counts are kept in memory** (``LoopCounts``): the store's count of each
+  recipient (one query for the batch) and ticket (a new ticket has none) before the batch,
+  plus what this batch queued.
+
+A message stored in a SAVEPOINT that is rolled back takes its queued rows and counts with it
+(``mark``/``rollback``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import event, func, insert, select
+from sqlalchemy.orm import Session, make_transient_to_detached
+
+from mailgw.store import models as m
+
+__all__ = ["Batch", "LoopCounts", "batch_of"]
+
+# The tables whose ids a batch hands out, and how many to take from a PostgreSQL sequence at
+# a time (a ticket's id is its number: one at a time, so numbers have no gaps from batches).
+_BLOCK = {"tickets": 1, "articles": 16, "events": 32, "outbox": 16, "auto_replies": 16}
+_MODELS = {m.Ticket: "tickets", m.Article: "articles", m.Event: "events", m.Outbox: "outbox",
+           m.AutoReply: "auto_replies"}
+
+
+def batch_of(session: Session) -> Batch | None:
+    return session.info.get("batch")
+
+
+class LoopCounts:
+    """Automatic mails in the loop-protection window per recipient and per ticket: the
+    store's count before this batch (asked once per key, without flushing) plus this batch's
+    own, which reach the store only at its end."""
+
+    def __init__(self, window_hours: float, at: datetime, new_tickets: set[int]):
+        self.window_hours = window_hours
+        self.since = at - timedelta(hours=window_hours)
+        self._stored_rcpt: dict[str, int] = {}
+        self._stored_ticket: dict[int, int] = {}
+        self._new_tickets = new_tickets
+        self.rcpt: Counter[str] = Counter()
+        self.ticket: Counter[int] = Counter()
+
+    def prefetch(self, session: Session, recipients: set[str]) -> None:
+        """The stored counts of the batch's likely recipients, in one query."""
+        todo = sorted(r for r in recipients if r and r not in self._stored_rcpt)
+        if not todo:
+            return
+        for r in todo:
+            self._stored_rcpt[r] = 0
+        t = m.AutoReply.__table__
+        for rcpt, n in session.connection().execute(
+            select(t.c.recipient, func.count()).where(
+                t.c.recipient.in_(todo), t.c.created_at >= self.since).group_by(t.c.recipient)
+        ):
+            self._stored_rcpt[rcpt] = n
+
+    def for_recipient(self, session: Session, recipient: str) -> int:
+        stored = self._stored_rcpt.get(recipient)
+        if stored is None:
+            t = m.AutoReply.__table__
+            stored = self._stored_rcpt[recipient] = session.connection().scalar(
+                select(func.count()).select_from(t).where(
+                    t.c.recipient == recipient, t.c.created_at >= self.since)) or 0
+        return stored + self.rcpt[recipient]
+
+    def for_ticket(self, session: Session, ticket_id: int) -> int:
+        stored = self._stored_ticket.get(ticket_id)
+        if stored is None:
+            if ticket_id in self._new_tickets:
+                stored = 0  # made in this batch: nothing in the store names it yet
+            else:
+                t = m.AutoReply.__table__
+                stored = session.connection().scalar(
+                    select(func.count()).select_from(t).where(
+                        t.c.ticket_id == ticket_id, t.c.created_at >= self.since)) or 0
+            self._stored_ticket[ticket_id] = stored
+        return stored + self.ticket[ticket_id]
+
+    def add(self, recipient: str, ticket_id: int | None) -> None:
+        self.rcpt[recipient] += 1
+        if ticket_id is not None:
+            self.ticket[ticket_id] += 1
+
+
+class Batch:
+    def __init__(self, session: Session, *, loop_window_hours: float, at: datetime):
+        self.pg = session.get_bind().dialect.name == "postgresql"
+        self._next: dict[str, int] = {}
+        self._pool: dict[str, list[int]] = {name: [] for name in _BLOCK}
+        self.new_tickets: set[int] = set()
+        # ORM objects added in the batch (flushed or not): what a look-up that does not
+        # flush must add to what the store holds (mailgw/process.py, threading).
+        self.articles: list[m.Article] = []
+        self.message_ids: set[str] = set()
+        self.tickets: list[m.Ticket] = []
+        self.events: list[dict[str, Any]] = []
+        self.out_articles: list[dict[str, Any]] = []  # our acknowledgements: rows, not objects
+        self.attachments: list[dict[str, Any]] = []
+        self.attachment_bytes = 0
+        self.outbox: list[dict[str, Any]] = []
+        self.auto_replies: list[dict[str, Any]] = []
+        self.loops = LoopCounts(loop_window_hours, at, self.new_tickets)
+        if not self.pg:
+            tables = [model.__table__ for model in _MODELS]
+            tops = session.connection().execute(select(*(
+                select(func.max(t.c.id)).scalar_subquery() for t in tables))).one()
+            for t, top in zip(tables, tops, strict=True):
+                self._next[t.name] = (top or 0) + 1
+        session.info["batch"] = self
+
+    def close(self, session: Session) -> None:
+        session.info.pop("batch", None)
+
+    def take(self, session: Session, table: str) -> int:
+        """The next id of ``table`` for a row of this transaction."""
+        if not self.pg:
+            n = self._next[table]
+            self._next[table] = n + 1
+            return n
+        pool = self._pool[table]
+        if not pool:
+            seq = func.pg_get_serial_sequence(table, "id")
+            pool.extend(sorted(session.connection().scalars(
+                select(func.nextval(seq)).select_from(func.generate_series(1, _BLOCK[table]))),
+                reverse=True))
+        return pool.pop()
+
+    def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
+        """Insert a new ticket at once with one statement, and put the object in the session
+        as if it had been loaded: its articles name it, and the ORM, which is not told
+        about that reference (no relationship), could flush an article before its ticket
+        (a flush for every new ticket cost more than the rest of its rows)."""
+        table = m.Ticket.__table__
+        if ticket.id is None:
+            ticket.id = self.take(session, "tickets")
+        self.new_tickets.add(ticket.id)
+        values = {}
+        for col in table.columns:
+            value = getattr(ticket, col.key)
+            if value is None and col.default is not None:
+                value = col.default.arg(None) if col.default.is_callable else col.default.arg
+            # Every column set: one left out would be expired and loaded again on access.
+            setattr(ticket, col.key, value)
+            values[col.key] = value
+        session.connection().execute(insert(table), values)
+        make_transient_to_detached(ticket)
+        session.add(ticket)
+
+    # Rows written at the end of the batch -------------------------------------------------
+
+    def event(self, session: Session, **row: Any) -> None:
+        row["id"] = self.take(session, "events")
+        self.events.append(row)
+
+    def outbox_row(self, session: Session, **row: Any) -> None:
+        row["id"] = self.take(session, "outbox")
+        self.outbox.append(row)
+
+    def out_article(self, session: Session, **row: Any) -> int:
+        """An article of ours (an acknowledgement) as a row: nothing in the transaction reads
+        it back as an object. Returns its id."""
+        row["id"] = self.take(session, "articles")
+        self.out_articles.append(row)
+        return row["id"]
+
+    def attachment(self, session: Session, row: dict[str, Any], limit: int) -> bool:
+        """Queue an attachment row for the end of the batch while the batch's queued
+        attachments stay under ``limit`` bytes; False: insert it now."""
+        size = len(row["data"])
+        if self.attachment_bytes + size > limit:
+            return False
+        self.attachment_bytes += size
+        self.attachments.append(row)
+        return True
+
+    def auto_reply(self, session: Session, recipient: str, ticket_id: int | None,
+                   at: datetime) -> None:
+        self.auto_replies.append({"id": self.take(session, "auto_replies"),
+                                  "recipient": recipient[:320], "ticket_id": ticket_id,
+                                  "created_at": at})
+        self.loops.add(recipient, ticket_id)
+
+    def mark(self) -> tuple[Any, ...]:
+        return (len(self.events), len(self.outbox), len(self.auto_replies),
+                Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
+                len(self.tickets), len(self.out_articles), len(self.attachments),
+                self.attachment_bytes)
+
+    def rollback(self, mark: tuple[Any, ...]) -> None:
+        """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
+        ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes = mark
+        del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
+        del self.out_articles[nout:], self.attachments[natt:]
+        self.loops.rcpt, self.loops.ticket = rcpt, ticket
+        del self.articles[nart:], self.tickets[ntick:]
+        self.message_ids = {a.message_id for a in self.articles if a.message_id}
+
+    def first_message_id(self, ticket_id: int) -> tuple[int, str] | None:
+        """(id, Message-ID) of the batch's first article of the ticket that has one."""
+        first = None
+        for a in self.articles:  # in id order: ids are taken when added
+            if a.ticket_id == ticket_id and a.message_id is not None:
+                first = (a.id, a.message_id)
+                break
+        for row in self.out_articles:
+            if row["ticket_id"] == ticket_id and row["message_id"] is not None:
+                if first is None or row["id"] < first[0]:
+                    first = (row["id"], row["message_id"])
+                break
+        return first
+
+    def write(self, session: Session) -> None:
+        """Flush the ORM objects, then insert the queued rows: one statement per table."""
+        session.flush()
+        conn = session.connection()
+        for table, rows in ((m.Article.__table__, self.out_articles),
+                            (m.Attachment.__table__, self.attachments),
+                            (m.Event.__table__, self.events), (m.Outbox.__table__, self.outbox),
+                            (m.AutoReply.__table__, self.auto_replies)):
+            if rows:
+                conn.execute(insert(table), rows)
+                rows.clear()
+        self.attachment_bytes = 0
+
+
+@event.listens_for(Session, "transient_to_pending")
+def _take_id(session: Session, obj: Any) -> None:
+    batch = session.info.get("batch")
+    if batch is None:
+        return
+    table = _MODELS.get(type(obj))
+    if table is None:
+        return
+    if obj.id is None:
+        obj.id = batch.take(session, table)
+        if table == "tickets":
+            batch.new_tickets.add(obj.id)
+    if table == "articles":
+        batch.articles.append(obj)
+        if obj.message_id:
+            batch.message_ids.add(obj.message_id)
+    elif table == "tickets":
+        batch.tickets.append(obj)
