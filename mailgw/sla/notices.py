@@ -82,9 +82,12 @@ def recipients(settings: Settings, ticket: m.Ticket, level: SlaLevel) -> tuple[l
 
 
 def _local(cal: Calendar, dt: datetime | None) -> str | None:
+    """``dt`` in the calendar's zone as ``2026-11-27 14:30 CET`` (``strftime("%Y-%m-%d
+    %H:%M %Z")``, written out: four of these per notice)."""
     if dt is None:
         return None
-    return cal.local(aware(dt)).strftime("%Y-%m-%d %H:%M %Z")  # type: ignore[arg-type]
+    t = cal.local(aware(dt))  # type: ignore[arg-type]
+    return f"{t.year}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d} {t.tzname() or ''}"
 
 
 def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
