@@ -245,6 +245,28 @@ def main() -> None:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         url = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
     engine = make_engine(url)
+    backends: set[int] = set()
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy import event
+
+        @event.listens_for(engine, "connect")
+        def _backend(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                backends.add(cur.fetchone()[0])
+            dbapi_conn.rollback()
+
+    def server_ns() -> int:
+        """CPU time of the PostgreSQL server processes serving this benchmark (local server:
+        /proc/PID/schedstat, nanoseconds on the CPU)."""
+        total = 0
+        for pid in backends:
+            try:
+                total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
     try:
         migrate(engine)
         step = max(1, args.tickets // max(1, args.due))
@@ -273,7 +295,7 @@ def main() -> None:
                           batch_size=args.batch)
         print("\nclaim plan:\n" + explain(engine, now, sweeper.batch_size))
 
-        idle, claim, busy, busy_cpu, fired = [], [], [], [], 0
+        idle, claim, busy, busy_cpu, server_cpu, fired = [], [], [], [], [], 0
         for _ in range(args.rounds):
             reset(engine, due, now)
             # the claim alone, with the due clocks there: what grows with the store, if
@@ -295,10 +317,12 @@ def main() -> None:
 
                 profiler = Profiler(interval=0.0005)
                 profiler.start()
+            srv0 = server_ns()
             t, cpu0 = time.perf_counter(), time.process_time()
             r = sweeper.sweep(now)
             busy.append((time.perf_counter() - t) * 1000)
             busy_cpu.append((time.process_time() - cpu0) * 1000)
+            server_cpu.append((server_ns() - srv0) / 1e6)
             if profiler is not None:
                 profiler.stop()
                 print(profiler.output_text(unicode=False, color=False, show_all=False))
@@ -312,11 +336,15 @@ def main() -> None:
         # CPU time of this process (SQLite's work included, PostgreSQL's server not): less
         # sensitive to other load on the machine than the wall clock.
         print(f"busy tick, this process's CPU:  {stats(busy_cpu)}")
+        if backends:
+            print(f"busy tick, PostgreSQL's CPU:    {stats(server_cpu)}  "
+                  f"({len(backends)} server process(es))")
         print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         if args.json:
             print(json.dumps({"store": engine.dialect.name, "tickets": args.tickets,
                               "batch": sweeper.batch_size, "fired": fired, "idle_ms": idle,
                               "claim_ms": claim, "busy_ms": busy, "busy_cpu_ms": busy_cpu,
+                              "server_cpu_ms": server_cpu if backends else None,
                               "loadavg": os.getloadavg()}))
     finally:
         engine.dispose()

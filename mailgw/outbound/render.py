@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.charset import QP, Charset
-from email.generator import NLCRE
 from email.header import Header
 from email.message import Message
 from email.policy import compat32
@@ -171,7 +170,10 @@ def _flatten_items(headers: Iterable[tuple[str, Any]], payload: str) -> bytes:
                     continue
         out.append(_WIRE.fold_binary(name, value))
     out.append(b"\r\n")
-    out.append("\r\n".join(NLCRE.split(payload)).encode("ascii"))
+    # "\r\n".join(NLCRE.split(payload)), as the generator's _write_lines: every CRLF, lone
+    # CR and lone LF becomes CRLF (replace is a tenth of the regex split's cost).
+    out.append(payload.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+               .encode("ascii"))
     return b"".join(out)
 
 
