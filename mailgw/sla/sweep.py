@@ -117,16 +117,24 @@ def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        # RETURNING: psycopg's pipelined executemany gives no row count
+        stmt = (pg_insert(m.SlaNotice.__table__)
+                .on_conflict_do_nothing(index_elements=["clock_id", "level"])
+                .returning(m.SlaNotice.clock_id))
+        inserted = len(session.execute(stmt, rows).all())
     else:
-        from sqlalchemy.dialects.sqlite import insert as upsert
-    stmt = (upsert(m.SlaNotice)
-            .on_conflict_do_nothing(index_elements=["clock_id", "level"])
-            .returning(m.SlaNotice.clock_id, m.SlaNotice.level))
-    inserted = set(session.execute(stmt, rows).tuples())
-    if len(inserted) != len(rows):
-        raise _Raced(f"{len(rows) - len(inserted)} of {len(rows)} notices were sent by "
-                     f"another transaction")
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        # sqlite3's executemany sums the rows each execution inserted; a skipped conflict
+        # counts none (cheaper than RETURNING, which SQLAlchemy sends row by row here)
+        stmt = sqlite_insert(m.SlaNotice.__table__).on_conflict_do_nothing(
+            index_elements=["clock_id", "level"])
+        inserted = session.execute(stmt, rows).rowcount
+    if inserted != len(rows):
+        raise _Raced(f"{len(rows) - inserted} of {len(rows)} notices were sent by another "
+                     f"transaction")
 
 
 def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, actions: SlaActions,
