@@ -128,7 +128,7 @@ def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         # sqlite3's executemany sums the rows each execution inserted; a skipped conflict
-        # counts none (cheaper than RETURNING, which SQLAlchemy sends row by row here)
+        # counts none (cheaper than RETURNING through SQLAlchemy here, measured)
         stmt = sqlite_insert(m.SlaNotice.__table__).on_conflict_do_nothing(
             index_elements=["clock_id", "level"])
         inserted = session.execute(stmt, rows).rowcount
