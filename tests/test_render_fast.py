@@ -9,6 +9,7 @@ all. These tests compare each with ``Message.as_bytes`` (or ``fold_binary``), by
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.errors import HeaderParseError
 from email.header import Header
@@ -25,7 +26,7 @@ LONG = ("Re: your order of the blue widgets, the ones with the long handles, has
 
 def _reference(monkeypatch: pytest.MonkeyPatch, **kw) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     """build_message's output and the email package's for the same input and Date."""
-    monkeypatch.setattr(render, "format_datetime", lambda _dt: "Fri, 27 Nov 2026 01:00:00 +0000")
+    monkeypatch.setattr(render, "_date_now", lambda: "Fri, 27 Nov 2026 01:00:00 +0000")
     fast = build_message(**kw)
     monkeypatch.setattr(render, "_DIRECT", False)
     monkeypatch.setattr(render, "_flatten", lambda msg: msg.as_bytes(policy=_WIRE))
@@ -171,3 +172,30 @@ def test_build_message_direct_matches_message_path_on_random_subjects(monkeypatc
         fast, slow = _reference(monkeypatch, **kw)
         monkeypatch.undo()
         assert fast == slow, f"case {i}"
+
+
+def test_fold_words_matches_compat32_on_random_subjects():
+    """The single-space word path (most subjects) against fold_binary: word lengths from 1
+    to past a whole line, header names short and long."""
+    rng = random.Random(1127)
+    alphabet = "abcXYZ09[]#%:!?-_.()<>@\"'/"
+    for i in range(6000):
+        words = ["".join(rng.choice(alphabet) for _ in range(
+            rng.choice([1, 2, 3, 5, 8, 13, 20, 40, 70, 76, 77, 78, 79, 100])))
+            for _ in range(rng.randint(1, 25))]
+        value = " ".join(words)
+        name = rng.choice(["Subject", "To", "X", "X-Mailgw-SLA", "X-" + "L" * 70])
+        assert render._SIMPLE.fullmatch(value)
+        assert render._fold_words(name, value) == _WIRE.fold_binary(name, value), (
+            f"case {i}: {name!r} {value!r}")
+
+
+def test_date_header_is_the_current_second(monkeypatch):
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    clock = iter([1795000000.2, 1795000000.9, 1795000001.0])
+    monkeypatch.setattr(render.time, "time", lambda: next(clock))
+    monkeypatch.setattr(render, "_date_cache", (-1, ""))
+    first, same, later = render._date_now(), render._date_now(), render._date_now()
+    assert first == same == format_datetime(datetime.fromtimestamp(1795000000, UTC))
+    assert parsedate_to_datetime(later) - parsedate_to_datetime(first) == timedelta(seconds=1)

@@ -100,7 +100,7 @@ def build_message(
         ("From", formataddr((from_name, from_addr), charset="utf-8") if from_name else from_addr),
         ("To", ", ".join(to)),
         ("Subject", _header(subject)),
-        ("Date", format_datetime(datetime.now(UTC))),
+        ("Date", _date_now()),
         ("Message-ID", f"<{message_id}>"),
     ]
     if in_reply_to:
@@ -136,6 +136,20 @@ def build_message(
 # build_message writes a single-part ASCII text mail without a Message object (False: always
 # through Message and _flatten; tests/test_render_fast.py compares the two).
 _DIRECT = True
+
+
+def _date_now() -> str:
+    """``format_datetime(datetime.now(UTC))``, made once a second (it shows whole seconds):
+    a busy sweep or worker builds many mails in the same second."""
+    global _date_cache
+    second = int(time.time())
+    cached = _date_cache
+    if cached[0] != second:
+        cached = _date_cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return cached[1]
+
+
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def _flatten(msg: Message) -> bytes:
@@ -192,6 +206,8 @@ def _fold_ascii(name: str, value: str) -> bytes | None:
     is pushed and the last line ended. None when the result is one the email package would
     refuse (an embedded header); the caller then lets it raise.
     tests/test_render_fast.py compares it with ``fold_binary`` on thousands of values."""
+    if _SIMPLE.fullmatch(value):
+        return _fold_words(name, value)
     parts = _FWS_RUN.split(value)
     if parts[0]:
         parts.insert(0, "")
@@ -261,6 +277,33 @@ def _fold_ascii(name: str, value: str) -> bytes | None:
     return f"{name}: {folded}{_WIRE.linesep}".encode("ascii")
 
 
+def _fold_words(name: str, value: str) -> bytes:
+    """_fold_ascii for words separated by single spaces, without ``;``, ``,`` or tabs (most
+    subjects): a line is only ever broken before the word that makes it too long (the
+    space before it is the only split point); a first word too long for the header line
+    goes to its own line."""
+    maxlen = _WIRE.max_line_length
+    words = value.split(" ")
+    first = words[0]
+    size = len(name) + 2 + len(first)
+    lines: list[str] = []
+    if size > maxlen:
+        lines.append("")
+        line, size = " " + first, 1 + len(first)
+    else:
+        line = first
+    for word in words[1:]:
+        size += 1 + len(word)
+        if size > maxlen:
+            lines.append(line)
+            line, size = " " + word, 1 + len(word)
+        else:
+            line += " " + word
+    lines.append(line)
+    sep = _WIRE.linesep
+    return f"{name}: {sep.join(lines)}{sep}".encode("ascii")
+
+
 def _set_text(msg: Message, body: str) -> None:
     if body.isascii():
         msg["Content-Type"] = 'text/plain; charset="utf-8"'
@@ -301,6 +344,8 @@ _MAX_PLAIN = 78 - 2
 # Values _fold_ascii folds: printable ASCII and tabs (no line breaks, no other controls).
 _PLAIN_ASCII = re.compile(r"[\t\x20-\x7e]*")
 _FWS_RUN = re.compile(r"([ \t]+)")  # email.header's FWS
+# Values _fold_words folds: printable words without ; or , separated by single spaces.
+_SIMPLE = re.compile(r"[!-+\--:<-~]+(?: [!-+\--:<-~]+)*")
 _SPLITCHARS = ";, \t"  # Header.encode's default split characters, in order of preference
 _EMBEDDED_HEADER = re.compile(r"\n[^ \t]+:")  # what Header.encode refuses
 
