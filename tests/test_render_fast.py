@@ -1,13 +1,15 @@
 """build_message's fast flattening against the email package's generator: the same bytes.
 
-``render._flatten`` writes the headers that need no folding or encoding directly and hands
-the rest to ``compat32.fold_binary``; these tests build each message once and compare
-``_flatten`` with ``Message.as_bytes`` on it, byte for byte, and parse both.
+``render._flatten`` writes the headers that need no folding or encoding directly, folds
+long printable-ASCII ones itself (``_fold_ascii``) and hands the rest to
+``compat32.fold_binary``; a single-part ASCII mail is written without a Message object at
+all. These tests compare each with ``Message.as_bytes`` (or ``fold_binary``), byte for byte.
 """
 
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.errors import HeaderParseError
 from email.header import Header
@@ -24,8 +26,9 @@ LONG = ("Re: your order of the blue widgets, the ones with the long handles, has
 
 def _reference(monkeypatch: pytest.MonkeyPatch, **kw) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     """build_message's output and the email package's for the same input and Date."""
-    monkeypatch.setattr(render, "format_datetime", lambda _dt: "Fri, 27 Nov 2026 01:00:00 +0000")
+    monkeypatch.setattr(render, "_date_now", lambda: "Fri, 27 Nov 2026 01:00:00 +0000")
     fast = build_message(**kw)
+    monkeypatch.setattr(render, "_DIRECT", False)
     monkeypatch.setattr(render, "_flatten", lambda msg: msg.as_bytes(policy=_WIRE))
     slow = build_message(**kw)
     return fast, slow
@@ -46,11 +49,16 @@ def _args(subject: str, body: str, *, name: str | None = "Support", to: int = 1,
     _args("[Ticket#2026112710000001] SLA warning: Printer on fire", "Hello,\n\nplease look.\n"),
     _args("Grüße aus Köln — Drucker brennt", "Schöne Grüße\nvon der Hotline\n", name="Süpport"),
     _args(LONG, "line one\r\nline two\rline three\nno newline at the end", to=12),
+    _args("[Ticket#2026110210000000001] SLA warning: first response 75% used: Request 12345",
+          "Ticket x\n" * 20, extra={"X-Mailgw-SLA": "std first_response warning 75%"}),
+    _args("Re: one, two; three\tfour " * 6, "body\n", name=None, to=9,
+          extra={"X-Long-Word": "w" * 100, "X-Tabs": "a\tb\t\tc " * 12,
+                 "X-Commas": ",".join(["item"] * 30), "X-Semi": "; ".join(["k=v"] * 25)}),
     _args(LONG + " — ünïcode at the end of a long one", "x" * 200 + "\n",
           extra={"X-Long": "a" * 120, "X-Spaces": "  two  leading and trailing  ",
                  "X-Tab": "a\tb", "X-Exact": "e" * (78 - len("X-Exact: ")),
                  "X-Over": "o" * (79 - len("X-Over: "))}),
-], ids=["ascii", "non-ascii", "long", "mixed-edges"])
+], ids=["ascii", "non-ascii", "long", "sla-notice", "long-ascii-kinds", "mixed-edges"])
 def test_build_message_same_bytes_as_the_email_package(monkeypatch, case):
     fast, slow = _reference(monkeypatch, **case)
     assert fast == slow
@@ -112,3 +120,82 @@ def test_multipart_still_built_by_the_email_package(monkeypatch):
     # the boundary is random; everything else is the same
     assert fast.replace(a.get_boundary().encode(), b"B") == slow.replace(
         b.get_boundary().encode(), b"B")
+
+
+def _random_value(rng: random.Random) -> str:
+    """Printable ASCII with tabs: words of many lengths (some longer than a line), runs of
+    spaces and tabs, commas and semicolons inside and at the ends of words, edge whitespace."""
+    words = ["a", "bb", "Re:", "[Ticket#2026112710000001]", "SLA", "75%", "Hello,", "x;",
+             ",", ";", "a,b", "k=v;", "<id@host.test>", "w" * 40, "v" * 77, "u" * 120]
+    gaps = [" "] * 6 + ["  ", "\t", " \t", "\t ", "   "]
+    value = rng.choice(["", "", " ", "\t", "  "])
+    for i in range(rng.randint(0, 30)):
+        if i:
+            value += rng.choice(gaps)
+        if rng.random() < 0.6:
+            value += rng.choice(words)
+        else:
+            value += "".join(rng.choice("abcXYZ09,;:=!?-_.()<>@\"'") for _ in
+                             range(rng.choice([1, 2, 3, 5, 8, 13, 21, 34, 55, 78, 90])))
+    return value + rng.choice(["", "", " ", "\t", " ,", ";"])
+
+
+def test_fold_ascii_matches_compat32_on_random_long_values():
+    """_fold_ascii gives fold_binary's bytes for printable ASCII with tabs, whatever the
+    word lengths, separators and header name length."""
+    rng = random.Random(611)
+    names = ["Subject", "To", "X", "X-Mailgw-SLA", "References", "X-" + "N" * 40,
+             "X-" + "L" * 76]
+    for i in range(6000):
+        name, value = rng.choice(names), _random_value(rng)
+        assert render._PLAIN_ASCII.fullmatch(value)
+        assert render._fold_ascii(name, value) == _WIRE.fold_binary(name, value), (
+            f"case {i}: {name!r} {value!r}")
+
+
+def test_fold_ascii_is_not_used_for_other_values():
+    """Line breaks, other controls and non-ASCII go to the email package."""
+    for value in ["a\nb", "a\r\nSubject: x", "a\x0bb", "caf\u00e9", "a\x7f"]:
+        assert not render._PLAIN_ASCII.fullmatch(value)
+
+
+def test_build_message_direct_matches_message_path_on_random_subjects(monkeypatch):
+    """The Message-less path of build_message against the Message one, random long
+    subjects and header values, ASCII bodies with every line end."""
+    rng = random.Random(27)
+    for i in range(300):
+        body = "".join(rng.choice(["text", " ", "\n", "\r\n", "\r", "From x", "."])
+                       for _ in range(rng.randint(0, 40)))
+        kw = _args(_random_value(rng).strip() or "x", body, to=rng.randint(1, 12),
+                   name=rng.choice([None, "Support", "Help, Desk"]),
+                   extra={"X-Mailgw-SLA": _random_value(rng), "Precedence": "bulk"})
+        fast, slow = _reference(monkeypatch, **kw)
+        monkeypatch.undo()
+        assert fast == slow, f"case {i}"
+
+
+def test_fold_words_matches_compat32_on_random_subjects():
+    """The single-space word path (most subjects) against fold_binary: word lengths from 1
+    to past a whole line, header names short and long."""
+    rng = random.Random(1127)
+    alphabet = "abcXYZ09[]#%:!?-_.()<>@\"'/"
+    for i in range(6000):
+        words = ["".join(rng.choice(alphabet) for _ in range(
+            rng.choice([1, 2, 3, 5, 8, 13, 20, 40, 70, 76, 77, 78, 79, 100])))
+            for _ in range(rng.randint(1, 25))]
+        value = " ".join(words)
+        name = rng.choice(["Subject", "To", "X", "X-Mailgw-SLA", "X-" + "L" * 70])
+        assert render._SIMPLE.fullmatch(value)
+        assert render._fold_words(name, value) == _WIRE.fold_binary(name, value), (
+            f"case {i}: {name!r} {value!r}")
+
+
+def test_date_header_is_the_current_second(monkeypatch):
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    clock = iter([1795000000.2, 1795000000.9, 1795000001.0])
+    monkeypatch.setattr(render.time, "time", lambda: next(clock))
+    monkeypatch.setattr(render, "_date_cache", (-1, ""))
+    first, same, later = render._date_now(), render._date_now(), render._date_now()
+    assert first == same == format_datetime(datetime.fromtimestamp(1795000000, UTC))
+    assert parsedate_to_datetime(later) - parsedate_to_datetime(first) == timedelta(seconds=1)

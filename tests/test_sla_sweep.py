@@ -367,6 +367,53 @@ def test_the_guard_row_stops_a_second_notice_even_if_the_clock_is_rewound(env): 
     assert clock.next_level == 1
 
 
+def test_a_guard_row_found_only_at_the_insert_rolls_the_batch_back(env, monkeypatch):  # type: ignore[no-untyped-def]
+    """The guard rows are inserted last, with what each notice did; _notified looks first.
+    When a row is there at the INSERT that _notified did not see (another transaction
+    committed it in between), the whole batch rolls back, mail and actions too, and is
+    claimed again: the second look sees the row, and nothing goes out twice."""
+    e = env([std(levels=[{"percent": 75, "actions": {"priority": 1, "tags": ["late"]}},
+                         {"percent": 100}])])
+    with Session(e.engine) as s, s.begin():
+        add_clock(s, add_ticket(s, 1))
+        add_clock(s, add_ticket(s, 2))
+    assert len(e.sweeper().sweep(T0 + 50 * MIN).fired) == 2
+    with Session(e.engine) as s, s.begin():
+        for c in s.scalars(select(m.SlaClock)):
+            c.next_level, c.next_notice_at = 0, T0 + 45 * MIN  # rewound by mistake
+        for t in s.scalars(select(m.Ticket)):
+            t.priority, t.tags = 3, ["printer"]
+    real, looks = sweep_mod._notified, []
+
+    def blind_once(session, due):  # type: ignore[no-untyped-def]
+        looks.append(len(due))
+        return set() if len(looks) == 1 else real(session, due)
+
+    monkeypatch.setattr(sweep_mod, "_notified", blind_once)
+    result = e.sweeper().sweep(T0 + 50 * MIN)
+    assert result.fired == [] and result.raced == 1 and looks == [2, 2]
+    assert e.count(m.SlaNotice) == 2 and e.count(m.Outbox) == 2
+    assert sorted((t.priority, t.tags) for t in e.all(m.Ticket)) == [(3, ["printer"])] * 2
+    assert [c.next_level for c in e.all(m.SlaClock)] == [1, 1]
+    assert not [ev for ev in e.all(m.Event) if ev.type == "sla_warning" and ev.id > 2]
+
+
+def test_a_guard_row_never_seen_stops_the_sweep_instead_of_spinning(env, monkeypatch):  # type: ignore[no-untyped-def]
+    e = env([std()])
+    with Session(e.engine) as s, s.begin():
+        add_clock(s, add_ticket(s))
+    assert len(e.sweeper().sweep(T0 + 50 * MIN).fired) == 1
+    with Session(e.engine) as s, s.begin():
+        c = s.scalars(select(m.SlaClock)).one()
+        c.next_level, c.next_notice_at = 0, T0 + 45 * MIN
+    monkeypatch.setattr(sweep_mod, "_notified", lambda session, due: set())
+    result = e.sweeper().sweep(T0 + 50 * MIN)
+    assert result.fired == [] and result.raced == sweep_mod._MAX_RACED + 1
+    assert e.count(m.SlaNotice) == 1 and e.count(m.Outbox) == 1
+    [clock] = e.all(m.SlaClock)
+    assert clock.next_level == 0  # untouched: the next sweep looks again
+
+
 def test_cli_sla_sweep_prints_what_fired(env, home):  # type: ignore[no-untyped-def]
     e = env([std()])
     now = datetime.now(UTC)

@@ -9,12 +9,13 @@ a blank in a customer's mail.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.charset import QP, Charset
-from email.generator import NLCRE
 from email.header import Header
 from email.message import Message
 from email.policy import compat32
@@ -95,19 +96,29 @@ def build_message(
     # The compat32 Message API, not EmailMessage: EmailMessage builds a header class for every
     # header it sets and costs about 3 ms a mail, a quarter of a message's processing (see
     # bench/RESULTS.md); this makes the same bytes' meaning in a tenth of the time.
-    msg = Message()
-    msg["From"] = formataddr((from_name, from_addr), charset="utf-8") if from_name else from_addr
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = _header(subject)
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = f"<{message_id}>"
+    headers: list[tuple[str, str | Header]] = [
+        ("From", formataddr((from_name, from_addr), charset="utf-8") if from_name else from_addr),
+        ("To", ", ".join(to)),
+        ("Subject", _header(subject)),
+        ("Date", _date_now()),
+        ("Message-ID", f"<{message_id}>"),
+    ]
     if in_reply_to:
-        msg["In-Reply-To"] = f"<{in_reply_to}>"
+        headers.append(("In-Reply-To", f"<{in_reply_to}>"))
     if references:
-        msg["References"] = " ".join(f"<{r}>" for r in references)
+        headers.append(("References", " ".join(f"<{r}>" for r in references)))
     for name, value in extra_headers.items():
-        msg[name] = _header(value)
-    msg["MIME-Version"] = "1.0"
+        headers.append((name, _header(value)))
+    headers.append(("MIME-Version", "1.0"))
+    if _DIRECT and not attachments and body.isascii():
+        # What _set_text and _flatten make of a Message with these headers (compat32's
+        # __setitem__ only appends them), without building the Message.
+        headers.append(("Content-Type", 'text/plain; charset="utf-8"'))
+        headers.append(("Content-Transfer-Encoding", "7bit"))
+        return _flatten_items(headers, body.replace("\r\n", "\n").replace("\n", "\r\n"))
+    msg = Message()
+    for name, value in headers:
+        msg[name] = value
     if attachments:
         # multipart/mixed: the text first, then each attachment as it came (agent replies).
         msg["Content-Type"] = "multipart/mixed"
@@ -120,6 +131,25 @@ def build_message(
         return msg.as_bytes(policy=_WIRE)
     _set_text(msg, body)
     return _flatten(msg)
+
+
+# build_message writes a single-part ASCII text mail without a Message object (False: always
+# through Message and _flatten; tests/test_render_fast.py compares the two).
+_DIRECT = True
+
+
+def _date_now() -> str:
+    """``format_datetime(datetime.now(UTC))``, made once a second (it shows whole seconds):
+    a busy sweep or worker builds many mails in the same second."""
+    global _date_cache
+    second = int(time.time())
+    cached = _date_cache
+    if cached[0] != second:
+        cached = _date_cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return cached[1]
+
+
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def _flatten(msg: Message) -> bytes:
@@ -135,16 +165,143 @@ def _flatten(msg: Message) -> bytes:
     payload = msg._payload  # what the generator writes; a str for a single part
     if not isinstance(payload, str) or not payload.isascii():
         return msg.as_bytes(policy=_WIRE)  # surrogate-escaped 8-bit: the generator's case
+    return _flatten_items(msg.raw_items(), payload)
+
+
+def _flatten_items(headers: Iterable[tuple[str, Any]], payload: str) -> bytes:
+    """The generator's output for these headers and an ASCII ``payload`` (see _flatten)."""
     out = []
-    for name, value in msg.raw_items():
-        if (isinstance(value, str) and len(name) + len(value) <= _MAX_PLAIN and value.isascii()
-                and value.isprintable() and value == value.strip()):
-            out.append(f"{name}: {value}\r\n".encode("ascii"))
-        else:
-            out.append(_WIRE.fold_binary(name, value))
+    for name, value in headers:
+        if isinstance(value, str) and value.isascii():
+            if (len(name) + len(value) <= _MAX_PLAIN and value.isprintable()
+                    and value == value.strip()):
+                out.append(f"{name}: {value}\r\n".encode("ascii"))
+                continue
+            if _PLAIN_ASCII.fullmatch(value):
+                folded = _fold_ascii(name, value)
+                if folded is not None:
+                    out.append(folded)
+                    continue
+        out.append(_WIRE.fold_binary(name, value))
     out.append(b"\r\n")
-    out.append("\r\n".join(NLCRE.split(payload)).encode("ascii"))
+    # "\r\n".join(NLCRE.split(payload)), as the generator's _write_lines: every CRLF, lone
+    # CR and lone LF becomes CRLF (replace is a tenth of the regex split's cost).
+    out.append(payload.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+               .encode("ascii"))
     return b"".join(out)
+
+
+def _fold_ascii(name: str, value: str) -> bytes | None:
+    """``_WIRE.fold_binary(name, value)`` for a value of printable ASCII and tabs: the same
+    bytes, without ``email.header``'s cost (its line accumulator sums its parts' lengths on
+    every word, quadratic in the words of a line).
+
+    The steps of ``Header.encode`` for one US-ASCII chunk without line breaks, as
+    ``_ValueFormatter`` and ``_Accumulator`` do them: the value is split into (whitespace,
+    word) pairs; the pairs are added to the current line, and when the line (with the
+    header's ``Name: `` on the first) is longer than 78 characters it is broken before the
+    last pair whose preceding word ends in ``;``, else ``,``, else whose whitespace starts
+    with a space, else a tab; a line that is one pair only stays long (on the first line
+    that pair moves to its own line, after the header name). Then a transition ``(' ', '')``
+    is pushed and the last line ended. None when the result is one the email package would
+    refuse (an embedded header); the caller then lets it raise.
+    tests/test_render_fast.py compares it with ``fold_binary`` on thousands of values."""
+    if _SIMPLE.fullmatch(value):
+        return _fold_words(name, value)
+    parts = _FWS_RUN.split(value)
+    if parts[0]:
+        parts.insert(0, "")
+    else:
+        del parts[0]
+    lines: list[str] = []
+    cur: list[tuple[str, str]] = []
+    initial = size = len(name) + 2  # the accumulator's length: header name on line one
+
+    def newline() -> None:
+        nonlocal size, initial
+        end = cur.pop() if cur else ("", "")
+        if end == (" ", ""):
+            size -= 1
+        else:
+            cur.append(end)
+        if size > 0:
+            text = "".join(f + w for f, w in cur)
+            if initial == 0 and text.isspace() and lines:
+                lines[-1] += text
+            else:
+                lines.append(text)
+        cur.clear()
+        initial = size = 0
+
+    for j in range(0, len(parts), 2):
+        fws, word = parts[j], parts[j + 1]
+        cur.append((fws, word))
+        size += len(fws) + len(word)
+        if size <= _WIRE.max_line_length:
+            continue
+        split = 0
+        for ch in _SPLITCHARS:
+            for i in range(len(cur) - 1, 0, -1):
+                if ch in " \t":
+                    f = cur[i][0]
+                    if f and f[0] == ch:
+                        break
+                prev = cur[i - 1][1]
+                if prev and prev[-1] == ch:
+                    break
+            else:
+                continue
+            split = i
+            break
+        if split:
+            lines.append("".join(f + w for f, w in cur[:split]))
+            del cur[:split]
+            initial = 0
+            size = sum(len(f) + len(w) for f, w in cur)
+            continue
+        # one pair only, too long for any line
+        cur.pop()
+        size -= len(fws) + len(word)
+        if initial > 0:
+            newline()
+            if not fws:
+                fws = " "
+        cur.append((fws, word))
+        size += len(fws) + len(word)
+    cur.append((" ", ""))  # Header.encode's closing transition
+    size += 1
+    newline()
+    folded = _WIRE.linesep.join(lines)
+    if _EMBEDDED_HEADER.search(folded):
+        return None
+    return f"{name}: {folded}{_WIRE.linesep}".encode("ascii")
+
+
+def _fold_words(name: str, value: str) -> bytes:
+    """_fold_ascii for words separated by single spaces, without ``;``, ``,`` or tabs (most
+    subjects): a line is only ever broken before the word that makes it too long (the
+    space before it is the only split point); a first word too long for the header line
+    goes to its own line."""
+    maxlen = _WIRE.max_line_length
+    words = value.split(" ")
+    first = words[0]
+    size = len(name) + 2 + len(first)
+    lines: list[str] = []
+    if size > maxlen:
+        lines.append("")
+        line, size = " " + first, 1 + len(first)
+    else:
+        line = first
+    for word in words[1:]:
+        size += 1 + len(word)
+        if size > maxlen:
+            lines.append(line)
+            line, size = " " + word, 1 + len(word)
+        else:
+            line += " " + word
+    lines.append(line)
+    sep = _WIRE.linesep
+    return f"{name}: {sep.join(lines)}{sep}".encode("ascii")
 
 
 def _set_text(msg: Message, body: str) -> None:
@@ -182,6 +339,15 @@ _UTF8_QP.body_encoding = QP
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
 # "Name: value" fits one line: the name, ": " and the value within max_line_length.
 _MAX_PLAIN = 78 - 2
+
+
+# Values _fold_ascii folds: printable ASCII and tabs (no line breaks, no other controls).
+_PLAIN_ASCII = re.compile(r"[\t\x20-\x7e]*")
+_FWS_RUN = re.compile(r"([ \t]+)")  # email.header's FWS
+# Values _fold_words folds: printable words without ; or , separated by single spaces.
+_SIMPLE = re.compile(r"[!-+\--:<-~]+(?: [!-+\--:<-~]+)*")
+_SPLITCHARS = ";, \t"  # Header.encode's default split characters, in order of preference
+_EMBEDDED_HEADER = re.compile(r"\n[^ \t]+:")  # what Header.encode refuses
 
 
 def _header(value: str) -> str | Header:

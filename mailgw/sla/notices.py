@@ -82,9 +82,12 @@ def recipients(settings: Settings, ticket: m.Ticket, level: SlaLevel) -> tuple[l
 
 
 def _local(cal: Calendar, dt: datetime | None) -> str | None:
+    """``dt`` in the calendar's zone as ``2026-11-27 14:30 CET`` (``strftime("%Y-%m-%d
+    %H:%M %Z")``, written out: four of these per notice)."""
     if dt is None:
         return None
-    return cal.local(aware(dt)).strftime("%Y-%m-%d %H:%M %Z")  # type: ignore[arg-type]
+    t = cal.local(aware(dt))  # type: ignore[arg-type]
+    return f"{t.year}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d} {t.tzname() or ''}"
 
 
 def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
@@ -182,8 +185,8 @@ def store(session: Session, settings: Settings, notices: list[Prepared], at: dat
     would send it a statement per row, and each outbox row needs its article's id for VERP."""
     if not notices:
         return
-    article_ids = allocate_ids(session, m.Article.__table__, len(notices))
-    outbox_ids = allocate_ids(session, m.Outbox.__table__, len(notices))
+    article_ids, outbox_ids = allocate_ids(
+        session, (m.Article.__table__, m.Outbox.__table__), len(notices))
     signer = signer_for(settings)
     articles, rows = [], []
     for n, article_id, outbox_id in zip(notices, article_ids, outbox_ids, strict=True):
@@ -200,21 +203,23 @@ def store(session: Session, settings: Settings, notices: list[Prepared], at: dat
     session.execute(insert(m.Outbox.__table__), rows)
 
 
-def allocate_ids(session: Session, table: Table, count: int) -> list[int]:
-    """``count`` new primary keys of ``table``, ascending, for rows this transaction inserts.
+def allocate_ids(session: Session, tables: tuple[Table, ...], count: int) -> list[list[int]]:
+    """``count`` new primary keys of each of ``tables``, ascending, for rows this transaction
+    inserts (one statement for all the tables).
 
-    PostgreSQL: from the column's sequence, as a plain INSERT would take them. SQLite: the
+    PostgreSQL: from the columns' sequences, as a plain INSERT would take them. SQLite: the
     ids after the largest, which is what SQLite gives rows without an explicit id (the
     tables have no AUTOINCREMENT); safe because a writer holds the database's one write
     lock from BEGIN IMMEDIATE (mailgw/store/db.py) to its commit."""
     if count <= 0:
-        return []
+        return [[] for _ in tables]
     if session.get_bind().dialect.name == "postgresql":
-        seq = func.pg_get_serial_sequence(table.name, "id")
-        return sorted(session.scalars(
-            select(func.nextval(seq)).select_from(func.generate_series(1, count))))
-    top = session.scalar(select(func.max(table.c.id))) or 0
-    return list(range(top + 1, top + 1 + count))
+        q = select(*(func.nextval(func.pg_get_serial_sequence(t.name, "id")) for t in tables)
+                   ).select_from(func.generate_series(1, count))
+        return [sorted(column) for column in zip(*session.execute(q), strict=True)]
+    q = select(*(select(func.max(t.c.id)).scalar_subquery() for t in tables))
+    tops = session.execute(q).one()
+    return [list(range((top or 0) + 1, (top or 0) + 1 + count)) for top in tops]
 
 
 def check_templates(settings: Settings, renderer: Renderer) -> list[str]:
