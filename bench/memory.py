@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-warm", dest="warm", action="store_false",
                     help="take the baseline before any message (the first one's imports count)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="send the big message this many times (the peak over all of them)")
     ap.add_argument("--deliver", action="store_true",
                     help="also measure `mailgw deliver` with the small and the big message")
     args = ap.parse_args()
@@ -145,7 +147,11 @@ def main() -> None:
                 send(WARM_UP, 1)
             base = {p.pid: rss_kb(p.pid) for p in procs}
             t0 = time.perf_counter()
-            state = send(raw, len(got) + 1)
+            for i in range(args.repeat):
+                # Another Message-ID each time (same size); only the first waits for its ack
+                # (the auto-reply rate limit may hold back the others).
+                one = raw.replace(b"<big.1@", f"<big.{i % 10}@".encode(), 1)
+                state = send(one, len(got) + (i == 0))
             elapsed = time.perf_counter() - t0
             peaks = {p.pid: peak_rss_kb(p.pid) for p in procs}
             deliver = None

@@ -225,6 +225,37 @@ def test_deliver_stores_a_large_message_whole(home):
     assert row.raw == raw and row.size == len(raw) and row.state == "pending"
 
 
+def test_lean_and_full_paths_write_the_same_row_for_a_large_message(home):
+    from datetime import UTC, datetime
+
+    from mailgw.intake.pipe import RawBuffer, put_lean
+    from mailgw.queue import put
+    from mailgw.store import models as m
+    from mailgw.store.db import SCHEMA_REVISION
+    from mailgw.types import Envelope
+
+    raw = _big(1_400_000, 10) + b"\xff\x00 8-bit\r\n"
+
+    def env() -> Envelope:
+        return Envelope(raw=RawBuffer(raw), mail_from="jürgen@customer.test",
+                        rcpt_tos=("support@example.com", "billing@example.com"),
+                        source="pipe", received_at=datetime(2026, 11, 27, 3, 0, 1, 654321,
+                                                            tzinfo=UTC), queue="billing")
+
+    engine = home.engine()
+    full = put(engine, env())
+    lean = put_lean(home.store_url, env(), SCHEMA_REVISION)
+    assert lean is not None and lean != full
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"]
+    with engine.connect() as c:
+        rows = {r.id: tuple(r[1:]) for r in c.execute(
+            select(m.Inbound.id, *cols).where(m.Inbound.id.in_([full, lean])))}
+    engine.dispose()
+    assert rows[full] == rows[lean]
+    assert rows[lean][[c.name for c in cols].index("raw")] == raw
+    assert rows[lean][[c.name for c in cols].index("state")] == "pending"
+
+
 def test_read_message_returns_bytes_when_small_and_a_buffer_when_large():
     import io
 
