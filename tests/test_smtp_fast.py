@@ -1,0 +1,83 @@
+"""The SMTP edge's shortcuts give what aiosmtpd itself gives (mailgw/intake/smtp.py)."""
+
+from __future__ import annotations
+
+import random
+import smtplib
+
+from aiosmtpd.smtp import SMTP
+
+FIXED = [
+    "<bench@customer.test> SIZE=123", "<a@b>", "<a@b>  BODY=8BITMIME SIZE=5", "<a@b>(c) X",
+    "<a.b@c.d>SIZE=1", "<>", "<a..b@c>", '<"q"@c>', "<a@[1.2.3.4]>", "<a@b.>", "<a@b> \tX",
+    "< a@b>", "<@x:a@b>", "<=?utf-8?q?x?=@b>", "<=?utf-8?q?x?=.y@b>", "<a=?x?=@b>", "a@b",
+    "<a@b> (comment) SIZE=1", "<a@b>\t(c)", "<jürgen@b>", "<a@b", "<a@b>>", "",
+    "<bounces+42-abcdef@example.com>", "<x@" + "d" * 300 + ".test>",
+    "<" + "l" * 65 + "@b>", "<" + "l" * 64 + "@b>",
+]
+
+
+def _pair():  # type: ignore[no-untyped-def]
+    from mailgw.intake.smtp import _FastAddress
+
+    class Ours(_FastAddress, SMTP):
+        pass
+
+    class Theirs(SMTP):
+        pass
+
+    handler = object()
+    return Ours(handler), Theirs(handler)
+
+
+def test_fast_address_parsing_equals_aiosmtpd_on_crafted_and_random_addresses():
+    ours, theirs = _pair()
+    rnd = random.Random(8)
+    alphabet = "ab.-_+=?@<>()\"[]:; \tÜ!#%/"
+    cases = list(FIXED)
+    for _ in range(20_000):
+        body = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 14)))
+        cases.append(rnd.choice(["<", "", "< "]) + body + rnd.choice([">", "> X=1", ">(c)", ""]))
+        # mostly well-formed, so the shortcut is taken often
+        local = ".".join("".join(rnd.choice("ab+=?-_!#") for _ in range(rnd.randint(1, 4)))
+                         for _ in range(rnd.randint(1, 3)))
+        domain = ".".join("".join(rnd.choice("ab-9") for _ in range(rnd.randint(1, 4)))
+                          for _ in range(rnd.randint(1, 3)))
+        cases.append(f"<{local}@{domain}>" + rnd.choice(["", " SIZE=10", "  \tBODY=7BIT", "(x)"]))
+    for arg in cases:
+        assert _outcome(ours, arg) == _outcome(theirs, arg), arg
+    ours.local_part_limit = theirs.local_part_limit = 64  # RFC 5321's, when configured
+    for arg in FIXED:
+        assert _outcome(ours, arg) == _outcome(theirs, arg), arg
+
+
+def _outcome(session, arg: str):  # type: ignore[no-untyped-def]
+    try:
+        return session._getaddr(arg)
+    except Exception as exc:  # noqa: BLE001 - aiosmtpd's parser raises on some input
+        return type(exc)
+
+
+def test_fast_address_parsing_is_taken_for_plain_addresses(monkeypatch):
+    # The shortcut must really be the path of the common case (else it gains nothing).
+    ours, _ = _pair()
+
+    def refuse(self, arg):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"parser used for {arg!r}")
+
+    monkeypatch.setattr(SMTP, "_getaddr", refuse)
+    assert ours._getaddr("<bench@customer.test> SIZE=123") == ("bench@customer.test", "SIZE=123")
+    assert ours._getaddr("<bounces+42-ab_c@mail.example.com>") == (
+        "bounces+42-ab_c@mail.example.com", "")
+
+
+def test_gateway_session_accepts_and_refuses_addresses_as_before(home, gateway):
+    gateway.start()
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        assert s.docmd("MAIL", "FROM:<a@customer.test> SIZE=100")[0] == 250
+        assert s.docmd("RCPT", "TO:<support@example.com>")[0] == 250
+        assert s.docmd("RCPT", "TO:<nobody@example.com>")[0] == 550
+        assert s.docmd("RCPT", "TO:<support@example.com> FOO")[0] == 555  # unknown parameter
+        assert s.docmd("RCPT", "TO:<a@b.>")[0] == 553  # not an address
+        assert s.docmd("RCPT", 'TO:<"support"@example.com>')[0] == 250  # the parser's case
