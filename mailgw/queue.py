@@ -15,9 +15,9 @@ import threading
 from concurrent.futures import Future, InvalidStateError
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, func, insert, update
+from sqlalchemy import Engine, insert, update
 
-from mailgw.intake.pipe import RawBuffer, write_large
+from mailgw.intake.pipe import RawBuffer, sqlite_insert
 from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound
 from mailgw.types import Envelope
@@ -142,25 +142,13 @@ def put_in(conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-unt
     rows with them); durable once the caller commits. Returns the ids in order."""
     if not envelopes:
         return []
-    large: dict[int, Envelope] = {}
     if conn.dialect.name == "sqlite":
-        large = {i: env for i, env in enumerate(envelopes) if isinstance(env.raw, RawBuffer)}
-    ids: list[int] = []
-    if len(large) < len(envelopes):
-        # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
-        stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
-        ids = list(conn.execute(stmt, [_row(env) for i, env in enumerate(envelopes)
-                                       if i not in large]).scalars())
-    for i, env in large.items():
-        ids.insert(i, _put_large_sqlite(conn, env))
-    return ids
-
-
-def _put_large_sqlite(conn, env: Envelope) -> int:  # type: ignore[no-untyped-def]
-    """A large message's row on SQLite: a zero blob first, then its bytes in pieces, in the
-    caller's transaction (mailgw/intake/pipe.py ``RawBuffer`` says why)."""
-    row = _row(env)
-    row.update(raw=func.zeroblob(row["size"]), state="")
-    inbound_id = conn.execute(insert(Inbound).values(row).returning(Inbound.id)).scalar_one()
-    write_large(conn.connection.driver_connection, inbound_id, env.raw)  # type: ignore[arg-type]
-    return inbound_id
+        # Row by row through the driver, in this transaction: SQLAlchemy cannot return the
+        # ids of a multi-row INSERT in order on SQLite and ran one statement a row anyway,
+        # at several times the cost of SQLite's insert (bench/RESULTS.md). A large message
+        # is written in pieces (mailgw/intake/pipe.py ``RawBuffer``).
+        dbapi_conn = conn.connection.driver_connection
+        return [sqlite_insert(dbapi_conn, env) for env in envelopes]
+    # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
+    stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
+    return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())

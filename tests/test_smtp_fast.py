@@ -1,4 +1,6 @@
-"""The SMTP edge's shortcuts give what aiosmtpd itself gives (mailgw/intake/smtp.py)."""
+"""The SMTP shortcuts do what the libraries do: the intake's address parsing what aiosmtpd
+does (mailgw/intake/smtp.py), the sender's MAIL/RCPT what smtplib sends
+(mailgw/outbound/sender.py)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,35 @@ def test_gateway_session_accepts_and_refuses_addresses_as_before(home, gateway):
         assert s.docmd("RCPT", "TO:<support@example.com> FOO")[0] == 555  # unknown parameter
         assert s.docmd("RCPT", "TO:<a@b.>")[0] == 553  # not an address
         assert s.docmd("RCPT", 'TO:<"support"@example.com>')[0] == 250  # the parser's case
+
+
+def test_sender_quotes_plain_addresses_as_smtplib_does():
+    from mailgw.outbound.sender import _PLAIN_ADDR
+
+    rnd = random.Random(9)
+    cases = ["a@b", "bounces+42-ab_c@mail.example.com", "a..b@c", ".a@b", "a@b.", "a b@c",
+             "<a@b>", "A <a@b>", '"a b"@c', "a@[1.2.3.4]", "jürgen@b", "a=?x?=@b", "(c)a@b",
+             "a@b,c@d", "", "@b", "a@", "a@b@c"]
+    for _ in range(20_000):
+        cases.append("".join(rnd.choice("ab.-_+=?@<>()\"[]:; ,!#%/Ü") for _ in range(rnd.randint(0, 12))))
+        local = ".".join("".join(rnd.choice("aZ9+=?-_!#'") for _ in range(rnd.randint(1, 4)))
+                         for _ in range(rnd.randint(1, 3)))
+        cases.append(f"{local}@" + ".".join("ab-9"[rnd.randint(0, 3)] * rnd.randint(1, 3)
+                                             for _ in range(rnd.randint(1, 3))))
+    taken = 0
+    for addr in cases:
+        if _PLAIN_ADDR.fullmatch(addr):
+            taken += 1
+            assert smtplib.quoteaddr(addr) == f"<{addr}>", addr
+    assert taken > 15_000
+
+
+def test_sender_sends_plain_and_other_addresses_to_the_relay(sink):
+    from mailgw.outbound.sender import _Relay
+
+    with _Relay("127.0.0.1", sink.port, timeout=10) as relay:
+        relay.sendmail("bounces+1-x@example.com", ["a@customer.test", "B <b@customer.test>"],
+                       b"Subject: x\r\n\r\nbody\r\n")
+    [(mail_from, rcpts, _)] = sink.messages
+    assert mail_from == "bounces+1-x@example.com"
+    assert rcpts == ["a@customer.test", "b@customer.test"]
