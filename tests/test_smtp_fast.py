@@ -106,12 +106,30 @@ def test_sender_quotes_plain_addresses_as_smtplib_does():
     assert taken > 15_000
 
 
-def test_sender_sends_plain_and_other_addresses_to_the_relay(sink):
+def test_sender_writes_the_commands_smtplib_writes(sink):
     from mailgw.outbound.sender import _Relay
 
-    with _Relay("127.0.0.1", sink.port, timeout=10) as relay:
-        relay.sendmail("bounces+1-x@example.com", ["a@customer.test", "B <b@customer.test>"],
-                       b"Subject: x\r\n\r\nbody\r\n")
-    [(mail_from, rcpts, _)] = sink.messages
-    assert mail_from == "bounces+1-x@example.com"
-    assert rcpts == ["a@customer.test", "b@customer.test"]
+    def recording(cls):  # type: ignore[no-untyped-def]
+        class Recording(cls):  # type: ignore[valid-type, misc]
+            def putcmd(self, cmd, args=""):  # type: ignore[no-untyped-def]
+                self.sent.append((cmd, args))
+                super().putcmd(cmd, args)
+        return Recording
+
+    mails = [("bounces+1-x@example.com", ["a@customer.test", "B <b@customer.test>"]),
+             ("", ["a@customer.test"]), ("x y@example.com", ["c@customer.test"])]
+    wire = []
+    for cls in (recording(_Relay), recording(smtplib.SMTP)):
+        with cls("127.0.0.1", sink.port, timeout=10) as relay:
+            relay.sent = []
+            for mail_from, rcpts in mails:
+                relay.sendmail(mail_from, rcpts, b"Subject: x\r\n\r\nbody\r\n")
+            relay.sendmail("p@example.com", ["q@customer.test"], b"Subject: y\r\n\r\n",
+                           mail_options=["BODY=8BITMIME"])
+            relay.rcpt("r@customer.test", ["NOTIFY=NEVER"])  # the sink refuses it: 555
+            relay.rset()
+            wire.append(relay.sent)
+    # The same commands, byte for byte, SIZE= and the other parameters included
+    assert wire[0] == wire[1]
+    assert ("mail", "FROM:<bounces+1-x@example.com> size=20") in wire[0]
+    assert [m[0] for m in sink.messages[:3]] == ["bounces+1-x@example.com", "<>", "x y@example.com"]

@@ -46,20 +46,25 @@ class _PlainAddresses:
 
     smtplib quotes every address through the RFC 2822 address parser (a fifth of the
     sender's CPU in the profile); an address of the plain form quotes to itself in angle
-    brackets. Anything else, and any ESMTP option, takes smtplib's own way.
+    brackets. Other addresses, and SMTPUTF8 (which switches the command encoding), take
+    smtplib's own way; ESMTP parameters (SIZE=) follow the address as smtplib writes them.
     """
 
     def mail(self, sender: str, options=()):  # type: ignore[no-untyped-def]
-        if options or not _PLAIN_ADDR.fullmatch(sender):
+        if not _PLAIN_ADDR.fullmatch(sender) or any(o.lower() == "smtputf8" for o in options):
             return super().mail(sender, options)  # type: ignore[misc]
-        self.putcmd("mail", f"FROM:<{sender}>")  # type: ignore[attr-defined]
+        self.putcmd("mail", f"FROM:<{sender}>{self._params(options)}")  # type: ignore[attr-defined]
         return self.getreply()  # type: ignore[attr-defined]
 
     def rcpt(self, recip: str, options=()):  # type: ignore[no-untyped-def]
-        if options or not _PLAIN_ADDR.fullmatch(recip):
+        if not _PLAIN_ADDR.fullmatch(recip):
             return super().rcpt(recip, options)  # type: ignore[misc]
-        self.putcmd("rcpt", f"TO:<{recip}>")  # type: ignore[attr-defined]
+        self.putcmd("rcpt", f"TO:<{recip}>{self._params(options)}")  # type: ignore[attr-defined]
         return self.getreply()  # type: ignore[attr-defined]
+
+    def _params(self, options) -> str:  # type: ignore[no-untyped-def]
+        # ESMTP parameters go only to a server that answered EHLO (as smtplib does).
+        return " " + " ".join(options) if options and self.does_esmtp else ""  # type: ignore[attr-defined]
 
 
 class _Relay(_PlainAddresses, smtplib.SMTP):
