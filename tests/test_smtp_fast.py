@@ -132,4 +132,4 @@ def test_sender_writes_the_commands_smtplib_writes(sink):
     # The same commands, byte for byte, SIZE= and the other parameters included
     assert wire[0] == wire[1]
     assert ("mail", "FROM:<bounces+1-x@example.com> size=20") in wire[0]
-    assert [m[0] for m in sink.messages[:3]] == ["bounces+1-x@example.com", "<>", "x y@example.com"]
+    assert [m[0] for m in sink.messages[:3]] == ["bounces+1-x@example.com", "<>", "\"x y\"@example.com"]
