@@ -4,7 +4,8 @@ Runs ``mailgw run --workers N`` as ``smtp_bench.py`` does (same home, corpus, si
 clients), with ``bench/gwhook`` on the gateway's PYTHONPATH: each thread of the gateway
 process carries its name as its OS thread name, so this script reads every thread's CPU
 time (user + system, ``/proc/PID/task/*/stat``) when the gateway is ready and again when the
-last acknowledgement has reached the sink, and prints the difference per message: the SMTP
+last acknowledgement has reached the sink, and prints the difference per message (and its
+system part, ``sys``): the SMTP
 intake (``main``: asyncio), the group commit (``intake-writer``), the sender, the scheduler
 and the pipes to the worker processes. The worker processes are not counted (see
 ``profile_worker.py``). ``--cprofile DIR`` also profiles every thread of the gateway with
@@ -38,7 +39,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def threads_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) per thread name of a process; same names are summed."""
+    """CPU seconds (user + system) per thread name of a process; same names are summed.
+    ``NAME sys`` holds the system part alone."""
     out: dict[str, float] = defaultdict(float)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -47,6 +49,7 @@ def threads_cpu(pid: int) -> dict[str, float]:
         except OSError:
             continue  # the thread ended meanwhile
         out[name] += (int(fields[11]) + int(fields[12])) / TICK
+        out[f"{name} sys"] += int(fields[12]) / TICK
     return out
 
 
@@ -137,7 +140,9 @@ def run_once(corpus: list[tuple[str, bytes]], args) -> dict[str, float]:  # type
     # The threads by role; the worker-pool pipes and APScheduler's threads are summed.
     groups = {"main": "smtp (main)", "intake-writer": "intake-writer", "sender": "sender"}
     for name, ms in per.items():
-        key = groups.get(name, "pipes" if name.startswith("worker") else "other")
+        base, _, part = name.partition(" ")
+        key = groups.get(base, "pipes" if base.startswith("worker") else "other")
+        key += f" {part}" if part else ""
         out[key] = out.get(key, 0.0) + ms
     return out
 
