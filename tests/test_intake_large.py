@@ -258,6 +258,25 @@ def test_lean_and_full_paths_write_the_same_row_for_a_large_message(home):
     assert rows[lean][[c.name for c in cols].index("state")] == "pending"
 
 
+def test_large_row_refused_by_postgresql_raises_and_stores_nothing(home):
+    import psycopg
+
+    from mailgw.intake.pipe import RawBuffer, _insert_pg_large, inbound_row
+    from mailgw.store import models as m
+
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("the libpq path is PostgreSQL's")
+    engine = home.engine()  # migrated
+    row = inbound_row(envelope(RawBuffer(_big(1_100_000, 12))))
+    row["source"] = None  # NOT NULL: the server refuses the row
+    with psycopg.connect("postgresql:" + home.store_url.split(":", 1)[1]) as conn:
+        with pytest.raises(psycopg.DatabaseError, match="null value"):
+            _insert_pg_large(conn, row)
+    with engine.connect() as c:
+        assert c.execute(select(m.Inbound.id)).first() is None
+    engine.dispose()
+
+
 def test_read_message_returns_bytes_when_small_and_a_buffer_when_large():
     import io
 

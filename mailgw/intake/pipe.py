@@ -160,7 +160,7 @@ def sqlite_insert(dbapi_conn, env: Envelope) -> int:  # type: ignore[no-untyped-
     """One envelope's inbound row on a ``sqlite3`` connection, in the caller's transaction
     (``mailgw deliver`` here; the intake writer through SQLAlchemy's connection, whose
     per-row statement handling cost more than SQLite's insert itself). The values are stored
-    as SQLAlchemy stores them (tests/test_hot_path.py compares the rows)."""
+    as SQLAlchemy stores them (tests/test_intake_rows.py compares the rows)."""
     row = inbound_row(env)
     # As SQLAlchemy stores them on SQLite: the datetime's wall time as text, JSON as text.
     row["received_at"] = row["received_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
