@@ -7,15 +7,23 @@ message over SMTP, waits until it is processed and its acknowledgement reached t
 and reports per process: resident set size when ready (baseline), peak (VmHWM) and the
 growth, as a multiple of the message size. The target (issue 8): under 3x.
 
+``--deliver`` then pipes the small message and the big one into ``mailgw deliver`` (one
+process each, as an MTA pipe runs it, with the gateway running so the store is migrated)
+and reports each invocation's peak RSS (``ru_maxrss``); the big one's growth is counted
+from the small one's peak.
+
     .venv/bin/python bench/memory.py --mb 25
+    .venv/bin/python bench/memory.py --mb 25 --deliver
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import random
 import smtplib
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +74,20 @@ WARM_UP = (b"From: Big Sender <big@customer.test>\r\nTo: support@example.com\r\n
            b"The logs follow.\r\n")
 
 
+def deliver_peak_kb(home: Path, url: str, message: bytes) -> int:
+    """Run ``mailgw deliver`` once with ``message`` on stdin; its peak RSS in KiB.
+
+    Measured by ``/usr/bin/time -f %M``: a child's ``ru_maxrss`` would include the RSS of
+    this (large) process it was forked from."""
+    env = {**os.environ, "MAILGW_HOME": str(home), "MAILGW_STORE_URL": url}
+    p = subprocess.run(["/usr/bin/time", "-f", "maxrss %M", sys.executable, "-m", "mailgw",
+                        "deliver", "--sender", "big@customer.test", "--recipient",
+                        "support@example.com"], env=env, input=message, capture_output=True)
+    if p.returncode != 0:
+        raise SystemExit(f"mailgw deliver exited {p.returncode}: {p.stderr[-500:]!r}")
+    return int(p.stderr.rsplit(b"maxrss ", 1)[1].split()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=25)
@@ -73,6 +95,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-warm", dest="warm", action="store_false",
                     help="take the baseline before any message (the first one's imports count)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="send the big message this many times (the peak over all of them)")
+    ap.add_argument("--deliver", action="store_true",
+                    help="also measure `mailgw deliver` with the small and the big message")
     args = ap.parse_args()
     import psutil
     from aiosmtpd.controller import Controller
@@ -121,9 +147,18 @@ def main() -> None:
                 send(WARM_UP, 1)
             base = {p.pid: rss_kb(p.pid) for p in procs}
             t0 = time.perf_counter()
-            state = send(raw, len(got) + 1)
+            for i in range(args.repeat):
+                # Another Message-ID each time (same size); only the first waits for its ack
+                # (the auto-reply rate limit may hold back the others).
+                one = raw.replace(b"<big.1@", f"<big.{i % 10}@".encode(), 1)
+                state = send(one, len(got) + (i == 0))
             elapsed = time.perf_counter() - t0
             peaks = {p.pid: peak_rss_kb(p.pid) for p in procs}
+            deliver = None
+            if args.deliver:
+                small_kb = deliver_peak_kb(home, url, WARM_UP)
+                big_kb = deliver_peak_kb(home, url, raw)
+                deliver = (small_kb, big_kb)
             proc.terminate()
             proc.wait(60)
             engine.dispose()
@@ -140,6 +175,12 @@ def main() -> None:
         print(f"  {role:<30} ready {cold[p.pid] / 1024:6.1f} MiB, before the message "
               f"{base[p.pid] / 1024:6.1f} MiB, peak {peaks[p.pid] / 1024:6.1f}"
               f" MiB, growth {grow:6.1f} MiB = {grow / size_mb:.2f}x the message")
+    if deliver:
+        small_kb, big_kb = deliver
+        grow = (big_kb - small_kb) / 1024
+        print(f"  {'mailgw deliver':<30} peak with the small message {small_kb / 1024:6.1f} MiB,"
+              f" with the big one {big_kb / 1024:6.1f} MiB, growth {grow:6.1f} MiB ="
+              f" {grow / size_mb:.2f}x the message")
 
 
 if __name__ == "__main__":

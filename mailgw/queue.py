@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, update
 
+from mailgw.intake.pipe import RawBuffer, sqlite_insert
 from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound
 from mailgw.types import Envelope
@@ -31,9 +32,7 @@ def now() -> datetime:
 def put_many(engine: Engine, envelopes: list[Envelope]) -> list[int]:
     """Insert envelopes in one transaction; returns their ids once committed."""
     with engine.begin() as conn:
-        # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
-        stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
-        return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())
+        return put_in(conn, envelopes)
 
 
 def put(engine: Engine, envelope: Envelope) -> int:
@@ -47,7 +46,7 @@ class GroupCommitWriter:
         self.engine = engine
         self.max_group = max_group
         self.on_commit = on_commit  # called after each commit (wakes the worker)
-        self._q: stdqueue.Queue[tuple[Envelope, Future[int]] | None] = stdqueue.Queue()
+        self._q: stdqueue.Queue[tuple[Envelope, Future[int] | _LoopFuture] | None] = stdqueue.Queue()
         self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
         self._thread.start()
 
@@ -57,7 +56,13 @@ class GroupCommitWriter:
         return fut
 
     async def aput(self, envelope: Envelope) -> int:
-        return await asyncio.wrap_future(self.submit(envelope))
+        # An asyncio future, answered with the rest of its group in one callback on its
+        # loop: one wake-up of the loop a commit instead of one a message (a thread-safe
+        # call per future is a write to the loop's self-pipe, in both threads' CPU).
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._q.put((envelope, _LoopFuture(loop, fut)))
+        return await fut
 
     def close(self) -> None:
         """Commit everything already submitted, then stop."""
@@ -81,14 +86,27 @@ class GroupCommitWriter:
                     stopping = True
                     break
                 group.append(nxt)
+            answers: list[tuple[Future[int] | _LoopFuture, int | None, BaseException | None]] = []
             try:
-                self._commit(group)
+                self._commit(group, answers)
             except Exception:  # noqa: BLE001 - logged; the callers were already answered
                 log.exception("intake writer: unexpected error")
+            finally:
+                _answer(answers)
             if self.on_commit:
                 self.on_commit()
 
-    def _commit(self, group: list[tuple[Envelope, Future[int]]]) -> None:
+    def _commit(self, group: list, answers: list) -> None:  # type: ignore[type-arg]
+        if len(group) > 1 and any(isinstance(env.raw, RawBuffer) for env, _ in group):
+            # A large message's buffer is emptied once its bytes are in the row, so it
+            # cannot be written a second time: it gets a transaction of its own, which no
+            # other message's failure rolls back.
+            for one in group:
+                if isinstance(one[0].raw, RawBuffer):
+                    self._commit([one], answers)
+            group = [one for one in group if not isinstance(one[0].raw, RawBuffer)]
+            if not group:
+                return
         try:
             ids = put_many(self.engine, [env for env, _ in group])
         except Exception as exc:
@@ -96,13 +114,47 @@ class GroupCommitWriter:
                 # One bad envelope (a value the database refuses) must not fail the others:
                 # commit them one by one, so only that message is answered 451.
                 for one in group:
-                    self._commit([one])
+                    self._commit([one], answers)
                 return
             log.exception("inbound queue commit failed")
-            _settle(group[0][1], exc=exc)
+            answers.append((group[0][1], None, exc))
             return
-        for (_, fut), inbound_id in zip(group, ids, strict=True):
-            _settle(fut, result=inbound_id)
+        answers += [(fut, inbound_id, None) for (_, fut), inbound_id in zip(group, ids, strict=True)]
+
+
+class _LoopFuture:
+    """An asyncio future waiting in the writer's queue, with the loop it belongs to."""
+
+    __slots__ = ("loop", "fut")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[int]):
+        self.loop, self.fut = loop, fut
+
+
+def _answer(answers: list) -> None:  # type: ignore[type-arg]
+    """Answer the callers of a group: thread futures at once, asyncio futures in one callback
+    per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}  # type: ignore[type-arg]
+    for waiter, result, exc in answers:
+        if isinstance(waiter, _LoopFuture):
+            by_loop.setdefault(waiter.loop, []).append((waiter.fut, result, exc))
+        else:
+            _settle(waiter, result=result, exc=exc)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_in_loop, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle_in_loop(items: list) -> None:  # type: ignore[type-arg]
+    for fut, result, exc in items:
+        if fut.done():  # cancelled: the client hung up; the row is committed anyway
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 def _settle(fut: Future[int], *, result: int | None = None, exc: BaseException | None = None) -> None:
@@ -133,5 +185,13 @@ def put_in(conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-unt
     rows with them); durable once the caller commits. Returns the ids in order."""
     if not envelopes:
         return []
+    if conn.dialect.name == "sqlite":
+        # Row by row through the driver, in this transaction: SQLAlchemy cannot return the
+        # ids of a multi-row INSERT in order on SQLite and ran one statement a row anyway,
+        # at several times the cost of SQLite's insert (bench/RESULTS.md). A large message
+        # is written in pieces (mailgw/intake/pipe.py ``RawBuffer``).
+        dbapi_conn = conn.connection.driver_connection
+        return [sqlite_insert(dbapi_conn, env) for env in envelopes]
+    # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
     stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
     return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())

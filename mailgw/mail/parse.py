@@ -85,7 +85,8 @@ def looks_like_mail(raw: bytes) -> bool:
     """True when ``raw`` starts with an RFC 5322 header block, i.e. is an email at all."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         return False
-    return _header_start(bytes(raw)) >= 0
+    # bytes and bytearray are scanned where they are (a large message is not copied).
+    return _header_start(raw if isinstance(raw, (bytes, bytearray)) else bytes(raw)) >= 0
 
 
 # --- Charsets -----------------------------------------------------------------------------

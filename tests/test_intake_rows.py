@@ -1,0 +1,51 @@
+"""The intake's inbound rows on SQLite are written through the driver (mailgw/intake/pipe.py
+``sqlite_insert``): they must be the rows SQLAlchemy's own INSERT writes, value for value."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from sqlalchemy import insert, select
+
+from mailgw.types import Envelope
+
+
+def _envelopes() -> list[Envelope]:
+    berlin = timezone(timedelta(hours=1))
+    return [
+        Envelope(raw=b"Subject: a\r\n\r\n\xff\x00 8-bit\r\n", mail_from="", source="smtp",
+                 rcpt_tos=("support@example.com",), received_at=datetime(2026, 11, 27, 3, 4, 5, 6, tzinfo=UTC),
+                 source_ref="127.0.0.1:4242"),
+        Envelope(raw=b"Subject: b\r\n\r\nx\r\n", mail_from=None, source="pipe",
+                 rcpt_tos=("jürgen@example.com", "billing@example.com"), queue="billing",
+                 received_at=datetime(2026, 1, 2, 23, 59, 59, 999999, tzinfo=berlin)),
+        Envelope(raw=b"", mail_from="a\u00e9@b.test", source="imap", rcpt_tos=(),
+                 received_at=datetime(2026, 11, 27, 0, 0, tzinfo=UTC), source_ref="box/1/2"),
+    ]
+
+
+def test_rows_written_by_the_driver_equal_sqlalchemys(home):
+    from mailgw.intake.pipe import inbound_row
+    from mailgw.queue import put_many
+    from mailgw.store import models as m
+
+    engine = home.engine()
+    envs = _envelopes()
+    # Given the same envelopes stored by SQLAlchemy's INSERT and by the intake's path
+    with engine.begin() as c:
+        reference = [c.execute(insert(m.Inbound).values(inbound_row(e)).returning(m.Inbound.id))
+                     .scalar_one() for e in envs]
+    ours = put_many(engine, envs)
+    # Then the rows read back the same (through the models and as stored)
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"]
+    with engine.connect() as c:
+        rows = {r.id: tuple(r[1:]) for r in c.execute(select(m.Inbound.id, *cols))}
+        stored = {r[0]: tuple(r[1:]) for r in c.exec_driver_sql(
+            f"SELECT id, {', '.join(col.name for col in cols)} FROM inbound")}
+    engine.dispose()
+    assert len(rows) == 6 and ours != reference
+    for ref, got in zip(reference, ours, strict=True):
+        assert rows[ref] == rows[got]
+        assert stored[ref] == stored[got]
+    assert rows[ours[1]][[c.name for c in cols].index("rcpt_tos")] == [
+        "jürgen@example.com", "billing@example.com"]
