@@ -59,6 +59,8 @@ class LoopCounts:
         self.window_hours = window_hours
         self.since = at - timedelta(hours=window_hours)
         self._stored_rcpt: dict[str, int] = {}
+        self._holds: dict[str, tuple[datetime, str] | None] = {}  # address -> (until, reason)
+        self._at = at
         self._stored_ticket: dict[int, int] = {}
         self._new_tickets = new_tickets
         self.rcpt: Counter[str] = Counter()
@@ -77,6 +79,24 @@ class LoopCounts:
                 t.c.recipient.in_(todo), t.c.created_at >= self.since).group_by(t.c.recipient)
         ):
             self._stored_rcpt[rcpt] = n
+        h = m.AddressHold.__table__
+        for r in todo:
+            self._holds.setdefault(r, None)
+        for address, until, reason in session.connection().execute(
+                select(h.c.address, h.c.until, h.c.reason).where(
+                    h.c.address.in_(todo), h.c.until > self._at)):
+            self._holds[address] = (until, reason)
+
+    def hold_for(self, session: Session, recipient: str) -> tuple[datetime, str] | None:
+        """The hold on automatic mail to ``recipient`` (mailgw.loops), from the batch's one
+        query or, for an address it did not foresee, one look-up by key."""
+        if recipient not in self._holds:
+            h = m.AddressHold.__table__
+            found = session.connection().execute(
+                select(h.c.until, h.c.reason).where(h.c.address == recipient,
+                                                   h.c.until > self._at)).first()
+            self._holds[recipient] = (found[0], found[1]) if found else None
+        return self._holds[recipient]
 
     def for_recipient(self, session: Session, recipient: str) -> int:
         stored = self._stored_rcpt.get(recipient)

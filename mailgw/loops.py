@@ -8,12 +8,14 @@ address (``PostmasterMaxEmails``); we count per recipient address and per ticket
 sliding window (``loop_protection`` in config/mailgw.yaml). Each count is one indexed
 COUNT on the ``auto_replies`` table, written in the same transaction as the mail; in the
 worker's batch (``mailgw.batch``) the counts are kept in memory for the batch and the
-store is asked once per recipient and ticket.
+store is asked once per recipient and ticket. An address held after a permanent bounce or
+an abuse complaint (``address_holds``, mailgw.machine_mail) gets no automatic mail at all
+until the hold ends.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
@@ -34,6 +36,17 @@ def limit_reason(session: Session, cfg: LoopProtection, recipient: str,
     batch = batch_of(session)
     counts = batch.loops if batch is not None and batch.loops.window_hours == cfg.window_hours \
         else None
+    # An address our mail bounced from, or that complained (mailgw.machine_mail).
+    if counts is not None:
+        hold = counts.hold_for(session, recipient)
+    else:
+        found = session.execute(select(m.AddressHold.until, m.AddressHold.reason).where(
+            m.AddressHold.address == recipient, m.AddressHold.until > now())).first()
+        hold = (found[0], found[1]) if found else None
+    if hold is not None:
+        until = hold[0] if hold[0].tzinfo else hold[0].replace(tzinfo=UTC)
+        return (f"automatic mail to {recipient} is held until "
+                f"{until.astimezone(UTC):%Y-%m-%d %H:%M} UTC: {hold[1]}")
     if counts is not None:
         # The worker's batch: the store's counts before it plus its own (mailgw/batch.py).
         sent = counts.for_recipient(session, recipient)
@@ -70,4 +83,5 @@ def prune(engine: Engine, cfg: LoopProtection) -> int:
     with Session(engine) as s, s.begin():
         result = s.execute(delete(m.AutoReply).where(
             m.AutoReply.created_at < now() - timedelta(hours=cfg.window_hours)))
+        s.execute(delete(m.AddressHold).where(m.AddressHold.until <= now()))
     return result.rowcount or 0

@@ -19,6 +19,7 @@ answer. Our own mail coming back (``own_loop``) is recorded the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from mailgw.mail.classify import Classification, Ours
 from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
-from mailgw.settings import Settings, per_settings
+from mailgw.settings import LoopProtection, Settings, per_settings
 from mailgw.store import models as m
 from mailgw.types import ParsedMail
 
@@ -70,9 +71,35 @@ def _target(session: Session, cls: Classification) -> tuple[m.Article | None, st
     return None, ""
 
 
+def _hold(session: Session, addresses: list[str], kind: str, reason: str, days: float,
+          at: datetime, article_id: int) -> list[str]:
+    """Hold automatic mail to ``addresses`` for ``days`` (a later hold replaces an earlier
+    one: the newest evidence counts). Returns the addresses held."""
+    if days <= 0 or not addresses:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    until = at + timedelta(days=days)
+    for address in addresses:
+        stmt = insert(m.AddressHold).values(address=address, kind=kind, reason=reason[:2000],
+                                            until=until, created_at=at, article_id=article_id)
+        session.execute(stmt.on_conflict_do_update(
+            index_elements=["address"],
+            set_={"kind": kind, "reason": reason[:2000], "until": until, "created_at": at,
+                  "article_id": article_id}))
+    return addresses
+
+
+def _sent_to(target: m.Article) -> set[str]:
+    return {a.strip().lower() for a in (target.to_addrs or "").split(",") if a.strip()}
+
+
 def handle_machine_mail(session: Session, row: m.Inbound, mail: ParsedMail,
                         cls: Classification, store_article: Callable[..., m.Article],
-                        event: Callable[..., None]) -> bool:
+                        event: Callable[..., None],
+                        loop: LoopProtection | None = None) -> bool:
     """Handle reports and returning mail of ours; False leaves the message to the normal path."""
     if cls.kind not in (*_REPORTS, "own_loop") and cls.verp_article_id is None:
         return False
@@ -106,6 +133,23 @@ def handle_machine_mail(session: Session, row: m.Inbound, mail: ParsedMail,
         target.delivery_error = detail[:2000]
         event(session, "delivery_failed", row, ticket, target, by=how, bounce_article=article.id,
               **summary)
+        # A permanent failure for an address we did send this mail to: no automatic mail to
+        # it for a while (a bounce naming other addresses holds nothing).
+        permanent = sorted({r.address.lower() for r in failed if r.permanent} & _sent_to(target))
+        if loop is not None and permanent:
+            held = _hold(session, permanent, "bounce", f"our mail bounced: {detail}",
+                         loop.bounce_hold_days, stamp, target.id)
+            if held:
+                event(session, "address_held", row, ticket, target, addresses=held,
+                      kind="bounce", days=loop.bounce_hold_days)
+    elif cls.kind == "feedback_report" and loop is not None:
+        # An abuse complaint (ARF) about mail we sent: its recipient does not want it.
+        held = _hold(session, sorted(_sent_to(target)), "complaint",
+                     f"abuse complaint about our article {target.id}",
+                     loop.complaint_hold_days, stamp, target.id)
+        if held:
+            event(session, "address_held", row, ticket, target, addresses=held,
+                  kind="complaint", days=loop.complaint_hold_days)
     elif cls.kind == "delay":
         event(session, "delivery_delayed", row, ticket, target, by=how, **summary)
     event(session, "machine_mail_attached", row, ticket, article, by=how, target_article=target.id,

@@ -130,7 +130,8 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     # open a ticket: they attach to the ticket of the mail they refer to, or are recorded.
     cls = classify(mail, row.mail_from, raw=row.raw, rcpt_tos=row.rcpt_tos,
                    ours=ours_for(settings))
-    if handle_machine_mail(session, row, mail, cls, _store_article, _event):
+    if handle_machine_mail(session, row, mail, cls, _store_article, _event,
+                           loop=settings.loop_protection):
         return
     # Agents' answers, notes and commands by signed reply address (docs/agent-mail.md).
     if handle_agent_mail(session, row, mail, cls, settings, ctx.renderer):

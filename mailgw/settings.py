@@ -270,6 +270,12 @@ class LoopProtection(_Strict):
     max_per_sender: int = Field(default=40, ge=0)  # per recipient address and window (OTRS: 40)
     max_per_ticket: int = Field(default=20, ge=0)  # per ticket and window
     window_hours: float = Field(default=24.0, gt=0)
+    # No automatic mail to an address our mail bounced from permanently (5.x.x), or whose
+    # owner reported our mail as abuse (ARF), for this many days; 0: no hold.
+    bounce_hold_days: float = Field(default=7.0, ge=0)
+    complaint_hold_days: float = Field(default=365.0, ge=0)
+
+
 class OAuth2(_Strict):
     """XOAUTH2 bearer token: printed by ``token_command`` or read from ``token_file``; plain
     text, or JSON with ``access_token`` and ``expires_in`` (seconds) or ``expires_at`` (epoch)."""

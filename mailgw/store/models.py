@@ -237,6 +237,19 @@ class Outbox(Base):
     )
 
 
+class AddressHold(Base):
+    """An address that gets no automatic mail until ``until`` (mailgw.loops): our mail to it
+    bounced permanently, or its owner reported our mail as abuse (docs/machine-mail.md)."""
+
+    __tablename__ = "address_holds"
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # bounce | complaint
+    reason: Mapped[str] = mapped_column(Text)
+    until: Mapped[datetime]
+    created_at: Mapped[datetime]
+    article_id: Mapped[int | None] = mapped_column(BigId)  # our mail that bounced
+
+
 class AutoReply(Base):
     """One automatic mail we sent: what the loop protection counts (mailgw.loops)."""
 
