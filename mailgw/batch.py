@@ -87,6 +87,10 @@ class LoopCounts:
                     h.c.address.in_(todo), h.c.until > self._at)):
             self._holds[address] = (until, reason)
 
+    def held(self, address: str, until: datetime, reason: str) -> None:
+        """A hold made in this batch (a bounce earlier in it): later messages see it."""
+        self._holds[address] = (until, reason)
+
     def hold_for(self, session: Session, recipient: str) -> tuple[datetime, str] | None:
         """The hold on automatic mail to ``recipient`` (mailgw.loops), from the batch's one
         query or, for an address it did not foresee, one look-up by key."""

@@ -343,6 +343,8 @@ def tickets_state(obj: Obj, number: str, state: str) -> None:
         old, stamp = t.state, now()
         t.state, t.updated_at = state, stamp
         t.closed_at = stamp if state == "closed" else None
+        # Only #pending sets a pending time; any other state change ends the old one.
+        t.pending_until = t.pending_action = None
         s.add(Event(type="state_changed", ticket_id=t.id, created_at=stamp,
                     data={"old": old, "new": state, "reason": "mailgw tickets state"}))
         if old != state:  # the SLA clocks pause, resume or stop with the state

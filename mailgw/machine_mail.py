@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailgw.batch import batch_of
 from mailgw.mail.classify import Classification, Ours
 from mailgw.outbound.verp import signer_for
 from mailgw.queue import now
@@ -82,7 +83,10 @@ def _hold(session: Session, addresses: list[str], kind: str, reason: str, days: 
     else:
         from sqlalchemy.dialects.sqlite import insert
     until = at + timedelta(days=days)
+    batch = batch_of(session)
     for address in addresses:
+        if batch is not None:  # the batch's later messages must see it (its cached holds)
+            batch.loops.held(address, until, reason[:2000])
         stmt = insert(m.AddressHold).values(address=address, kind=kind, reason=reason[:2000],
                                             until=until, created_at=at, article_id=article_id)
         session.execute(stmt.on_conflict_do_update(

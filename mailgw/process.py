@@ -190,6 +190,8 @@ def process(session: Session, row: m.Inbound, ctx: Context,
         old = ticket.state
         if ticket.state in ("closed", "pending") and not auto:
             ticket.state, ticket.closed_at = "open", None
+            # A pending time (and #pending … close) was about the state the customer ended.
+            ticket.pending_until = ticket.pending_action = None
             _event(session, "state_changed", row, ticket, old=old, new="open",
                    reason="customer follow-up")
         ticket.updated_at = stamp

@@ -123,3 +123,17 @@ def test_an_abuse_complaint_holds_automatic_mail_for_a_year(home):
     h.drain()
     assert len(acks_to(h, "alice@customer.test")) == 1
     h.close()
+
+
+def test_a_hold_made_earlier_in_the_same_batch_counts(home):
+    """The bounce and the customer's next mail in one worker batch: the batch's cached holds
+    learn of the new one."""
+    h = Harness(home)
+    ack = first_ack(h)
+    h.put(dsn(ack.mail_from, "alice@customer.test", ack.message_id), rcpt=ack.mail_from,
+          mail_from="")
+    h.put(mail("Another problem", sender="alice@customer.test", msgid="2.alice"))
+    h.drain()
+    assert "alice@customer.test" in holds(h) and len(h.tickets()) == 2
+    assert len(acks_to(h, "alice@customer.test")) == 1
+    h.close()

@@ -252,10 +252,10 @@ def test_wake_pending_job_commits_and_clears_stale_reminders(desk):
     past = datetime.now(UTC) - timedelta(hours=2)
     assert desk.run(tid, "alice", "#pending 1h", at=past)[0].ok
     assert desk.run(other, "alice", "#pending 1h", at=past)[0].ok
-    # the customer answers the other one: the worker reopens it, its reminder is stale
+    # the customer answers the other one: the worker reopens it and ends its reminder
     desk.h.put(mail(f"Re: other [Ticket#{desk.get(other).number}]", sender="o@customer.test"))
     desk.h.drain()
-    assert desk.get(other).state == "open" and desk.get(other).pending_until is not None
+    assert desk.get(other).state == "open" and desk.get(other).pending_until is None
     assert ac.wake_pending_job(desk.h.engine, desk.settings) == 1
     assert desk.get(tid).state == "open"
     assert desk.get(other).pending_until is None  # cleared, not "woken" a second time
@@ -521,3 +521,22 @@ def test_agent_commands_setting_is_checked(home):
                        "commands": ["#Close", "tag", "untag", "Reopen", "note"]}]
     home.write_config(data)
     assert home.settings().agent("x").commands == ["close", "tag", "open"]
+
+
+def test_a_state_set_otherwise_ends_the_pending_time(desk):
+    """Only #pending sets a pending time: a customer's reopen, `mailgw tickets state` and a
+    filter rule's state end it, so an old "#pending … close" cannot close the ticket later
+    when something else sets it pending again."""
+    tid = desk.ticket("other", sender="o@customer.test")
+    past = datetime.now(UTC) - timedelta(hours=2)
+    assert desk.run(tid, "alice", "#pending 1h close", at=past)[0].ok
+    desk.h.put(mail(f"Re: other [Ticket#{desk.get(tid).number}]", sender="o@customer.test"))
+    desk.h.drain()
+    t = desk.get(tid)
+    assert (t.state, t.pending_until, t.pending_action) == ("open", None, None)
+    assert desk.run(tid, "alice", "#pending 1h close", at=past)[0].ok
+    desk.h.home.cli("tickets", "state", desk.get(tid).number, "pending", check=True)
+    t = desk.get(tid)
+    assert (t.state, t.pending_until, t.pending_action) == ("pending", None, None)
+    assert ac.wake_pending_job(desk.h.engine, desk.settings) == 0
+    assert desk.get(tid).state == "pending"

@@ -96,6 +96,8 @@ def apply_decision(session: Session, settings: Settings, row: m.Inbound, ticket:
     if "sla" in changes:
         # The SLA clocks (mailgw/sla) keep a rule's choice over slas: applies_to.
         ticket.sla_reason = f"rule {decision.set_by.get('sla')}"
+    if "state" in changes:  # only #pending sets a pending time; a rule's state ends it
+        ticket.pending_until = ticket.pending_action = None
     if decision.state == "closed" and ticket.closed_at is None:
         ticket.closed_at = datetime.now(UTC)
     if decision.tags:
