@@ -90,26 +90,6 @@ def _local(cal: Calendar, dt: datetime | None) -> str | None:
     return f"{t.year}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d} {t.tzname() or ''}"
 
 
-def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
-    """The first message of each ticket (one query for a batch): notices reply to it, so
-    agents' clients file them in the ticket's thread.
-
-    One pass over the tickets' articles through ``ix_articles_ticket_id``: PostgreSQL's
-    ``DISTINCT ON``, SQLite's min() whose bare columns come from the row with the minimum
-    (documented SQLite behaviour). A join on ``min(id)`` let PostgreSQL's planner scan all
-    articles, which grows with the store."""
-    if not ticket_ids:
-        return {}
-    a = m.Article
-    has_id = (a.ticket_id.in_(ticket_ids), a.message_id.is_not(None))
-    if session.get_bind().dialect.name == "postgresql":
-        q = (select(a.ticket_id, a.message_id).where(*has_id)
-             .distinct(a.ticket_id).order_by(a.ticket_id, a.id))
-        return dict(session.execute(q).tuples().all())
-    q = select(a.ticket_id, a.message_id, func.min(a.id)).where(*has_id).group_by(a.ticket_id)
-    return {t: mid for t, mid, _ in session.execute(q)}
-
-
 def template_for(level: SlaLevel) -> str:
     if level.template:
         return level.template

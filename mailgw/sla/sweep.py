@@ -33,7 +33,7 @@ from mailgw.outbound.render import Renderer
 from mailgw.queue import now as utcnow
 from mailgw.settings import Settings, Sla, SlaActions, SlaLevel
 from mailgw.sla.clocks import calendar_for, schedule
-from mailgw.sla.notices import Prepared, prepare, recipients, roots, store, template_for
+from mailgw.sla.notices import Prepared, prepare, recipients, store, template_for
 from mailgw.sla.select import sla_by_name
 from mailgw.store import models as m
 from mailgw.types import aware
@@ -45,7 +45,7 @@ RETRY_FAILED = timedelta(minutes=5)
 # Batches per sweep at most: a sweep ends when nothing is due, this only bounds a bug.
 _MAX_BATCHES = 10_000
 # Batches rolled back for a guard row found only at the INSERT, before a sweep gives up (the
-# next sweep tries again): a guard row that _notified cannot see would otherwise spin.
+# next sweep tries again): a guard row that the claim cannot see would otherwise spin.
 _MAX_RACED = 3
 _GUARD_INDEX = "uq_sla_notices_clock_level"  # the unique (clock_id, level) index
 
@@ -94,21 +94,9 @@ def _schedule(clock: m.SlaClock, sla: Sla, cal: Calendar) -> None:
     schedule(clock, sla, cal)
 
 
-def _notified(session: Session, due: list[_Due]) -> set[tuple[int, int]]:
-    """The (clock_id, level) pairs of ``due`` that have their guard row already (one query
-    through ``uq_sla_notices_clock_level``): notified before, though the clock had not moved
-    on. Normally none."""
-    if not due:
-        return set()
-    wanted = {(d.clock.id, d.index) for d in due}
-    q = (select(m.SlaNotice.clock_id, m.SlaNotice.level)
-         .where(m.SlaNotice.clock_id.in_({c for c, _ in wanted})))
-    return {(c, lv) for c, lv in session.execute(q)} & wanted
-
-
 class _Raced(Exception):
     """A guard row this batch meant to insert was there at the INSERT (another transaction
-    committed it after ``_notified`` looked): the batch is rolled back and claimed again."""
+    committed it after the claim looked): the batch is rolled back and claimed again."""
 
 
 def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -231,21 +219,44 @@ class Sweeper:
         result.batches += 1 if claimed else 0
         return claimed
 
+    def _claim(self, s: Session, at: datetime) -> list[tuple[m.SlaClock, m.Ticket | None,
+                                                            bool, str | None]]:
+        """The batch in one statement: the due clocks (oldest first; on PostgreSQL locked,
+        skipping those another sweeper holds), each with its ticket, whether the guard row
+        of its next level exists already (normally not: notified before, though the clock
+        had not moved on) and the Message-ID of the ticket's first message (a notice replies to it, so agents'
+        clients file it in the ticket's thread)."""
+        c, t, a, n = m.SlaClock, m.Ticket, m.Article, m.SlaNotice
+        notified = (select(n.id).where(n.clock_id == c.id, n.level == c.next_level)
+                    .exists())
+        root = (select(a.message_id).where(a.ticket_id == c.ticket_id,
+                                           a.message_id.is_not(None))
+                .order_by(a.id).limit(1).scalar_subquery())
+        q = (select(c, t, notified, root).outerjoin(t, t.id == c.ticket_id)
+             .where(c.next_notice_at.is_not(None), c.next_notice_at <= at)
+             .order_by(c.next_notice_at).limit(self.batch_size))
+        if self._pg:
+            q = q.with_for_update(skip_locked=True, of=c)
+        return [tuple(r) for r in s.execute(q)]  # type: ignore[misc]
+
     def _tick(self, at: datetime, result: SweepResult) -> int:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
-            q = (select(m.SlaClock)
-                 .where(m.SlaClock.next_notice_at.is_not(None), m.SlaClock.next_notice_at <= at)
-                 .order_by(m.SlaClock.next_notice_at).limit(self.batch_size))
-            if self._pg:
-                q = q.with_for_update(skip_locked=True)
-            clocks = list(s.scalars(q))
-            if not clocks:
+            claimed = self._claim(s, at)
+            if not claimed:
                 return 0
-            tickets = {t.id: t for t in s.scalars(
-                select(m.Ticket).where(m.Ticket.id.in_({c.ticket_id for c in clocks})))}
-            due = [d for c in clocks
-                   if (d := self._decide(c, tickets.get(c.ticket_id), at, result)) is not None]
-            before = _notified(s, due)
+            due: list[_Due] = []
+            before: set[tuple[int, int]] = set()
+            root: dict[int, str] = {}
+            for clock, ticket, notified, first in claimed:
+                level = clock.next_level
+                d = self._decide(clock, ticket, at, result)
+                if d is None:
+                    continue
+                due.append(d)
+                if notified:
+                    before.add((clock.id, level))
+                if first is not None:
+                    root[d.ticket.id] = first
             for d in due:
                 # Advance first: whatever the actions make the SLA code do to this clock
                 # (ticket_changed) has the last word on it.
@@ -256,8 +267,9 @@ class Sweeper:
                     # (something rewound next_level). Never twice.
                     log.warning("SLA clock %s level %s was notified before; not again",
                                 d.clock.id, d.index)
-            self._fire(s, [d for d in due if (d.clock.id, d.index) not in before], at, result)
-        return len(clocks)
+            self._fire(s, [d for d in due if (d.clock.id, d.index) not in before], at, result,
+                       root)
+        return len(claimed)
 
     def _decide(self, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
                 result: SweepResult) -> _Due | None:
@@ -306,9 +318,10 @@ class Sweeper:
             return None
         return _Due(clock, ticket, sla, cal, hours, clock.next_level, level, reached, due)
 
-    def _fire(self, s: Session, due: list[_Due], at: datetime, result: SweepResult) -> None:
-        """Actions, mails, guard rows and events for the levels that fire."""
-        root = roots(s, {d.ticket.id for d in due})
+    def _fire(self, s: Session, due: list[_Due], at: datetime, result: SweepResult,
+              root: dict[int, str]) -> None:
+        """Actions, mails, guard rows and events for the levels that fire; ``root``: the
+        first Message-ID of each ticket."""
         mails: list[Prepared] = []
         fired: list[tuple[_Due, dict[str, Any], Prepared | None]] = []
         for d in due:
