@@ -156,31 +156,41 @@ def prepare(settings: Settings, renderer: Renderer, *, ticket: m.Ticket, clock: 
     return Prepared(ticket.id, to, template, message_id, queue.from_address, raw, article)
 
 
-def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
-    """Insert the notices' articles and outbox rows, a statement each for the whole batch;
-    sets ``article_id`` and ``outbox_id`` on each.
+def number(session: Session, notices: list[Prepared]) -> None:
+    """Take the ids of the notices' articles and outbox rows (``allocate_ids``, one
+    statement) and set ``article_id`` and ``outbox_id`` on each, before ``store``.
 
-    The ids are taken first (``allocate_ids``) and the rows inserted with them, without
-    RETURNING: SQLite cannot return the ids of a multi-row INSERT in order, so SQLAlchemy
-    would send it a statement per row, and each outbox row needs its article's id for VERP."""
+    The ids are taken first and the rows inserted with them, without RETURNING: SQLite
+    cannot return the ids of a multi-row INSERT in order, so SQLAlchemy would send it a
+    statement per row, and each outbox row needs its article's id for VERP."""
     if not notices:
         return
     article_ids, outbox_ids = allocate_ids(
         session, (m.Article.__table__, m.Outbox.__table__), len(notices))
-    signer = signer_for(settings)
-    articles, rows = [], []
     for n, article_id, outbox_id in zip(notices, article_ids, outbox_ids, strict=True):
         n.article_id, n.outbox_id = article_id, outbox_id
+
+
+def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
+    """Insert the numbered (``number``) notices' articles and outbox rows, a statement each
+    for the whole batch. Reads no result, so it can run in a PostgreSQL pipeline."""
+    if not notices:
+        return
+    signer = signer_for(settings)
+    articles, rows = [], []
+    for n in notices:
+        article_id = n.article_id
+        assert article_id is not None, "number() the notices first"
         articles.append({"id": article_id, **n.article})
         # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
         envelope_from = (signer.verp_address(article_id, n.from_address) if signer.verp
                          else n.from_address)
-        rows.append(dict(id=outbox_id, ticket_id=n.ticket_id, article_id=article_id,
+        rows.append(dict(id=n.outbox_id, ticket_id=n.ticket_id, article_id=article_id,
                          mail_from=envelope_from, rcpt_tos=n.to, message_id=n.message_id,
                          raw=n.raw, state="pending", attempts=0, next_attempt_at=at,
                          created_at=at))
-    session.execute(insert(m.Article.__table__), articles)
-    session.execute(insert(m.Outbox.__table__), rows)
+    session.execute(insert(m.Article.__table__).inline(), articles)  # ids given: no RETURNING
+    session.execute(insert(m.Outbox.__table__).inline(), rows)
 
 
 def allocate_ids(session: Session, tables: tuple[Table, ...], count: int) -> list[list[int]]:
