@@ -24,9 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw import ticket_events
 from mailgw.assign import choose_owner
@@ -126,6 +127,26 @@ def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
     if inserted != len(rows):
         raise _Raced(f"{len(rows) - inserted} of {len(rows)} notices were sent by another "
                      "transaction")
+
+
+_ADVANCED = ("next_level", "next_notice_at", "breached_at")
+
+
+def _advance(session: Session, clocks: list[m.SlaClock]) -> None:
+    """UPDATE the fired clocks' level, next notice and breach (one executemany, which
+    reads no result: it can go in ``_writes``' pipeline, where the ORM's flush, which checks
+    each row count, cannot), then tell the ORM these values are stored, so its flush at
+    the commit leaves them out (it still writes anything else that changed)."""
+    if not clocks:
+        return
+    t = m.SlaClock.__table__
+    stmt = (update(t).where(t.c.id == bindparam("clock_id"))
+            .values({c: bindparam(f"new_{c}") for c in _ADVANCED}))
+    session.execute(stmt, [{"clock_id": c.id, **{f"new_{a}": getattr(c, a) for a in _ADVANCED}}
+                           for c in clocks])
+    for c in clocks:
+        for a in _ADVANCED:
+            set_committed_value(c, a, getattr(c, a))
 
 
 @contextmanager
@@ -376,8 +397,9 @@ class Sweeper:
                                   f"{d.level.percent}%")
         number(s, mails)
         with _writes(s):
-            # the articles' and outbox rows' INSERTs go out while the guard rows and events
-            # are put together
+            # The fired clocks' UPDATE and the articles' and outbox rows' INSERTs go out
+            # while the guard rows and events are put together.
+            _advance(s, [d.clock for d, _, _ in fired])
             store(s, self.settings, mails, at)
             notices, events = [], []
             for d, done, mail in fired:
