@@ -133,10 +133,11 @@ _ADVANCED = ("next_level", "next_notice_at", "breached_at")
 
 
 def _advance(session: Session, clocks: list[m.SlaClock]) -> None:
-    """UPDATE the fired clocks' level, next notice and breach (one executemany, which
-    reads no result: it can go in ``_writes``' pipeline, where the ORM's flush, which checks
-    each row count, cannot), then tell the ORM these values are stored, so its flush at
-    the commit leaves them out (it still writes anything else that changed)."""
+    """UPDATE the fired clocks' level, next notice and breach (one Core executemany,
+    without the ORM flush's per-object bookkeeping and row-count check: the rows are the
+    claimed ones, locked or under SQLite's write lock), then tell the ORM these values are
+    stored, so its flush at the commit leaves them out (it still writes anything else that
+    changed)."""
     if not clocks:
         return
     t = m.SlaClock.__table__
@@ -397,8 +398,6 @@ class Sweeper:
                                   f"{d.level.percent}%")
         number(s, mails)
         with _writes(s):
-            # The fired clocks' UPDATE and the articles' and outbox rows' INSERTs go out
-            # while the guard rows and events are put together.
             _advance(s, [d.clock for d, _, _ in fired])
             store(s, self.settings, mails, at)
             notices, events = [], []
