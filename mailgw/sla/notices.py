@@ -173,7 +173,7 @@ def number(session: Session, notices: list[Prepared]) -> None:
 
 def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
     """Insert the numbered (``number``) notices' articles and outbox rows, a statement each
-    for the whole batch. Reads no result, so it can run in a PostgreSQL pipeline."""
+    for the whole batch."""
     if not notices:
         return
     signer = signer_for(settings)

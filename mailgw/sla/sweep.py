@@ -152,22 +152,13 @@ def _advance(session: Session, clocks: list[m.SlaClock]) -> None:
 
 @contextmanager
 def _writes(session: Session) -> Iterator[None]:
-    """The batch's INSERTs. On PostgreSQL in one psycopg pipeline: the statements go out
-    without waiting for each other's results (one Sync at the end), so the server inserts
-    one table's rows while this process prepares the next table's. A unique violation of
-    the guard index (reported by whichever statement or the Sync reads it) is ``_Raced``."""
-    if session.get_bind().dialect.name != "postgresql":
-        yield
-        return
-    import psycopg
-
-    driver = session.connection().connection.driver_connection
+    """Around the batch's INSERTs: on PostgreSQL a unique violation of the guard index is
+    ``_Raced``. (Not in one psycopg pipeline: tried, and at 1,000,000 tickets some
+    processes then stalled 100 ms in each batch's writes, bench/RESULTS.md.)"""
     try:
-        with driver.pipeline():  # type: ignore[union-attr]
-            yield
-    except (IntegrityError, psycopg.errors.UniqueViolation) as exc:
-        orig = getattr(exc, "orig", exc)
-        diag = getattr(orig, "diag", None)
+        yield
+    except IntegrityError as exc:
+        diag = getattr(exc.orig, "diag", None)
         if getattr(diag, "constraint_name", None) == _GUARD_INDEX:
             raise _Raced(f"{diag.message_detail} (sent by another transaction)") from exc
         raise
