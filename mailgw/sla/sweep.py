@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -206,6 +206,22 @@ def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, action
     return changes, notes
 
 
+def claim_query(at: datetime, batch_size: int, pg: bool) -> Select[Any]:
+    """A batch in one statement: the due clocks (oldest first; on PostgreSQL locked,
+    skipping those another sweeper holds), each with its ticket, whether the guard row of
+    its next level exists already (normally not: notified before, though the clock had not
+    moved on) and the Message-ID of the ticket's first message (a notice replies to it, so
+    agents' clients file it in the ticket's thread)."""
+    c, t, a, n = m.SlaClock, m.Ticket, m.Article, m.SlaNotice
+    notified = select(n.id).where(n.clock_id == c.id, n.level == c.next_level).exists()
+    root = (select(a.message_id).where(a.ticket_id == c.ticket_id, a.message_id.is_not(None))
+            .order_by(a.id).limit(1).scalar_subquery())
+    q = (select(c, t, notified, root).outerjoin(t, t.id == c.ticket_id)
+         .where(c.next_notice_at.is_not(None), c.next_notice_at <= at)
+         .order_by(c.next_notice_at).limit(batch_size))
+    return q.with_for_update(skip_locked=True, of=c) if pg else q
+
+
 class Sweeper:
     """Runs ticks; one per scheduler job or ``mailgw sla sweep``. Holds no state between
     ticks besides its configuration: everything that matters is in the database."""
@@ -254,23 +270,8 @@ class Sweeper:
 
     def _claim(self, s: Session, at: datetime) -> list[tuple[m.SlaClock, m.Ticket | None,
                                                             bool, str | None]]:
-        """The batch in one statement: the due clocks (oldest first; on PostgreSQL locked,
-        skipping those another sweeper holds), each with its ticket, whether the guard row
-        of its next level exists already (normally not: notified before, though the clock
-        had not moved on) and the Message-ID of the ticket's first message (a notice replies to it, so agents'
-        clients file it in the ticket's thread)."""
-        c, t, a, n = m.SlaClock, m.Ticket, m.Article, m.SlaNotice
-        notified = (select(n.id).where(n.clock_id == c.id, n.level == c.next_level)
-                    .exists())
-        root = (select(a.message_id).where(a.ticket_id == c.ticket_id,
-                                           a.message_id.is_not(None))
-                .order_by(a.id).limit(1).scalar_subquery())
-        q = (select(c, t, notified, root).outerjoin(t, t.id == c.ticket_id)
-             .where(c.next_notice_at.is_not(None), c.next_notice_at <= at)
-             .order_by(c.next_notice_at).limit(self.batch_size))
-        if self._pg:
-            q = q.with_for_update(skip_locked=True, of=c)
-        return [tuple(r) for r in s.execute(q)]  # type: ignore[misc]
+        return [tuple(r) for r in s.execute(  # type: ignore[misc]
+            claim_query(at, self.batch_size, self._pg))]
 
     def _tick(self, at: datetime, result: SweepResult) -> int:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
