@@ -31,6 +31,10 @@ WARNING_TEMPLATE, BREACH_TEMPLATE = "sla_warning", "sla_breach"
 # A notice sent this much after its level was reached says when it really was (deferred to
 # working hours, or the sweep was not running).
 _DELAYED = timedelta(minutes=1)
+# Rows per executemany of articles and outbox rows. psycopg pipelines an executemany; at 300
+# articles in one, the INSERT took ~210 ms instead of ~10 in most processes (PostgreSQL over
+# loopback TCP; a stall, not work: bench/RESULTS.md "second pass"). 100 at a time did not.
+_CHUNK = 100
 
 
 @dataclass
@@ -189,8 +193,9 @@ def store(session: Session, settings: Settings, notices: list[Prepared], at: dat
                          mail_from=envelope_from, rcpt_tos=n.to, message_id=n.message_id,
                          raw=n.raw, state="pending", attempts=0, next_attempt_at=at,
                          created_at=at))
-    session.execute(insert(m.Article.__table__).inline(), articles)  # ids given: no RETURNING
-    session.execute(insert(m.Outbox.__table__).inline(), rows)
+    for i in range(0, len(notices), _CHUNK):  # ids given: never RETURNING (inline)
+        session.execute(insert(m.Article.__table__).inline(), articles[i:i + _CHUNK])
+        session.execute(insert(m.Outbox.__table__).inline(), rows[i:i + _CHUNK])
 
 
 def allocate_ids(session: Session, tables: tuple[Table, ...], count: int) -> list[list[int]]:
