@@ -249,10 +249,12 @@ class Sweeper:
         """One batch in one transaction; returns how many clocks it claimed.
 
         In phases, so a batch costs a fixed number of statements rather than several per
-        clock: claim; decide per clock (skip, reschedule, defer or fire); one SELECT of the
-        guard rows that exist already (those levels are not notified again); the actions and
-        rendering; one INSERT each of the articles, outbox rows, guard rows (with what each
-        notice did) and events; the clocks' and tickets' UPDATEs."""
+        clock: the claim (clocks, tickets, whether each level's guard row exists already —
+        those levels are not notified again — and each ticket's first Message-ID, one
+        statement); decide per clock (skip, reschedule, defer or fire); the actions and
+        rendering; the articles' and outbox rows' ids; one UPDATE of the fired clocks; the
+        INSERTs of the articles and outbox rows (100 a statement), guard rows (with what
+        each notice did) and events; the ORM's flush of whatever else changed."""
         part = SweepResult()
         try:
             claimed = self._tick(at, part)
