@@ -179,11 +179,14 @@ def reset(engine, due: list[int], now: datetime) -> None:  # type: ignore[no-unt
 
 
 def claim_query(engine, now: datetime, batch: int):  # type: ignore[no-untyped-def]
-    """The sweep's claim, as mailgw/sla/sweep.py issues it."""
+    """The sweep's claim, as mailgw/sla/sweep.py issues it (older code: the clocks alone)."""
     from sqlalchemy import select
 
+    from mailgw.sla import sweep
     from mailgw.store import models as m
 
+    if hasattr(sweep, "claim_query"):
+        return sweep.claim_query(now, batch, engine.dialect.name == "postgresql")
     q = (select(m.SlaClock).where(m.SlaClock.next_notice_at.is_not(None),
                                   m.SlaClock.next_notice_at <= now)
          .order_by(m.SlaClock.next_notice_at).limit(batch))
@@ -308,7 +311,7 @@ def main() -> None:
             # anything does (rolled back)
             t = time.perf_counter()
             with Session(engine) as s, s.begin():
-                n = len(s.scalars(claim_query(engine, now, sweeper.batch_size)).all())
+                n = len(s.execute(claim_query(engine, now, sweeper.batch_size)).all())
                 s.rollback()
             claim.append((time.perf_counter() - t) * 1000)
             assert n == min(len(due), sweeper.batch_size)

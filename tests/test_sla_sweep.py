@@ -368,8 +368,8 @@ def test_the_guard_row_stops_a_second_notice_even_if_the_clock_is_rewound(env): 
 
 
 def test_a_guard_row_found_only_at_the_insert_rolls_the_batch_back(env, monkeypatch):  # type: ignore[no-untyped-def]
-    """The guard rows are inserted last, with what each notice did; _notified looks first.
-    When a row is there at the INSERT that _notified did not see (another transaction
+    """The guard rows are inserted last, with what each notice did; the claim looks first.
+    When a row is there at the INSERT that the claim did not see (another transaction
     committed it in between), the whole batch rolls back, mail and actions too, and is
     claimed again: the second look sees the row, and nothing goes out twice."""
     e = env([std(levels=[{"percent": 75, "actions": {"priority": 1, "tags": ["late"]}},
@@ -383,15 +383,16 @@ def test_a_guard_row_found_only_at_the_insert_rolls_the_batch_back(env, monkeypa
             c.next_level, c.next_notice_at = 0, T0 + 45 * MIN  # rewound by mistake
         for t in s.scalars(select(m.Ticket)):
             t.priority, t.tags = 3, ["printer"]
-    real, looks = sweep_mod._notified, []
+    real, looks = sweep_mod.Sweeper._claim, []
 
-    def blind_once(session, due):  # type: ignore[no-untyped-def]
-        looks.append(len(due))
-        return set() if len(looks) == 1 else real(session, due)
+    def blind_once(self, session, at):  # type: ignore[no-untyped-def]
+        rows = real(self, session, at)
+        looks.append(len(rows))
+        return [(c, t, seen and len(looks) > 1, r) for c, t, seen, r in rows]
 
-    monkeypatch.setattr(sweep_mod, "_notified", blind_once)
+    monkeypatch.setattr(sweep_mod.Sweeper, "_claim", blind_once)
     result = e.sweeper().sweep(T0 + 50 * MIN)
-    assert result.fired == [] and result.raced == 1 and looks == [2, 2]
+    assert result.fired == [] and result.raced == 1 and looks == [2, 2, 0]
     assert e.count(m.SlaNotice) == 2 and e.count(m.Outbox) == 2
     assert sorted((t.priority, t.tags) for t in e.all(m.Ticket)) == [(3, ["printer"])] * 2
     assert [c.next_level for c in e.all(m.SlaClock)] == [1, 1]
@@ -406,7 +407,9 @@ def test_a_guard_row_never_seen_stops_the_sweep_instead_of_spinning(env, monkeyp
     with Session(e.engine) as s, s.begin():
         c = s.scalars(select(m.SlaClock)).one()
         c.next_level, c.next_notice_at = 0, T0 + 45 * MIN
-    monkeypatch.setattr(sweep_mod, "_notified", lambda session, due: set())
+    real = sweep_mod.Sweeper._claim
+    monkeypatch.setattr(sweep_mod.Sweeper, "_claim", lambda self, session, at: [
+        (c, t, False, r) for c, t, _seen, r in real(self, session, at)])
     result = e.sweeper().sweep(T0 + 50 * MIN)
     assert result.fired == [] and result.raced == sweep_mod._MAX_RACED + 1
     assert e.count(m.SlaNotice) == 1 and e.count(m.Outbox) == 1

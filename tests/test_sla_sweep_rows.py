@@ -1,5 +1,5 @@
-"""The rows a busy sweep writes hang together (mailgw/sla/notices.store, ``roots``): ids taken
-before the INSERTs, each outbox row with its own article, VERP naming it, the notice and the
+"""The rows a busy sweep writes hang together (mailgw/sla/notices.store; the sweep's claim
+reads each ticket's first Message-ID): ids taken before the INSERTs, each outbox row with its own article, VERP naming it, the notice and the
 event pointing at both, every notice replying to its ticket's first message; and rows
 inserted the ordinary way afterwards get new ids. SQLite and PostgreSQL."""
 

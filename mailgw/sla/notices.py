@@ -31,6 +31,10 @@ WARNING_TEMPLATE, BREACH_TEMPLATE = "sla_warning", "sla_breach"
 # A notice sent this much after its level was reached says when it really was (deferred to
 # working hours, or the sweep was not running).
 _DELAYED = timedelta(minutes=1)
+# Rows per executemany of articles and outbox rows. psycopg pipelines an executemany; at 300
+# articles in one, the INSERT took ~210 ms instead of ~10 in most processes (PostgreSQL over
+# loopback TCP; a stall, not work: bench/RESULTS.md "second pass"). 100 at a time did not.
+_CHUNK = 100
 
 
 @dataclass
@@ -88,26 +92,6 @@ def _local(cal: Calendar, dt: datetime | None) -> str | None:
         return None
     t = cal.local(aware(dt))  # type: ignore[arg-type]
     return f"{t.year}-{t.month:02d}-{t.day:02d} {t.hour:02d}:{t.minute:02d} {t.tzname() or ''}"
-
-
-def roots(session: Session, ticket_ids: set[int]) -> dict[int, str]:
-    """The first message of each ticket (one query for a batch): notices reply to it, so
-    agents' clients file them in the ticket's thread.
-
-    One pass over the tickets' articles through ``ix_articles_ticket_id``: PostgreSQL's
-    ``DISTINCT ON``, SQLite's min() whose bare columns come from the row with the minimum
-    (documented SQLite behaviour). A join on ``min(id)`` let PostgreSQL's planner scan all
-    articles, which grows with the store."""
-    if not ticket_ids:
-        return {}
-    a = m.Article
-    has_id = (a.ticket_id.in_(ticket_ids), a.message_id.is_not(None))
-    if session.get_bind().dialect.name == "postgresql":
-        q = (select(a.ticket_id, a.message_id).where(*has_id)
-             .distinct(a.ticket_id).order_by(a.ticket_id, a.id))
-        return dict(session.execute(q).tuples().all())
-    q = select(a.ticket_id, a.message_id, func.min(a.id)).where(*has_id).group_by(a.ticket_id)
-    return {t: mid for t, mid, _ in session.execute(q)}
 
 
 def template_for(level: SlaLevel) -> str:
@@ -176,31 +160,42 @@ def prepare(settings: Settings, renderer: Renderer, *, ticket: m.Ticket, clock: 
     return Prepared(ticket.id, to, template, message_id, queue.from_address, raw, article)
 
 
-def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
-    """Insert the notices' articles and outbox rows, a statement each for the whole batch;
-    sets ``article_id`` and ``outbox_id`` on each.
+def number(session: Session, notices: list[Prepared]) -> None:
+    """Take the ids of the notices' articles and outbox rows (``allocate_ids``, one
+    statement) and set ``article_id`` and ``outbox_id`` on each, before ``store``.
 
-    The ids are taken first (``allocate_ids``) and the rows inserted with them, without
-    RETURNING: SQLite cannot return the ids of a multi-row INSERT in order, so SQLAlchemy
-    would send it a statement per row, and each outbox row needs its article's id for VERP."""
+    The ids are taken first and the rows inserted with them, without RETURNING: SQLite
+    cannot return the ids of a multi-row INSERT in order, so SQLAlchemy would send it a
+    statement per row, and each outbox row needs its article's id for VERP."""
     if not notices:
         return
     article_ids, outbox_ids = allocate_ids(
         session, (m.Article.__table__, m.Outbox.__table__), len(notices))
-    signer = signer_for(settings)
-    articles, rows = [], []
     for n, article_id, outbox_id in zip(notices, article_ids, outbox_ids, strict=True):
         n.article_id, n.outbox_id = article_id, outbox_id
+
+
+def store(session: Session, settings: Settings, notices: list[Prepared], at: datetime) -> None:
+    """Insert the numbered (``number``) notices' articles and outbox rows, a statement each
+    for the whole batch."""
+    if not notices:
+        return
+    signer = signer_for(settings)
+    articles, rows = [], []
+    for n in notices:
+        article_id = n.article_id
+        assert article_id is not None, "number() the notices first"
         articles.append({"id": article_id, **n.article})
         # VERP: a bounce to this envelope sender names this article (docs/machine-mail.md).
         envelope_from = (signer.verp_address(article_id, n.from_address) if signer.verp
                          else n.from_address)
-        rows.append(dict(id=outbox_id, ticket_id=n.ticket_id, article_id=article_id,
+        rows.append(dict(id=n.outbox_id, ticket_id=n.ticket_id, article_id=article_id,
                          mail_from=envelope_from, rcpt_tos=n.to, message_id=n.message_id,
                          raw=n.raw, state="pending", attempts=0, next_attempt_at=at,
                          created_at=at))
-    session.execute(insert(m.Article.__table__), articles)
-    session.execute(insert(m.Outbox.__table__), rows)
+    for i in range(0, len(notices), _CHUNK):  # ids given: never RETURNING (inline)
+        session.execute(insert(m.Article.__table__).inline(), articles[i:i + _CHUNK])
+        session.execute(insert(m.Outbox.__table__).inline(), rows[i:i + _CHUNK])
 
 
 def allocate_ids(session: Session, tables: tuple[Table, ...], count: int) -> list[list[int]]:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from jinja2 import TemplateError
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, Select, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw import ticket_events
 from mailgw.assign import choose_owner
@@ -33,7 +36,7 @@ from mailgw.outbound.render import Renderer
 from mailgw.queue import now as utcnow
 from mailgw.settings import Settings, Sla, SlaActions, SlaLevel
 from mailgw.sla.clocks import calendar_for, schedule
-from mailgw.sla.notices import Prepared, prepare, recipients, roots, store, template_for
+from mailgw.sla.notices import Prepared, number, prepare, recipients, store, template_for
 from mailgw.sla.select import sla_by_name
 from mailgw.store import models as m
 from mailgw.types import aware
@@ -45,7 +48,7 @@ RETRY_FAILED = timedelta(minutes=5)
 # Batches per sweep at most: a sweep ends when nothing is due, this only bounds a bug.
 _MAX_BATCHES = 10_000
 # Batches rolled back for a guard row found only at the INSERT, before a sweep gives up (the
-# next sweep tries again): a guard row that _notified cannot see would otherwise spin.
+# next sweep tries again): a guard row that the claim cannot see would otherwise spin.
 _MAX_RACED = 3
 _GUARD_INDEX = "uq_sla_notices_clock_level"  # the unique (clock_id, level) index
 
@@ -94,21 +97,9 @@ def _schedule(clock: m.SlaClock, sla: Sla, cal: Calendar) -> None:
     schedule(clock, sla, cal)
 
 
-def _notified(session: Session, due: list[_Due]) -> set[tuple[int, int]]:
-    """The (clock_id, level) pairs of ``due`` that have their guard row already (one query
-    through ``uq_sla_notices_clock_level``): notified before, though the clock had not moved
-    on. Normally none."""
-    if not due:
-        return set()
-    wanted = {(d.clock.id, d.index) for d in due}
-    q = (select(m.SlaNotice.clock_id, m.SlaNotice.level)
-         .where(m.SlaNotice.clock_id.in_({c for c, _ in wanted})))
-    return {(c, lv) for c, lv in session.execute(q)} & wanted
-
-
 class _Raced(Exception):
     """A guard row this batch meant to insert was there at the INSERT (another transaction
-    committed it after ``_notified`` looked): the batch is rolled back and claimed again."""
+    committed it after the claim looked): the batch is rolled back and claimed again."""
 
 
 def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -120,16 +111,11 @@ def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
         return
     if session.get_bind().dialect.name == "postgresql":
         # A plain INSERT: the unique index refuses a row that is there, which aborts the
-        # transaction (rolled back anyway). psycopg's pipelined executemany gives no row
-        # count, and RETURNING makes SQLAlchemy send one statement with all the rows'
-        # values: for 300 notices about twice the client CPU and three times the wall time.
-        try:
-            session.execute(insert(m.SlaNotice.__table__), rows)
-        except IntegrityError as exc:
-            diag = getattr(exc.orig, "diag", None)
-            if getattr(diag, "constraint_name", None) == _GUARD_INDEX:
-                raise _Raced(f"{diag.message_detail} (sent by another transaction)") from exc
-            raise
+        # transaction (rolled back anyway); ``_writes`` turns that into ``_Raced``.
+        # psycopg's pipelined executemany gives no row count, and RETURNING makes
+        # SQLAlchemy send one statement with all the rows' values: for 300 notices about
+        # twice the client CPU and three times the wall time.
+        session.execute(insert(m.SlaNotice.__table__).inline(), rows)
         return
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -141,6 +127,41 @@ def _insert_notices(session: Session, rows: list[dict[str, Any]]) -> None:
     if inserted != len(rows):
         raise _Raced(f"{len(rows) - inserted} of {len(rows)} notices were sent by another "
                      "transaction")
+
+
+_ADVANCED = ("next_level", "next_notice_at", "breached_at")
+
+
+def _advance(session: Session, clocks: list[m.SlaClock]) -> None:
+    """UPDATE the fired clocks' level, next notice and breach (one Core executemany,
+    without the ORM flush's per-object bookkeeping and row-count check: the rows are the
+    claimed ones, locked or under SQLite's write lock), then tell the ORM these values are
+    stored, so its flush at the commit leaves them out (it still writes anything else that
+    changed)."""
+    if not clocks:
+        return
+    t = m.SlaClock.__table__
+    stmt = (update(t).where(t.c.id == bindparam("clock_id"))
+            .values({c: bindparam(f"new_{c}") for c in _ADVANCED}))
+    session.execute(stmt, [{"clock_id": c.id, **{f"new_{a}": getattr(c, a) for a in _ADVANCED}}
+                           for c in clocks])
+    for c in clocks:
+        for a in _ADVANCED:
+            set_committed_value(c, a, getattr(c, a))
+
+
+@contextmanager
+def _writes(session: Session) -> Iterator[None]:
+    """Around the batch's INSERTs: on PostgreSQL a unique violation of the guard index is
+    ``_Raced``. (Not in one psycopg pipeline: tried, and at 1,000,000 tickets some
+    processes then stalled 100 ms in each batch's writes, bench/RESULTS.md.)"""
+    try:
+        yield
+    except IntegrityError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        if getattr(diag, "constraint_name", None) == _GUARD_INDEX:
+            raise _Raced(f"{diag.message_detail} (sent by another transaction)") from exc
+        raise
 
 
 def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, actions: SlaActions,
@@ -185,6 +206,22 @@ def apply_actions(session: Session, settings: Settings, ticket: m.Ticket, action
     return changes, notes
 
 
+def claim_query(at: datetime, batch_size: int, pg: bool) -> Select[Any]:
+    """A batch in one statement: the due clocks (oldest first; on PostgreSQL locked,
+    skipping those another sweeper holds), each with its ticket, whether the guard row of
+    its next level exists already (normally not: notified before, though the clock had not
+    moved on) and the Message-ID of the ticket's first message (a notice replies to it, so
+    agents' clients file it in the ticket's thread)."""
+    c, t, a, n = m.SlaClock, m.Ticket, m.Article, m.SlaNotice
+    notified = select(n.id).where(n.clock_id == c.id, n.level == c.next_level).exists()
+    root = (select(a.message_id).where(a.ticket_id == c.ticket_id, a.message_id.is_not(None))
+            .order_by(a.id).limit(1).scalar_subquery())
+    q = (select(c, t, notified, root).outerjoin(t, t.id == c.ticket_id)
+         .where(c.next_notice_at.is_not(None), c.next_notice_at <= at)
+         .order_by(c.next_notice_at).limit(batch_size))
+    return q.with_for_update(skip_locked=True, of=c) if pg else q
+
+
 class Sweeper:
     """Runs ticks; one per scheduler job or ``mailgw sla sweep``. Holds no state between
     ticks besides its configuration: everything that matters is in the database."""
@@ -212,10 +249,12 @@ class Sweeper:
         """One batch in one transaction; returns how many clocks it claimed.
 
         In phases, so a batch costs a fixed number of statements rather than several per
-        clock: claim; decide per clock (skip, reschedule, defer or fire); one SELECT of the
-        guard rows that exist already (those levels are not notified again); the actions and
-        rendering; one INSERT each of the articles, outbox rows, guard rows (with what each
-        notice did) and events; the clocks' and tickets' UPDATEs."""
+        clock: the claim (clocks, tickets, whether each level's guard row exists already —
+        those levels are not notified again — and each ticket's first Message-ID, one
+        statement); decide per clock (skip, reschedule, defer or fire); the actions and
+        rendering; the articles' and outbox rows' ids; one UPDATE of the fired clocks; the
+        INSERTs of the articles and outbox rows (100 a statement), guard rows (with what
+        each notice did) and events; the ORM's flush of whatever else changed."""
         part = SweepResult()
         try:
             claimed = self._tick(at, part)
@@ -231,21 +270,29 @@ class Sweeper:
         result.batches += 1 if claimed else 0
         return claimed
 
+    def _claim(self, s: Session, at: datetime) -> list[tuple[m.SlaClock, m.Ticket | None,
+                                                            bool, str | None]]:
+        return [tuple(r) for r in s.execute(  # type: ignore[misc]
+            claim_query(at, self.batch_size, self._pg))]
+
     def _tick(self, at: datetime, result: SweepResult) -> int:
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
-            q = (select(m.SlaClock)
-                 .where(m.SlaClock.next_notice_at.is_not(None), m.SlaClock.next_notice_at <= at)
-                 .order_by(m.SlaClock.next_notice_at).limit(self.batch_size))
-            if self._pg:
-                q = q.with_for_update(skip_locked=True)
-            clocks = list(s.scalars(q))
-            if not clocks:
+            claimed = self._claim(s, at)
+            if not claimed:
                 return 0
-            tickets = {t.id: t for t in s.scalars(
-                select(m.Ticket).where(m.Ticket.id.in_({c.ticket_id for c in clocks})))}
-            due = [d for c in clocks
-                   if (d := self._decide(c, tickets.get(c.ticket_id), at, result)) is not None]
-            before = _notified(s, due)
+            due: list[_Due] = []
+            before: set[tuple[int, int]] = set()
+            root: dict[int, str] = {}
+            for clock, ticket, notified, first in claimed:
+                level = clock.next_level
+                d = self._decide(clock, ticket, at, result)
+                if d is None:
+                    continue
+                due.append(d)
+                if notified:
+                    before.add((clock.id, level))
+                if first is not None:
+                    root[d.ticket.id] = first
             for d in due:
                 # Advance first: whatever the actions make the SLA code do to this clock
                 # (ticket_changed) has the last word on it.
@@ -256,8 +303,9 @@ class Sweeper:
                     # (something rewound next_level). Never twice.
                     log.warning("SLA clock %s level %s was notified before; not again",
                                 d.clock.id, d.index)
-            self._fire(s, [d for d in due if (d.clock.id, d.index) not in before], at, result)
-        return len(clocks)
+            self._fire(s, [d for d in due if (d.clock.id, d.index) not in before], at, result,
+                       root)
+        return len(claimed)
 
     def _decide(self, clock: m.SlaClock, ticket: m.Ticket | None, at: datetime,
                 result: SweepResult) -> _Due | None:
@@ -306,9 +354,10 @@ class Sweeper:
             return None
         return _Due(clock, ticket, sla, cal, hours, clock.next_level, level, reached, due)
 
-    def _fire(self, s: Session, due: list[_Due], at: datetime, result: SweepResult) -> None:
-        """Actions, mails, guard rows and events for the levels that fire."""
-        root = roots(s, {d.ticket.id for d in due})
+    def _fire(self, s: Session, due: list[_Due], at: datetime, result: SweepResult,
+              root: dict[int, str]) -> None:
+        """Actions, mails, guard rows and events for the levels that fire; ``root``: the
+        first Message-ID of each ticket."""
         mails: list[Prepared] = []
         fired: list[tuple[_Due, dict[str, Any], Prepared | None]] = []
         for d in due:
@@ -341,29 +390,33 @@ class Sweeper:
                     s, self.settings, d.ticket, {k: (v[0], v[1]) for k, v in changes.items()},
                     at=at, reason=f"SLA {d.sla.name} {d.clock.target} {kind} at "
                                   f"{d.level.percent}%")
-        store(s, self.settings, mails, at)
-        notices, events = [], []
-        for d, done, mail in fired:
-            done.update(article_id=mail.article_id if mail else None,
-                        outbox_id=mail.outbox_id if mail else None)
-            notices.append({
-                "clock_id": d.clock.id, "ticket_id": d.clock.ticket_id, "level": d.index,
-                "kind": d.kind, "percent": d.level.percent,
-                "due_at": aware(d.clock.due_at) or d.due, "fired_at": at, "node": self.node,
-                "actions": done})
-            events.append({"type": f"sla_{d.kind}", "ticket_id": d.ticket.id,
-                           "article_id": done["article_id"], "created_at": at, "data": {
-                               "clock_id": d.clock.id, "sla": d.sla.name,
-                               "target": d.clock.target, "level": d.index,
-                               "percent": d.level.percent, "reached_at": d.reached.isoformat(),
-                               **done}})
-            result.fired.append(Fired(
-                d.clock.id, d.ticket.id, d.ticket.number, d.sla.name, d.clock.target, d.index,
-                d.level.percent, d.kind, d.reached.isoformat(), done["recipients"],
-                done["changes"]))
-        if fired:
-            _insert_notices(s, notices)
-            s.execute(insert(m.Event.__table__), events)
+        number(s, mails)
+        with _writes(s):
+            _advance(s, [d.clock for d, _, _ in fired])
+            store(s, self.settings, mails, at)
+            notices, events = [], []
+            for d, done, mail in fired:
+                done.update(article_id=mail.article_id if mail else None,
+                            outbox_id=mail.outbox_id if mail else None)
+                notices.append({
+                    "clock_id": d.clock.id, "ticket_id": d.clock.ticket_id, "level": d.index,
+                    "kind": d.kind, "percent": d.level.percent,
+                    "due_at": aware(d.clock.due_at) or d.due, "fired_at": at, "node": self.node,
+                    "actions": done})
+                events.append({"type": f"sla_{d.kind}", "ticket_id": d.ticket.id,
+                               "article_id": done["article_id"], "created_at": at, "data": {
+                                   "clock_id": d.clock.id, "sla": d.sla.name,
+                                   "target": d.clock.target, "level": d.index,
+                                   "percent": d.level.percent, "reached_at": d.reached.isoformat(),
+                                   **done}})
+                result.fired.append(Fired(
+                    d.clock.id, d.ticket.id, d.ticket.number, d.sla.name, d.clock.target, d.index,
+                    d.level.percent, d.kind, d.reached.isoformat(), done["recipients"],
+                    done["changes"]))
+            if fired:
+                _insert_notices(s, notices)
+                # inline: no RETURNING of the id even for one row (it reads no result)
+                s.execute(insert(m.Event.__table__).inline(), events)
 
     def _failed(self, s: Session, d: _Due, changes: dict[str, list[Any]], at: datetime,
                 exc: TemplateError, result: SweepResult) -> None:
