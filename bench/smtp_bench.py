@@ -280,6 +280,9 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             proc.terminate()
             proc.wait(60)
             engine.dispose()
+            if args.keep_log:  # the gateway's and its workers' log, for the errors
+                with open(args.keep_log, "ab") as f:
+                    f.write((home / "gateway.log").read_bytes())
             if os.environ.get("BENCH_E2ESTATS"):
                 print_stats(Path(os.environ["BENCH_E2ESTATS"]), n)
     sink.stop()
@@ -340,6 +343,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the medians as JSON")
     ap.add_argument("--stats", action="store_true",
                     help="time lock waits, commits, batches and wake-ups (bench/e2ehook)")
+    ap.add_argument("--keep-log", metavar="FILE",
+                    help="append each run's gateway log (workers included) to FILE")
     ap.add_argument("--flock", action="store_true",
                     help="experiment: SQLite writers queue on a file lock (bench/e2ehook)")
     args = ap.parse_args()
