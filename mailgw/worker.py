@@ -19,7 +19,9 @@ A batch goes through three steps:
    retried a message at a time, where it shows at its message.
 
 A database error rolls the whole batch back; its rows are released at once and, their
-attempts being counted, retried one at a time. A row whose worker crashed or hung keeps its
+attempts being counted, retried one at a time. A deadlock with another worker (PostgreSQL)
+is the exception: the batch is stored again once, whole, after locking in id order the
+tickets its first try touched. A row whose worker crashed or hung keeps its
 lease until it expires (or, on the same host, until a new worker sees the old process gone)
 and is then retried alone. After ``worker.max_attempts`` claims a row is quarantined, so no
 message can stop the queue, and a passing fault loses nothing.
