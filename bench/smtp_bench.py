@@ -15,7 +15,15 @@ and measures, per run:
   inbound row ``done``;
 - latency receipt -> auto-reply handed to the relay: from our ``250`` until the sink has the
   acknowledgement (matched by its ``In-Reply-To``);
-- peak RSS (VmHWM) of the gateway process and of its largest worker process.
+- peak RSS (VmHWM) of the gateway process and of its largest worker process;
+- where the rest of the machine's time goes, over the same interval as the gateway's CPU:
+  the benchmark process's own CPU (its SMTP clients, the sink and the commit watcher:
+  ``client_cpu_ms_per_msg``), the PostgreSQL server processes' CPU (``pg_cpu_ms_per_msg``),
+  and the machine's idle share of its cores from ``/proc/stat`` (``machine_idle_pct``);
+  the sink's acknowledgement rate (``sink_acks_per_s``, first to last ack);
+- with ``--stats``: ``bench/e2ehook`` in the gateway and its workers, which time the SQLite
+  write-lock waits (``BEGIN IMMEDIATE``) and commits, the worker's batches and its waits for
+  a wake-up, and the sender's passes (printed per run, summed over the processes).
 
 Each figure is the median over ``--runs`` runs, each in a new home and store.
 
@@ -69,6 +77,27 @@ def peak_rss_kb(pid: int) -> int:
     return 0
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) seconds summed over all cores since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
+def postgres_procs():  # type: ignore[no-untyped-def]
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("postgres"):
+            out.append(p)
+    return out
+
+
 def cpu_seconds(procs) -> float:  # type: ignore[no-untyped-def]
     total = 0.0
     for p in procs:
@@ -117,6 +146,11 @@ def make_home(tmp: Path, relay_port: int, batch_size: int | None) -> Path:
 
 def start_gateway(home: Path, url: str, port: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "MAILGW_HOME": str(home), "MAILGW_STORE_URL": url}
+    if stats_dir := os.environ.get("BENCH_E2ESTATS"):
+        # bench/e2ehook: lock waits, commits, batches and wake-ups, per process.
+        env["MAILGW_E2ESTATS"] = stats_dir
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "bench" / "e2ehook"), *filter(None, [env.get("PYTHONPATH")])])
     log = open(home / "gateway.log", "wb")  # noqa: SIM115 - closed with the process
     # BENCH_PROFILE=FILE: cProfile the gateway's main thread (the SMTP intake) into FILE.
     prof = os.environ.get("BENCH_PROFILE")
@@ -164,7 +198,9 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             proc = start_gateway(home, url, port, extra)
             gw = psutil.Process(proc.pid)
             procs = [gw, *gw.children(recursive=True)]
+            pg = postgres_procs() if url.startswith("postgresql") else []
             cpu0, cpu0_main = cpu_seconds(procs), cpu_seconds([gw])
+            pg0, self0, mach0 = cpu_seconds(pg), time.process_time(), machine_cpu()
             engine = create_engine(url)
             sent: dict[int, tuple[str, float]] = {}  # inbound id -> (Message-ID, t of 250)
             committed: dict[int, float] = {}
@@ -234,6 +270,9 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             while len(acked) < acks and time.time() < deadline:
                 time.sleep(0.02)
             procs = [gw, *gw.children(recursive=True)]
+            client_cpu = time.process_time() - self0
+            mach1 = machine_cpu()
+            pg_cpu = cpu_seconds(pg) - pg0
             cpu = cpu_seconds(procs) - cpu0
             cpu_main = cpu_seconds([gw]) - cpu0_main
             rss_main = peak_rss_kb(gw.pid)
@@ -241,6 +280,11 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             proc.terminate()
             proc.wait(60)
             engine.dispose()
+            if args.keep_log:  # the gateway's and its workers' log, for the errors
+                with open(args.keep_log, "ab") as f:
+                    f.write((home / "gateway.log").read_bytes())
+            if os.environ.get("BENCH_E2ESTATS"):
+                print_stats(Path(os.environ["BENCH_E2ESTATS"]), n)
     sink.stop()
     lat_commit = sorted(committed[i] - t for i, (_, t) in sent.items() if i in committed)
     lat_ack = sorted(acked[mid] - t for mid, t in sent.values() if mid in acked)
@@ -255,8 +299,31 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
         "ack_p50_ms": pct(lat_ack, 50), "ack_p99_ms": pct(lat_ack, 99),
         "peak_rss_mb": rss_main / 1024, "worker_peak_rss_mb": max(rss_workers, default=0) / 1024,
         "busiest_worker_share": max(shares) / n if shares else 0.0,
+        "client_cpu_ms_per_msg": client_cpu * 1000 / n,
+        "pg_cpu_ms_per_msg": pg_cpu * 1000 / n,
+        "machine_busy_ms_per_msg": (mach1[0] - mach0[0]) * 1000 / n,
+        "machine_idle_pct": 100 * (mach1[1] - mach0[1]) / max(
+            1e-9, (mach1[0] - mach0[0]) + (mach1[1] - mach0[1])),
+        "sink_acks_per_s": (len(acked) - 1) / (max(acked.values()) - min(acked.values()))
+        if len(acked) > 1 else 0.0,
         "tickets": tickets, "acks": acks, "acks_at_sink": len(acked), "quarantined": quarantined,
     }
+
+
+def print_stats(stats_dir: Path, n: int) -> None:
+    """Sum and print bench/e2ehook's counters of the run just ended, then clear them."""
+    total: dict[str, list[float]] = {}
+    files = sorted(stats_dir.glob("*.json"))
+    for f in files:
+        for k, (c, s) in json.loads(f.read_text()).items():
+            t = total.setdefault(k, [0, 0.0])
+            t[0] += c
+            t[1] += s
+        f.unlink()
+    print(f"  e2ehook ({len(files)} processes, {n} messages):", file=sys.stderr)
+    for k, (c, s) in sorted(total.items()):
+        print(f"    {k:<44} n {int(c):6d}  total {s * 1000:9.1f} ms  mean "
+              f"{s * 1000 / max(c, 1):7.2f} ms", file=sys.stderr)
 
 
 def main() -> None:
@@ -274,7 +341,18 @@ def main() -> None:
                     help="offer this many messages per second (0: as fast as possible); "
                          "latencies below saturation")
     ap.add_argument("--json", action="store_true", help="print the medians as JSON")
+    ap.add_argument("--stats", action="store_true",
+                    help="time lock waits, commits, batches and wake-ups (bench/e2ehook)")
+    ap.add_argument("--keep-log", metavar="FILE",
+                    help="append each run's gateway log (workers included) to FILE")
+    ap.add_argument("--flock", action="store_true",
+                    help="experiment: SQLite writers queue on a file lock (bench/e2ehook)")
     args = ap.parse_args()
+    if args.flock:
+        args.stats = True
+        os.environ["MAILGW_E2E_FLOCK"] = "1"
+    if args.stats:
+        os.environ["BENCH_E2ESTATS"] = tempfile.mkdtemp(prefix="e2estats-")
     corpus = generate(args.count, args.seed)
     results = []
     for i in range(args.runs):

@@ -131,3 +131,50 @@ def test_two_workers_holding_two_copies_in_their_batches_store_it_once(hx, monke
     assert len([x for x in hx.articles() if x.direction == "in"]) == 1
     [dup] = hx.events("duplicate_ignored")
     assert dup.inbound_id == second and dup.data["same_as_inbound"] == first
+
+
+def test_a_deadlock_stores_the_batch_again_whole(hx):
+    # PostgreSQL: two workers updating the same two tickets in opposite orders deadlock; the
+    # loser's batch is no message's fault and is stored again at once, not one by one.
+    if hx.engine.dialect.name != "postgresql":
+        pytest.skip("a deadlock is PostgreSQL's (SQLite has one writer)")
+    with hx.engine.begin() as c:
+        # The first article insert fails as a deadlock would; a sequence is not rolled back.
+        c.exec_driver_sql("CREATE SEQUENCE deadlock_once")
+        c.exec_driver_sql(
+            "CREATE FUNCTION deadlock_once() RETURNS trigger AS $$ BEGIN "
+            "IF nextval('deadlock_once') = 1 THEN RAISE EXCEPTION 'test deadlock' "
+            "USING ERRCODE = '40P01'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        c.exec_driver_sql("CREATE TRIGGER deadlock_once BEFORE INSERT ON articles "
+                          "FOR EACH ROW EXECUTE FUNCTION deadlock_once()")
+    ids = hx.put(mail("one", msgid="d1@c"), mail("two", msgid="d2@c", sender="bob@customer.test"),
+                 mail("three", msgid="d3@c", sender="carol@customer.test"))
+    assert hx.worker.run_batch() == 3  # one batch, stored on its second try
+    assert [hx.inbound(i).state for i in ids] == ["done", "done", "done"]
+    assert [hx.inbound(i).attempts for i in ids] == [1, 1, 1]  # not retried one by one
+    assert len([a for a in hx.articles() if a.direction == "in"]) == 3
+    for iid in ids:
+        assert len(_events(hx, "article_received", iid)) == 1
+    assert len(hx.outbox()) == 3
+
+
+def test_a_database_error_that_is_not_transient_is_not_stored_again(hx, monkeypatch):
+    # Any other database error still rolls the batch back and releases it at once.
+    calls = []
+    store = Worker._store
+
+    def failing_store(self, *args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            from sqlalchemy.exc import OperationalError
+
+            raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+        return store(self, *args, **kw)
+
+    monkeypatch.setattr(Worker, "_store", failing_store)
+    ids = hx.put(mail("x", msgid="x1@c"), mail("y", msgid="y1@c", sender="bob@customer.test"))
+    assert hx.worker.run_batch() == 0
+    assert len(calls) == 1
+    assert [hx.inbound(i).claimed_by for i in ids] == [None, None]  # released at once
+    hx.drain()
+    assert [hx.inbound(i).state for i in ids] == ["done", "done"]

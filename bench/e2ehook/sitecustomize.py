@@ -1,0 +1,205 @@
+"""Where the end-to-end time goes (bench/smtp_bench.py ``--stats``; issue 8, session 4).
+
+``smtp_bench.py --stats`` puts this directory on the PYTHONPATH of ``mailgw run`` (and so of
+its worker processes) with ``MAILGW_E2ESTATS=DIR`` set. In every such process it counts, and
+writes to ``DIR/<pid>.json`` at exit:
+
+- SQLite: the wall time and count of ``BEGIN IMMEDIATE`` (the wait for the write lock,
+  SQLite's busy handler sleeping included), of ``COMMIT`` (the WAL write and its fsync) and
+  how long the write lock was held (``BEGIN IMMEDIATE`` returned until commit or rollback),
+  by thread name; ``sqlite3.connect`` is given a connection class whose cursors time them;
+- the worker thread: batches run, messages handled, time inside ``run_batch`` and time
+  waiting for a wake-up, and the number of passes that found nothing to claim;
+- the sender thread: passes, mails sent, time inside ``run_once`` and waiting.
+
+With ``MAILGW_E2E_FLOCK=1`` (``smtp_bench.py --flock``), an experiment: SQLite writers queue
+on ``flock`` of ``<db>-wlock`` before ``BEGIN IMMEDIATE`` (released at commit or rollback), so
+the next writer is woken at once instead of by the busy handler's next poll.
+
+Nothing here is imported by mailgw itself; without ``MAILGW_E2ESTATS`` it does nothing.
+"""
+
+import os
+
+_DIR = os.environ.get("MAILGW_E2ESTATS")
+if _DIR:
+    import atexit
+    import fcntl
+    import json
+    import sqlite3
+    import threading
+    import time
+
+    _FLOCK = os.environ.get("MAILGW_E2E_FLOCK") == "1"
+    _stats = {}  # key -> [count, seconds]
+    _lock = threading.Lock()
+
+    def _add(key, dt, n=1):
+        with _lock:
+            c = _stats.setdefault(key, [0, 0.0])
+            c[0] += n
+            c[1] += dt
+
+    class _Cursor(sqlite3.Cursor):
+        def execute(self, sql, *args):
+            head = sql[:16].upper() if isinstance(sql, str) else ""
+            if head.startswith(("BEGIN", "COMMIT")):
+                t = time.perf_counter()
+                if _FLOCK and head.startswith("BEGIN IMMEDIATE"):
+                    self.connection._lock()
+                try:
+                    return super().execute(sql, *args)
+                finally:
+                    kind = head.split()[0] + (" " + head.split()[1] if head.startswith("BEGIN")
+                                              and len(head.split()) > 1 else "")
+                    t1 = time.perf_counter()
+                    _add(f"sqlite {kind} [{threading.current_thread().name}]", t1 - t)
+                    if kind == "BEGIN IMMEDIATE":
+                        self.connection._held = t1
+                    elif kind == "COMMIT":
+                        self.connection._release()
+            return super().execute(sql, *args)
+
+    class _Connection(sqlite3.Connection):
+        def cursor(self, factory=_Cursor):
+            return super().cursor(factory)
+
+        _held = None  # when this connection's BEGIN IMMEDIATE returned (holds the lock)
+
+        _lockfd = None
+
+        def _lock(self):
+            # Experiment (MAILGW_E2E_FLOCK=1): writers queue on a kernel lock of a file
+            # beside the database before BEGIN IMMEDIATE, and are woken the moment it is
+            # released, instead of SQLite's busy handler polling in sleeps of 1..100 ms.
+            if self._lockfd is None:
+                db = self.execute("PRAGMA database_list").fetchone()[2]
+                self._lockfd = os.open(db + "-wlock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX)
+
+        def _unlock(self):
+            if self._lockfd is not None:
+                fcntl.flock(self._lockfd, fcntl.LOCK_UN)
+
+        def _release(self):
+            if _FLOCK:
+                self._unlock()
+            if self._held is not None:
+                _add(f"sqlite write lock held [{threading.current_thread().name}]",
+                     time.perf_counter() - self._held)
+                self._held = None
+
+        def commit(self):
+            t = time.perf_counter()
+            try:
+                return super().commit()
+            finally:
+                _add(f"sqlite commit() [{threading.current_thread().name}]",
+                     time.perf_counter() - t)
+                self._release()
+
+        def rollback(self):
+            try:
+                return super().rollback()
+            finally:
+                self._release()
+
+    _connect = sqlite3.connect
+
+    def connect(*args, **kw):
+        kw.setdefault("factory", _Connection)
+        return _connect(*args, **kw)
+
+    sqlite3.connect = connect
+    sqlite3.dbapi2.connect = connect  # what SQLAlchemy's pysqlite dialect calls
+
+    _thread_run = threading.Thread.run
+
+    def _patch(name):
+        """Wrap the loop methods once the thread that runs them starts (modules imported)."""
+        import sys
+
+        if name == "worker" and "mailgw.worker" in sys.modules:
+            cls = sys.modules["mailgw.worker"].Worker
+            if not getattr(cls, "_e2e", False):
+                cls._e2e = True
+                batch = cls.run_batch
+
+                def run_batch(self):
+                    t = time.perf_counter()
+                    n = batch(self)
+                    dt = time.perf_counter() - t
+                    _add("worker run_batch" if n else "worker empty pass", dt)
+                    _add("worker messages", 0.0, n)
+                    return n
+
+                cls.run_batch = run_batch
+                for meth in ("_claim", "_parse", "_store"):
+                    _time_method(cls, meth, f"worker {meth}")
+                _wrap_wait("worker")
+        if name == "sender" and "mailgw.outbound.sender" in sys.modules:
+            cls = sys.modules["mailgw.outbound.sender"].Sender
+            if not getattr(cls, "_e2e", False):
+                cls._e2e = True
+                once = cls.run_once
+
+                def run_once(self, stop=None):
+                    t = time.perf_counter()
+                    n = once(self, stop)
+                    _add("sender run_once" if n else "sender empty pass",
+                         time.perf_counter() - t)
+                    _add("sender mails", 0.0, n)
+                    return n
+
+                cls.run_once = run_once
+                _wrap_wait("sender")
+
+    def _time_method(cls, meth, key):
+        orig = getattr(cls, meth)
+
+        def timed(self, *args, **kw):
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return orig(self, *args, **kw)
+            finally:
+                _add(key, time.perf_counter() - t)
+                _add(key + " (thread CPU)", time.thread_time() - c)
+
+        setattr(cls, meth, timed)
+
+    _waiters = set()  # names of the threads whose Event.wait is timed
+    _event_wait = threading.Event.wait
+
+    def _timed_wait(self, timeout=None):
+        name = threading.current_thread().name
+        if name not in _waiters:
+            return _event_wait(self, timeout)
+        t = time.perf_counter()
+        r = _event_wait(self, timeout)
+        _add(f"{name} wait ({'woken' if r else 'timed out'})", time.perf_counter() - t)
+        return r
+
+    def _wrap_wait(name):
+        # Time in Event.wait on the loop's thread: waiting for a wake-up (or the poll).
+        _waiters.add(name)
+        threading.Event.wait = _timed_wait
+
+    def run(self):
+        try:
+            _patch(self.name)
+        except Exception as exc:  # noqa: BLE001 - statistics lost are not an error
+            print(f"e2ehook: {exc}", flush=True, file=__import__("sys").stderr)
+        _thread_run(self)
+
+    threading.Thread.run = run
+
+    @atexit.register
+    def _dump():
+        import sys
+
+        role = "worker-process" if "--supervised" in sys.argv else "gateway"
+        try:
+            with open(os.path.join(_DIR, f"{role}-{os.getpid()}.json"), "w") as f:
+                json.dump(_stats, f)
+        except OSError:
+            pass
