@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # after PYTHONPATH: another version of mailgw may go first
 
+from bulk import write_rows  # noqa: E402 - bench/ is the script's directory
+
 T0 = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
 DAYS = 28
 QUEUES = ("support", "billing", "sales", "ops")
@@ -106,37 +108,13 @@ def rows(start: int, stop: int, count: int):  # type: ignore[no-untyped-def]
     return tickets, clocks
 
 
-def _q(cols) -> str:  # type: ignore[no-untyped-def]
-    return ", ".join(f'"{c}"' for c in cols)
-
-
 def load(engine, count: int) -> None:  # type: ignore[no-untyped-def]
     sqlite = engine.dialect.name == "sqlite"
     chunk = 50_000
     for lo in range(1, count + 1, chunk):
         data = rows(lo, min(count + 1, lo + chunk), count)
-        raw = engine.raw_connection()
-        try:
-            cur = raw.cursor()
-            if sqlite:
-                cur.execute("BEGIN")
-            for table, cols, batch in (("tickets", TICKET_COLS, data[0]),
-                                       ("sla_clocks", CLOCK_COLS, data[1])):
-                if sqlite:
-                    cur.executemany(
-                        f"INSERT INTO {table} ({_q(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        [tuple(v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, datetime)
-                               else v for v in r) for r in batch])
-                else:
-                    with cur.copy(f"COPY {table} ({_q(cols)}) FROM STDIN") as cp:
-                        for r in batch:
-                            cp.write_row(r)
-            if sqlite:
-                cur.execute("COMMIT")
-            else:
-                raw.commit()
-        finally:
-            raw.close()
+        write_rows(engine, [("tickets", TICKET_COLS, data[0]),
+                          ("sla_clocks", CLOCK_COLS, data[1])])
         print(f"  loaded {min(count, lo + chunk - 1):,} tickets", flush=True)
     raw = engine.raw_connection()
     try:
