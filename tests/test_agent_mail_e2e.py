@@ -39,23 +39,10 @@ def agent_mail(notification, to: str, body: str, **headers: str) -> EmailMessage
 
 
 def test_agent_answers_from_own_client_and_customer_sees_the_queue(home, gateway, sink):
-    data = home.config()
-    data["relay"] = {"host": "127.0.0.1", "port": sink.port}
-    data["agents"] = [{"name": "alice", "addresses": [AGENT], "queues": ["support"]}]
-    home.write_config(data)
-    gateway.start()
-
     # A customer writes; the ack and the agent's notification reach the sink.
-    first = EmailMessage()
-    first["From"] = "Carol Customer <carol@customer.test>"
-    first["To"] = "support@example.com"
-    first["Subject"] = "VPN down"
-    first["Message-ID"] = make_msgid(domain="customer.test")
-    first.set_content("The VPN has been down since 9:00.\nCarol")
-    send(gateway.port, first)
-    got = sink.wait_for(2)
-    [notification] = [g for g in got if g["To"] == AGENT]
-    [ack] = [g for g in got if g["To"] == "carol@customer.test"]
+    notification, ack, first = _start(home, gateway, sink, subject="VPN down",
+                                      body="The VPN has been down since 9:00.\nCarol",
+                                      sender="Carol Customer <carol@customer.test>")
     tag = re.search(r"\[Ticket#\d+\]", ack["Subject"]).group(0)
     reply_to = notification["Reply-To"]
     assert reply_to.startswith("support+t.")
@@ -121,7 +108,10 @@ def test_agent_answers_from_own_client_and_customer_sees_the_queue(home, gateway
     assert mine == [(False, "out"), (True, "in"), (True, "in"), (False, "out")]
 
 
-def _start(home, gateway, sink, **agent_mail):  # type: ignore[no-untyped-def]
+def _start(home, gateway, sink, *, subject: str = "Printer jam", body: str = "Paper stuck.",  # type: ignore[no-untyped-def]
+           sender: str = "carol@customer.test", **agent_mail):
+    """A gateway with agent alice, relaying to the sink; carol opens a ticket. Returns the
+    agent's notification and carol's acknowledgement as the sink got them, and carol's mail."""
     data = home.config()
     data["relay"] = {"host": "127.0.0.1", "port": sink.port}
     data["agents"] = [{"name": "alice", "addresses": [AGENT], "queues": ["support"]}]
@@ -129,15 +119,16 @@ def _start(home, gateway, sink, **agent_mail):  # type: ignore[no-untyped-def]
     home.write_config(data)
     gateway.start()
     first = EmailMessage()
-    first["From"] = "carol@customer.test"
+    first["From"] = sender
     first["To"] = "support@example.com"
-    first["Subject"] = "Printer jam"
+    first["Subject"] = subject
     first["Message-ID"] = make_msgid(domain="customer.test")
-    first.set_content("Paper stuck.")
+    first.set_content(body)
     send(gateway.port, first)
     got = sink.wait_for(2)
     [notification] = [g for g in got if g["To"] == AGENT]
-    return notification
+    [ack] = [g for g in got if g["To"] == "carol@customer.test"]
+    return notification, ack, first
 
 
 def test_forged_from_and_expired_token_are_refused_and_the_agent_told(home, gateway, sink):
@@ -146,7 +137,7 @@ def test_forged_from_and_expired_token_are_refused_and_the_agent_told(home, gate
 
     from mailgw.agent_mail.tokens import make_address
 
-    notification = _start(home, gateway, sink, forged="refuse")
+    notification, _, _ = _start(home, gateway, sink, forged="refuse")
     # Someone writes with alice's From to the plain queue address, with a command.
     forged = EmailMessage()
     forged["From"] = AGENT
@@ -180,7 +171,7 @@ def test_commands_by_mail_end_to_end(home, gateway, sink):
     import pytest
 
     pytest.importorskip("mailgw.agent_commands", reason="agent-cmd branch not merged yet")
-    notification = _start(home, gateway, sink)
+    notification, _, _ = _start(home, gateway, sink)
     reply_to = notification["Reply-To"]
     send(gateway.port, agent_mail(notification, reply_to, "#bogus\nHello"), rcpt=reply_to)
     send(gateway.port, agent_mail(notification, reply_to, "#pending 3d\n#priority high\n"
