@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gen_corpus import generate  # noqa: E402
 from smtp_bench import (  # noqa: E402
-    IN_REPLY_TO,
+    AckSink,
     bench_store,
     cpu_seconds,
     free_port,
@@ -67,14 +67,8 @@ def run_once(server, corpus: list[tuple[str, bytes]], store: str | None, args) -
 
     from mailgw.store import models as m
 
-    acked: set[str] = set()
-
-    class Sink:
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-            hit = IN_REPLY_TO.search(envelope.original_content.split(b"\r\n\r\n", 1)[0])
-            if hit:
-                acked.add(hit.group(1).decode())
-            return "250 OK"
+    handler = AckSink()
+    acked = handler.acked
 
     user, password = f"b{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
     server.add_user(user, password)
@@ -85,7 +79,7 @@ def run_once(server, corpus: list[tuple[str, bytes]], store: str | None, args) -
     append_s = time.perf_counter() - t
     n = len(corpus)
     sink_port = free_port()
-    sink = Controller(Sink(), hostname="127.0.0.1", port=sink_port)
+    sink = Controller(handler, hostname="127.0.0.1", port=sink_port)
     sink.start()
     dovecot = psutil.Process(server.proc.pid)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gen_corpus import generate  # noqa: E402
-from smtp_bench import IN_REPLY_TO, bench_store, free_port, make_home, start_gateway  # noqa: E402
+from smtp_bench import AckSink, bench_store, free_port, make_home, start_gateway  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -62,17 +62,11 @@ def run_once(corpus: list[tuple[str, bytes]], args) -> dict[str, float]:  # type
     from aiosmtpd.controller import Controller
     from sqlalchemy import create_engine, text
 
-    acked: set[str] = set()
-
-    class Sink:
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-            hit = IN_REPLY_TO.search(envelope.original_content.split(b"\r\n\r\n", 1)[0])
-            if hit:
-                acked.add(hit.group(1).decode())
-            return "250 OK"
+    handler = AckSink()
+    acked = handler.acked
 
     sink_port = free_port()
-    sink = Controller(Sink(), hostname="127.0.0.1", port=sink_port)
+    sink = Controller(handler, hostname="127.0.0.1", port=sink_port)
     sink.start()
     n = len(corpus)
     hook = str(ROOT / "bench" / "gwhook")

@@ -58,6 +58,21 @@ QUEUED = re.compile(rb"queued as (\d+)")
 IN_REPLY_TO = re.compile(rb"^In-Reply-To:\s*<([^>]+)>", re.M | re.I)
 
 
+class AckSink:
+    """The relay of the gateway under test (an aiosmtpd handler): ``acked`` maps the
+    customer's Message-ID each acknowledgement answers to the time the sink had it."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, float] = {}
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        t = time.time()
+        hit = IN_REPLY_TO.search(envelope.original_content.split(b"\r\n\r\n", 1)[0])
+        if hit:
+            self.acked[hit.group(1).decode()] = t
+        return "250 OK"
+
+
 def free_port() -> int:
     import socket
 
@@ -176,18 +191,10 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
 
     from mailgw.store import models as m
 
-    acked: dict[str, float] = {}  # customer Message-ID -> time the sink had our ack
-
-    class Sink:
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-            t = time.time()
-            hit = IN_REPLY_TO.search(envelope.original_content.split(b"\r\n\r\n", 1)[0])
-            if hit:
-                acked[hit.group(1).decode()] = t
-            return "250 OK"
-
+    handler = AckSink()
+    acked = handler.acked  # customer Message-ID -> time the sink had our ack
     sink_port = free_port()
-    sink = Controller(Sink(), hostname="127.0.0.1", port=sink_port)
+    sink = Controller(handler, hostname="127.0.0.1", port=sink_port)
     sink.start()
     n = len(corpus)
     with tempfile.TemporaryDirectory() as tmp:
