@@ -35,6 +35,7 @@ from mailgw.outbound.sender import Sender
 from mailgw.process import Context
 from mailgw.queue import GroupCommitWriter
 from mailgw.settings import ConfigError, Home, Listener, Settings, display_path
+from mailgw.signals import take_deferred
 from mailgw.store.db import make_engine, migrate
 from mailgw.worker import Worker, pending_count, release_dead_claims
 
@@ -232,6 +233,8 @@ class Gateway:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload())
+        if take_deferred():  # a SIGHUP while starting (mailgw/signals.py)
+            self._reload()
         log.info("mailgw running roles %s", ", ".join(self.roles))
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
@@ -284,6 +287,8 @@ class Gateway:
                 handlers.append(handler)
                 self._handlers.append(handler)
                 log.info("mailgw listening for %s on %s", name.upper(), addr)
+            if take_deferred():  # a SIGHUP while starting (mailgw/signals.py)
+                self._reload()
             print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
             await stopped.wait()
             log.info("mailgw stopping")

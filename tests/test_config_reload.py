@@ -101,3 +101,38 @@ def test_sighup_reads_edited_templates(home, gateway, sink):
     send(gateway.port, customer_mail("Second", "x"))
     second = sink.wait_for(2)[1]
     assert second.get_payload().startswith("We got it, promise.")
+
+
+def _catches_sighup(pid: int) -> bool:
+    try:
+        status = open(f"/proc/{pid}/status").read()  # noqa: SIM115
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_while_starting_is_recorded_and_reloads_once_ready(home, gateway):
+    """A SIGHUP that arrives before the gateway serves (a logrotate while it starts) used to
+    kill it: SIGHUP's default action. It is now caught from the first line of ``mailgw run``
+    and carried out once the gateway is ready."""
+    import subprocess
+    import sys
+    import time
+
+    gateway.log = home.path / "early-hup.log"
+    out = open(gateway.log, "wb")  # noqa: SIM115 - handed to the child process
+    gateway.proc = subprocess.Popen(
+        [sys.executable, "-m", "mailgw", "run", "--smtp", f"127.0.0.1:{gateway.port}"],
+        stdout=out, stderr=subprocess.STDOUT, env=home.env())
+    wait_until(lambda: _catches_sighup(gateway.proc.pid) or gateway.proc.poll() is not None,
+               what="the gateway to catch SIGHUP")
+    assert "mailgw: ready" not in gateway.output(), "SIGHUP is caught only once ready"
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "mailgw: ready" in gateway.output() or gateway.proc.poll() is not None,
+               what="the gateway to be ready")
+    assert gateway.proc.poll() is None, f"gateway died of SIGHUP:\n{gateway.output()}"
+    wait_until(lambda: "config: " in gateway.output() and "unchanged" in gateway.output(),
+               what="the deferred reload in the log")
+    time.sleep(0.2)
+    assert gateway.output().count("unchanged") == 1  # carried out once

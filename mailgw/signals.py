@@ -1,0 +1,44 @@
+"""SIGHUP before ``mailgw run`` is ready must not kill it.
+
+SIGHUP's default action terminates the process. ``mailgw run`` installs its reload handler
+only once it serves (decision 25), after importing its modules, migrating the store and
+starting its worker processes: a logrotate or an admin's ``kill -HUP`` in that second (and a
+gateway forwarding SIGHUP to a worker process still starting) used to kill it. The entry
+points call :func:`defer_sighup` first thing, before anything heavy is imported; a SIGHUP is
+then only recorded, and the gateway reloads once when its real handler is in place
+(:func:`take_deferred`). This module imports nothing of mailgw's, so it is cheap to load.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+_received: list[int] = []
+
+
+def _record(signum, frame) -> None:  # type: ignore[no-untyped-def]
+    _received.append(signum)
+
+
+def defer_sighup() -> None:
+    """Record SIGHUP instead of dying of it, until the gateway installs its own handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, _record)
+
+
+def take_deferred() -> bool:
+    """Whether a SIGHUP arrived while it was deferred (and forget it)."""
+    got = bool(_received)
+    _received.clear()
+    return got
+
+
+def main() -> None:
+    """The ``mailgw`` command: defer SIGHUP for ``mailgw run``, then the click CLI."""
+    if "run" in sys.argv[1:]:
+        defer_sighup()
+    from mailgw.cli import main as cli_main
+
+    cli_main()
