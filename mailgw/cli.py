@@ -580,6 +580,40 @@ def sla_sweep(obj: Obj, as_json: bool) -> None:
                f"{len(result.skipped)} skipped")
 
 
+@sla.command("apply")
+@click.option("--ticket", "numbers", multiple=True, metavar="NUMBER",
+              help="Only this ticket (repeatable); default every ticket not closed.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def sla_apply(obj: Obj, numbers: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Put the slas: of config/mailgw.yaml in force on the open tickets: choose each one's
+    SLA again, start the clocks of an SLA that now applies from the ticket's history,
+    switch clocks to an edited goal or calendar, cancel those of an SLA that no longer
+    applies. Safe beside a running gateway (docs/sla.md)."""
+    from mailgw.sla.apply import apply_slas
+
+    settings = obj.settings()
+    engine = obj.engine()
+    try:
+        result = apply_slas(engine, settings, dry_run=dry_run,
+                            numbers=[_number(obj, n) for n in numbers] if numbers else None)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+        return
+    for c in result.changes:
+        done = "; ".join(f"{what} {', '.join(items)}" for what, items in (
+            ("started", c.started), ("switched", c.retargeted), ("cancelled", c.cancelled))
+            if items)
+        click.echo(f"{c.ticket}: SLA {c.sla[0] or '-'} -> {c.sla[1] or '-'}"
+                   + (f" ({c.reason})" if c.reason and c.sla[0] != c.sla[1] else "")
+                   + (f": {done}" if done else ""))
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{result.checked} ticket(s) checked, {len(result.changes)} {verb}")
+
+
 # SLA reports (issue 6): mailgw/sla/report.py, docs/reports.md.
 @main.group()
 def report() -> None:
