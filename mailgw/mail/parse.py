@@ -42,7 +42,6 @@ import re
 import secrets
 from collections.abc import Iterator
 from email import policy
-from email.feedparser import BufferedSubFile, BytesFeedParser
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
@@ -50,6 +49,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from io import BytesIO, StringIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
+from mailgw.mail.feed import BufferedSubFile, BytesFeedParser
 from mailgw.types import Attachment, ParsedMail, ParseError
 
 __all__ = ["looks_like_mail", "parse_message"]
