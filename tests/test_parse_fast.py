@@ -9,14 +9,18 @@ meant to alter results, regenerate the file with ``bench/parse_diff.py --golden`
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import email
 import random
 import re
 import sys
+from email import policy
 from pathlib import Path
 
 import pytest
 
-from mailgw.mail import feed
+from mailgw.mail import feed, parse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import parse_diff  # noqa: E402
@@ -46,6 +50,50 @@ def test_the_shared_corpus_sample_parses_as_before() -> None:
     assert len(sample) > 800
     differ = [name for name, raw in sample if parse_diff.fingerprint(raw) != expected.get(name)]
     assert differ == []
+
+
+# --- The feed, pushed in pieces -------------------------------------------------------------
+
+
+def _line_end_cases() -> list[bytes]:
+    head = b"From: a@customer.test\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+    multipart = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b64 = base64.encodebytes(random.Random(3).randbytes(3000))
+    return [
+        head + b"\r\nline\rlone CR\r\rtwo\n\nLF\r\n\r\nend\r",
+        head + multipart + b"--b\r\n\r\ntext\r--b\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + b64.replace(b"\n", b"\r\n") + b"--b\r\n\r\n" + b64 + b"\r--b--\r",
+        head + multipart + b"--b\n\ntext\n--b\nContent-Transfer-Encoding: base64\n\n"
+        + b64.replace(b"\n", b"\r") + b"--b--",
+        b"Subject: no break at all",
+        b"Subject: x\r",
+        b"Subject: x\r\r\r\n\r",
+    ]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16, 77, 1000, 1 << 20])
+def test_the_feed_in_pieces_gives_what_the_stdlib_parse_gives(chunk, monkeypatch):
+    """_RunBuffer.push splits pieces into lines itself: every split of a CRLF, a lone CR
+    at a piece's end, a piece without any line break must give the stdlib's parts."""
+    monkeypatch.setattr(parse, "_FEED_CHUNK", chunk)
+    messages = _line_end_cases() + [raw for _, raw in parse_diff.generated([5], 12)]
+    for raw in messages:
+        lean = parse.parse_message(raw)
+        with monkeypatch.context() as mp:
+            mp.setattr(parse, "_parse_tree", lambda data, start=0: email.message_from_bytes(
+                data[start:], policy=policy.compat32))
+            reference = parse.parse_message(raw)
+        assert dataclasses.asdict(lean) == dataclasses.asdict(reference), raw[:60]
+
+
+def test_the_stdlib_tree_and_ours_are_alike_on_lone_crs():
+    for raw in _line_end_cases():
+        ours = parse._parse_tree(raw)
+        theirs = email.message_from_bytes(raw, policy=policy.compat32)
+        assert [(p.items(), p.get_payload() if not p.is_multipart() else None, p.preamble,
+                 p.epilogue, [type(d) for d in p.defects]) for p in ours.walk()] == [
+            (p.items(), p.get_payload() if not p.is_multipart() else None, p.preamble,
+             p.epilogue, [type(d) for d in p.defects]) for p in theirs.walk()]
 
 
 # --- The feed parser's boundary matcher ---------------------------------------------------

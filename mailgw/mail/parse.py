@@ -586,8 +586,38 @@ class _RunBuffer(BufferedSubFile):
         self.nonce = ""  # made with the first placeholder: most messages have none
         self.runs: list[tuple[int, int]] = []
 
+    def push(self, data: str) -> None:
+        """``BufferedSubFile.push`` without splitting the data into lines first (``_push``
+        would join them again; the split was most of the cost of a large attachment): the
+        complete lines go on, and what follows the last line break stays in ``_partial``,
+        as the stdlib keeps it; so does a last line ending in a lone CR, whose LF may come
+        with the next piece."""
+        partial = self._partial
+        if partial.tell():  # a partial line from the last push
+            partial.write(data)
+            if "\n" not in data and "\r" not in data:
+                return
+            text = partial.getvalue()
+            partial.seek(0)
+            partial.truncate()
+        elif "\n" not in data and "\r" not in data:
+            partial.write(data)
+            return
+        else:
+            text = data
+        if not text.endswith("\n"):
+            end = len(text) - 1  # a final "\r" belongs to the partial line
+            cut = max(text.rfind("\r", 0, end), text.rfind("\n", 0, end)) + 1
+            partial.write(text[cut:])
+            text = text[:cut]
+        self._push(text, None)
+
     def pushlines(self, lines: list[str]) -> None:
-        text = "".join(lines)
+        self._push("".join(lines), lines)
+
+    def _push(self, text: str, lines: list[str] | None) -> None:
+        """Hand the lines of ``text`` (complete lines; ``lines`` when already split) to the
+        parser, each run of base64-like lines as one."""
         out: list[str] = []
         pos = 0
         for match in _BODY_RUN.finditer(text):
@@ -596,7 +626,7 @@ class _RunBuffer(BufferedSubFile):
             out.append(self._run(match.group(), self.pos + match.start()))
             pos = match.end()
         if not out:
-            out = lines
+            out = lines if lines is not None else StringIO(text, newline="").readlines()
         elif pos < len(text):
             out.extend(StringIO(text[pos:], newline="").readlines())
         self.pos += len(text)
