@@ -144,3 +144,55 @@ def test_the_stdlib_feed_parser_is_left_alone() -> None:
 
     assert email.feedparser.re is re
     assert feed.BytesFeedParser is not email.feedparser.BytesFeedParser
+
+
+# --- Addresses -----------------------------------------------------------------------------
+
+
+def _random_address_value(rng: random.Random) -> str:
+    chars = "aZ09._%+-!#$&'*/=?^`{|}~ \t\"\\(),:;<>@[]é\r\n"
+    atoms = ["alice", "Bob", "J.", "O'Neil", "=?utf-8?b?SsO8cmdlbg==?=", "=?utf-8?q?J=C3=BCrgen_M?=",
+             "a.b", ".x", "x.", "-", "support", "ü"]
+    specs = ["a@b.test", "john.doe@example.com", "x+tag@sub.example.org", ".a@b", "a..b@c",
+             "a@b.", "a@-", "A_B%c@D-E.f", "a@b@c", "@b", "a@", "a b@c", "a@[1.2.3.4]"]
+
+    def one() -> str:
+        kind = rng.random()
+        if kind < 0.1:
+            return "".join(rng.choice(chars) for _ in range(rng.randint(0, 25)))
+        spec = rng.choice(specs)
+        ws = lambda: rng.choice(["", "", " ", "  ", "\t"])  # noqa: E731
+        if kind < 0.35:
+            return ws() + spec + ws()
+        if kind < 0.7:
+            name = rng.choice([" ", "  ", " "]).join(rng.choice(atoms) for _ in range(rng.randint(1, 3)))
+        elif kind < 0.85:
+            inner = "".join(rng.choice(chars + "abc" * 5) for _ in range(rng.randint(0, 12)))
+            name = f'"{inner}"'
+        else:
+            name = ""
+        close = rng.choice([">", ">", ">", "", "> (comment)", ">x"])
+        return f"{ws()}{name}{ws()}<{spec}{close}{ws()}"
+
+    return rng.choice([",", ", ", " ,", ",,"]).join(one() for _ in range(rng.randint(1, 3)))
+
+
+def test_simple_addresses_are_what_getaddresses_gives():
+    from email.utils import getaddresses
+
+    rng = random.Random(2047)
+    hits = 0
+    for _ in range(30000):
+        values = [_random_address_value(rng) for _ in range(rng.choice([1, 1, 1, 2]))]
+        fast = parse._simple_addresses(values)
+        if fast is not None:
+            hits += 1
+            assert fast == getaddresses(values), values
+    assert hits > 2000  # the common forms do take the short way
+
+
+def test_common_address_forms_take_the_short_way():
+    values = ["Alice Smith <alice@customer.test>", "=?utf-8?b?SsO8cmdlbg==?= <j@x.test>",
+              '"Smith Alice" <a@b.test>', "bob@example.com", "a@b.test, Carol <c@d.test>"]
+    for value in values:
+        assert parse._simple_addresses([value]) is not None, value

@@ -271,7 +271,9 @@ def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
     if not values:
         return []
     try:
-        pairs = getaddresses(values)
+        pairs = _simple_addresses(values)
+        if pairs is None:
+            pairs = getaddresses(values)
     except Exception:  # the legacy parser is tolerant, but this is hostile input
         defects.append("unparseable address header")
         return []
@@ -281,6 +283,36 @@ def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
         if addr:
             result.append((_decode_rfc2047(name, defects).strip(), addr))
     return result
+
+
+# The forms most mail uses, for which getaddresses' answer is the text itself: a bare
+# addr-spec, or a display name (atoms separated by single spaces, or one quoted string
+# without backslashes) before an addr-spec in angle brackets; a list of them separated by
+# commas. Atoms are the printable ASCII characters that end no phrase in the legacy parser
+# (email._parseaddr: no specials, no whitespace), the addr-spec's parts plain letters, digits
+# and "._%+-". Anything else is left to getaddresses (tests/test_parse_fast.py compares the
+# two on random values).
+_ATOM = r"[!#-'*+\-./0-9=?A-Z^-~]+"
+_ADDR_SPEC = r"[A-Za-z0-9_%+\-.]+@[A-Za-z0-9\-.]+"
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?:({_ATOM}(?: {_ATOM})*)|\"([^\"\\\r\n]*)\")?[ \t]*<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*"
+)
+
+
+def _simple_addresses(values: list[str]) -> list[tuple[str, str]] | None:
+    """``getaddresses(values)`` when every address is of a simple form; else None."""
+    pairs = []
+    for value in values:
+        for piece in value.split(","):
+            match = _SIMPLE_ADDRESS.fullmatch(piece)
+            if match is None:
+                return None
+            atoms, quoted, bracketed, bare = match.groups()
+            if bare is not None:
+                pairs.append(("", bare))
+            else:
+                pairs.append((atoms if atoms is not None else quoted or "", bracketed))
+    return pairs
 
 
 def _address_list(values: list[str], defects: list[str]) -> list[str]:
