@@ -196,3 +196,28 @@ def test_common_address_forms_take_the_short_way():
               '"Smith Alice" <a@b.test>', "bob@example.com", "a@b.test, Carol <c@d.test>"]
     for value in values:
         assert parse._simple_addresses([value]) is not None, value
+
+
+# --- Header parameters, split once ---------------------------------------------------------
+
+
+def test_parts_split_parameters_as_message_does_and_again_when_a_header_changes():
+    from email.message import Message
+
+    raw = (b"Content-Type: text/plain; charset*=utf-8''%E2%9C%93; name*0=\"a\"; name*1=\"b.txt\"\r\n"
+           b"Content-Disposition: attachment; filename=\"r\xc3\xa9sum\xc3\xa9.pdf\"\r\n\r\nbody\r\n")
+    ours = parse._parse_tree(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    assert type(ours) is parse._Part and isinstance(ours, Message)
+    for _ in range(2):  # the second time from the cache
+        assert ours.get_content_charset() == theirs.get_content_charset()
+        assert ours.get_filename() == theirs.get_filename()
+        assert ours.get_params() == theirs.get_params()
+    ours.get_params().append(("x", "y"))  # a copy: the cache is not changed
+    assert ours.get_params() == theirs.get_params()
+    for msg in (ours, theirs):
+        msg.set_param("charset", "iso-8859-2")
+        msg.set_boundary("changed")
+    assert ours.get_content_charset() == theirs.get_content_charset() == "iso-8859-2"
+    assert ours.get_boundary() == "changed"
+    assert ours.as_bytes() == theirs.as_bytes()

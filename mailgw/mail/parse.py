@@ -745,6 +745,30 @@ class _RunBuffer(BufferedSubFile):
             part._payload = _PLACEHOLDER.sub(self._text, payload)
 
 
+class _Part(Message):
+    """A ``Message`` that splits a header's parameters once per value.
+
+    Reading a part's charset, file name and boundary (``get_content_charset``,
+    ``get_filename``, ``get_boundary``) splits and RFC 2231-decodes the same Content-Type
+    header each time; a part is read several times while the tree is walked. The result is
+    kept per header name and value, so a changed header is split again; a copy is handed
+    out (it is a list)."""
+
+    def _get_params_preserve(self, failobj, header):  # type: ignore[no-untyped-def]
+        value = self.get(header)
+        if not isinstance(value, str):  # absent, or a Header object (8-bit bytes): as is
+            return super()._get_params_preserve(failobj, header)
+        cache = self.__dict__.setdefault("_mailgw_params", {})
+        params = cache.get((header, value))
+        if params is None:
+            params = cache[header, value] = super()._get_params_preserve(failobj, header)
+        return list(params)
+
+
+# compat32 whose parts are _Part: the same parsing, headers and serialisation.
+_PARTS = policy.compat32.clone(message_factory=_Part)
+
+
 def _parse_tree(raw: bytes, start: int = 0) -> Message:
     """``email.message_from_bytes(raw[start:], policy=compat32)``, in less memory.
 
@@ -753,7 +777,7 @@ def _parse_tree(raw: bytes, start: int = 0) -> Message:
     to character, so the pieces join to the same text) through ``_RunBuffer``. The parts
     read the same (tests/test_parse_lean.py).
     """
-    parser = BytesFeedParser(policy=policy.compat32)
+    parser = BytesFeedParser(policy=_PARTS)
     buffer = _RunBuffer(raw, start)
     parser._input = buffer  # read by the parser's generator on each step
     view = memoryview(raw)
