@@ -116,7 +116,7 @@ def _unescape(value: str, hint: str | None = None) -> str:
     RFC 6532 allows raw UTF-8 in headers; older mailers wrote raw legacy bytes, most often
     in the charset of the message body, which is the ``hint``.
     """
-    if not _SURROGATE.search(value):
+    if value.isascii() or not _SURROGATE.search(value):  # isascii: a flag, not a scan
         return value
     data = value.encode("utf-8", "surrogateescape")
     for codec in ("utf-8", hint, _LATIN1_SUPERSET):
