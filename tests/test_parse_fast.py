@@ -154,7 +154,8 @@ def _random_address_value(rng: random.Random) -> str:
     atoms = ["alice", "Bob", "J.", "O'Neil", "=?utf-8?b?SsO8cmdlbg==?=", "=?utf-8?q?J=C3=BCrgen_M?=",
              "a.b", ".x", "x.", "-", "support", "ü"]
     specs = ["a@b.test", "john.doe@example.com", "x+tag@sub.example.org", ".a@b", "a..b@c",
-             "a@b.", "a@-", "A_B%c@D-E.f", "a@b@c", "@b", "a@", "a b@c", "a@[1.2.3.4]"]
+             "a@b.", "a@-", "A_B%c@D-E.f", "a@b@c", "@b", "a@", "a b@c", "a@[1.2.3.4]",
+             "@r.test:a@b.test", "@r,@s:a@b"]
 
     def one() -> str:
         kind = rng.random()
