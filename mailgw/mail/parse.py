@@ -42,7 +42,6 @@ import re
 import secrets
 from collections.abc import Iterator
 from email import policy
-from email.feedparser import BufferedSubFile, BytesFeedParser
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesParser
@@ -50,6 +49,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from io import BytesIO, StringIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
+from mailgw.mail.feed import BufferedSubFile, BytesFeedParser
 from mailgw.types import Attachment, ParsedMail, ParseError
 
 __all__ = ["looks_like_mail", "parse_message"]
@@ -116,7 +116,7 @@ def _unescape(value: str, hint: str | None = None) -> str:
     RFC 6532 allows raw UTF-8 in headers; older mailers wrote raw legacy bytes, most often
     in the charset of the message body, which is the ``hint``.
     """
-    if not _SURROGATE.search(value):
+    if value.isascii() or not _SURROGATE.search(value):  # isascii: a flag, not a scan
         return value
     data = value.encode("utf-8", "surrogateescape")
     for codec in ("utf-8", hint, _LATIN1_SUPERSET):
@@ -271,7 +271,9 @@ def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
     if not values:
         return []
     try:
-        pairs = getaddresses(values)
+        pairs = _simple_addresses(values)
+        if pairs is None:
+            pairs = getaddresses(values)
     except Exception:  # the legacy parser is tolerant, but this is hostile input
         defects.append("unparseable address header")
         return []
@@ -281,6 +283,36 @@ def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
         if addr:
             result.append((_decode_rfc2047(name, defects).strip(), addr))
     return result
+
+
+# The forms most mail uses, for which getaddresses' answer is the text itself: a bare
+# addr-spec, or a display name (atoms separated by single spaces, or one quoted string
+# without backslashes) before an addr-spec in angle brackets; a list of them separated by
+# commas. Atoms are the printable ASCII characters that end no phrase in the legacy parser
+# (email._parseaddr: no specials, no whitespace), the addr-spec's parts plain letters, digits
+# and "._%+-". Anything else is left to getaddresses (tests/test_parse_fast.py compares the
+# two on random values).
+_ATOM = r"[!#-'*+\-./0-9=?A-Z^-~]+"
+_ADDR_SPEC = r"[A-Za-z0-9_%+\-.]+@[A-Za-z0-9\-.]+"
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?:({_ATOM}(?: {_ATOM})*)|\"([^\"\\\r\n]*)\")?[ \t]*<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*"
+)
+
+
+def _simple_addresses(values: list[str]) -> list[tuple[str, str]] | None:
+    """``getaddresses(values)`` when every address is of a simple form; else None."""
+    pairs = []
+    for value in values:
+        for piece in value.split(","):
+            match = _SIMPLE_ADDRESS.fullmatch(piece)
+            if match is None:
+                return None
+            atoms, quoted, bracketed, bare = match.groups()
+            if bare is not None:
+                pairs.append(("", bare))
+            else:
+                pairs.append((atoms if atoms is not None else quoted or "", bracketed))
+    return pairs
 
 
 def _address_list(values: list[str], defects: list[str]) -> list[str]:
@@ -586,8 +618,38 @@ class _RunBuffer(BufferedSubFile):
         self.nonce = ""  # made with the first placeholder: most messages have none
         self.runs: list[tuple[int, int]] = []
 
+    def push(self, data: str) -> None:
+        """``BufferedSubFile.push`` without splitting the data into lines first (``_push``
+        would join them again; the split was most of the cost of a large attachment): the
+        complete lines go on, and what follows the last line break stays in ``_partial``,
+        as the stdlib keeps it; so does a last line ending in a lone CR, whose LF may come
+        with the next piece."""
+        partial = self._partial
+        if partial.tell():  # a partial line from the last push
+            partial.write(data)
+            if "\n" not in data and "\r" not in data:
+                return
+            text = partial.getvalue()
+            partial.seek(0)
+            partial.truncate()
+        elif "\n" not in data and "\r" not in data:
+            partial.write(data)
+            return
+        else:
+            text = data
+        if not text.endswith("\n"):
+            end = len(text) - 1  # a final "\r" belongs to the partial line
+            cut = max(text.rfind("\r", 0, end), text.rfind("\n", 0, end)) + 1
+            partial.write(text[cut:])
+            text = text[:cut]
+        self._push(text, None)
+
     def pushlines(self, lines: list[str]) -> None:
-        text = "".join(lines)
+        self._push("".join(lines), lines)
+
+    def _push(self, text: str, lines: list[str] | None) -> None:
+        """Hand the lines of ``text`` (complete lines; ``lines`` when already split) to the
+        parser, each run of base64-like lines as one."""
         out: list[str] = []
         pos = 0
         for match in _BODY_RUN.finditer(text):
@@ -596,7 +658,7 @@ class _RunBuffer(BufferedSubFile):
             out.append(self._run(match.group(), self.pos + match.start()))
             pos = match.end()
         if not out:
-            out = lines
+            out = lines if lines is not None else StringIO(text, newline="").readlines()
         elif pos < len(text):
             out.extend(StringIO(text[pos:], newline="").readlines())
         self.pos += len(text)
@@ -683,6 +745,30 @@ class _RunBuffer(BufferedSubFile):
             part._payload = _PLACEHOLDER.sub(self._text, payload)
 
 
+class _Part(Message):
+    """A ``Message`` that splits a header's parameters once per value.
+
+    Reading a part's charset, file name and boundary (``get_content_charset``,
+    ``get_filename``, ``get_boundary``) splits and RFC 2231-decodes the same Content-Type
+    header each time; a part is read several times while the tree is walked. The result is
+    kept per header name and value, so a changed header is split again; a copy is handed
+    out (it is a list)."""
+
+    def _get_params_preserve(self, failobj, header):  # type: ignore[no-untyped-def]
+        value = self.get(header)
+        if not isinstance(value, str):  # absent, or a Header object (8-bit bytes): as is
+            return super()._get_params_preserve(failobj, header)
+        cache = self.__dict__.setdefault("_mailgw_params", {})
+        params = cache.get((header, value))
+        if params is None:
+            params = cache[header, value] = super()._get_params_preserve(failobj, header)
+        return list(params)
+
+
+# compat32 whose parts are _Part: the same parsing, headers and serialisation.
+_PARTS = policy.compat32.clone(message_factory=_Part)
+
+
 def _parse_tree(raw: bytes, start: int = 0) -> Message:
     """``email.message_from_bytes(raw[start:], policy=compat32)``, in less memory.
 
@@ -691,7 +777,7 @@ def _parse_tree(raw: bytes, start: int = 0) -> Message:
     to character, so the pieces join to the same text) through ``_RunBuffer``. The parts
     read the same (tests/test_parse_lean.py).
     """
-    parser = BytesFeedParser(policy=policy.compat32)
+    parser = BytesFeedParser(policy=_PARTS)
     buffer = _RunBuffer(raw, start)
     parser._input = buffer  # read by the parser's generator on each step
     view = memoryview(raw)

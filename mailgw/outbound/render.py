@@ -15,10 +15,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import base64mime as _base64mime
 from email.charset import QP, Charset
+from email.charset import RFC2047_CHROME_LEN as _RFC2047_CHROME_LEN
 from email.header import Header
 from email.message import Message
 from email.policy import compat32
+from email.quoprimime import _QUOPRI_HEADER_MAP
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,15 @@ def build_message(
         headers.append(("Content-Type", 'text/plain; charset="utf-8"'))
         headers.append(("Content-Transfer-Encoding", "7bit"))
         return _flatten_items(headers, body.replace("\r\n", "\n").replace("\n", "\r\n"))
+    if _DIRECT and not attachments and _MIME_HEADERS.isdisjoint(
+            name.lower() for name in extra_headers):
+        # Non-ASCII text (every acknowledgement: the templates' signature has a "·"):
+        # set_payload(body, _UTF8_QP) stores the quoted-printable body and, through
+        # set_charset, appends Content-Type and Content-Transfer-Encoding, which it only
+        # does when the message has none (hence the check above; MIME-Version is there).
+        headers.append(("Content-Type", 'text/plain; charset="utf-8"'))
+        headers.append(("Content-Transfer-Encoding", "quoted-printable"))
+        return _flatten_items(headers, _UTF8_QP.body_encode(body))
     msg = Message()
     for name, value in headers:
         msg[name] = value
@@ -350,6 +362,50 @@ _SPLITCHARS = ";, \t"  # Header.encode's default split characters, in order of p
 _EMBEDDED_HEADER = re.compile(r"\n[^ \t]+:")  # what Header.encode refuses
 
 
+class _Utf8HeaderCharset(Charset):
+    """``Charset("utf-8")`` whose ``header_encode_lines`` is linear in the value's length.
+
+    The stdlib's joins and re-encodes the whole line so far for every character to learn
+    its encoded length (quadratic; two thirds of building an acknowledgement with a
+    non-ASCII subject, bench/RESULTS.md issue 8 session 5). Here the length grows by each
+    character's share: base64's is a function of the byte count, quoted-printable's a sum
+    over the bytes. The lines, where they break and the encoder chosen are the same
+    (tests/test_render_fast.py compares the folded headers on random values)."""
+
+    def header_encode_lines(self, string, maxlengths):  # type: ignore[no-untyped-def]
+        codec = self.output_codec or "us-ascii"
+        encoder_module = self._get_encoder(string.encode(codec))
+        encode = encoder_module.header_encode
+        extra = len(self.get_output_charset()) + _RFC2047_CHROME_LEN
+        base64 = encoder_module is _base64mime
+        lines: list[str | None] = []
+        maxlen = next(maxlengths) - extra
+        start = size = 0  # the current line: string[start:i], size its bytes (base64) or
+        for i, character in enumerate(string):  # its encoded length (quoted-printable)
+            data = character.encode(codec)
+            grown = size + (len(data) if base64 else sum(_QP_LENGTH[b] for b in data))
+            length = (grown + 2) // 3 * 4 if base64 else grown
+            if length > maxlen:
+                if not lines and start == i:
+                    lines.append(None)
+                else:
+                    lines.append(encode(string[start:i].encode(codec), charset=codec))
+                start = i
+                size = len(data) if base64 else sum(_QP_LENGTH[b] for b in data)
+                maxlen = next(maxlengths) - extra
+            else:
+                size = grown
+        lines.append(encode(string[start:].encode(codec), charset=codec))
+        return lines
+
+
+_UTF8_HEADER = _Utf8HeaderCharset("utf-8")
+_QP_LENGTH = [len(_QUOPRI_HEADER_MAP[b]) for b in range(256)]
+# Headers set_charset adds itself only when absent: extra headers naming one take the
+# Message path.
+_MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
+
+
 def _header(value: str) -> str | Header:
     """An unstructured header value, RFC 2047-encoded when it is not ASCII."""
-    return value if value.isascii() else Header(value, "utf-8", header_name="Subject")
+    return value if value.isascii() else Header(value, _UTF8_HEADER, header_name="Subject")

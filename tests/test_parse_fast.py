@@ -1,0 +1,224 @@
+"""parse_message's shortcuts give the results the plain way gave (issue 8, decision 28).
+
+The golden file (``tests/data/parse_golden.txt``) holds a fingerprint of every field of the
+ParsedMail that main's code (3e137bf, before these shortcuts) returned for a sample: a
+generated corpus (bench/gen_corpus.py, seed 11) and every third message of the shared
+corpus. ``bench/parse_diff.py --dump`` compares whole corpora the same way; after a change
+meant to alter results, regenerate the file with ``bench/parse_diff.py --golden``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import email
+import random
+import re
+import sys
+from email import policy
+from pathlib import Path
+
+import pytest
+
+from mailgw.mail import feed, parse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import parse_diff  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "parse_golden.txt"
+
+
+def _golden() -> dict[str, str]:
+    return dict(line.rstrip("\n").rsplit(" ", 1) for line in GOLDEN.open(encoding="utf-8"))
+
+
+def test_the_generated_sample_parses_as_before() -> None:
+    expected = _golden()
+    differ = [name for name, raw in parse_diff.generated([parse_diff.GOLDEN_SEED],
+                                                         parse_diff.GOLDEN_COUNT)
+              if parse_diff.fingerprint(raw) != expected[name]]
+    assert differ == []
+
+
+def test_the_shared_corpus_sample_parses_as_before() -> None:
+    from tests.corpus import CORPUS
+
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared mail corpus not found at {CORPUS}")
+    expected = _golden()
+    sample = [(n, raw) for n, raw in parse_diff.golden_sample() if not n.startswith("gen/")]
+    assert len(sample) > 800
+    differ = [name for name, raw in sample if parse_diff.fingerprint(raw) != expected.get(name)]
+    assert differ == []
+
+
+# --- The feed, pushed in pieces -------------------------------------------------------------
+
+
+def _line_end_cases() -> list[bytes]:
+    head = b"From: a@customer.test\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+    multipart = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b64 = base64.encodebytes(random.Random(3).randbytes(3000))
+    return [
+        head + b"\r\nline\rlone CR\r\rtwo\n\nLF\r\n\r\nend\r",
+        head + multipart + b"--b\r\n\r\ntext\r--b\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + b64.replace(b"\n", b"\r\n") + b"--b\r\n\r\n" + b64 + b"\r--b--\r",
+        head + multipart + b"--b\n\ntext\n--b\nContent-Transfer-Encoding: base64\n\n"
+        + b64.replace(b"\n", b"\r") + b"--b--",
+        b"Subject: no break at all",
+        b"Subject: x\r",
+        b"Subject: x\r\r\r\n\r",
+    ]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16, 77, 1000, 1 << 20])
+def test_the_feed_in_pieces_gives_what_the_stdlib_parse_gives(chunk, monkeypatch):
+    """_RunBuffer.push splits pieces into lines itself: every split of a CRLF, a lone CR
+    at a piece's end, a piece without any line break must give the stdlib's parts."""
+    monkeypatch.setattr(parse, "_FEED_CHUNK", chunk)
+    messages = _line_end_cases() + [raw for _, raw in parse_diff.generated([5], 12)]
+    for raw in messages:
+        lean = parse.parse_message(raw)
+        with monkeypatch.context() as mp:
+            mp.setattr(parse, "_parse_tree", lambda data, start=0: email.message_from_bytes(
+                data[start:], policy=policy.compat32))
+            reference = parse.parse_message(raw)
+        assert dataclasses.asdict(lean) == dataclasses.asdict(reference), raw[:60]
+
+
+def test_the_stdlib_tree_and_ours_are_alike_on_lone_crs():
+    for raw in _line_end_cases():
+        ours = parse._parse_tree(raw)
+        theirs = email.message_from_bytes(raw, policy=policy.compat32)
+        assert [(p.items(), p.get_payload() if not p.is_multipart() else None, p.preamble,
+                 p.epilogue, [type(d) for d in p.defects]) for p in ours.walk()] == [
+            (p.items(), p.get_payload() if not p.is_multipart() else None, p.preamble,
+             p.epilogue, [type(d) for d in p.defects]) for p in theirs.walk()]
+
+
+# --- The feed parser's boundary matcher ---------------------------------------------------
+
+_REAL_TAIL = r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+
+
+def _stdlib_pattern(boundary: str) -> str:
+    """What email.feedparser._parsegen hands re.compile for a boundary."""
+    return "(?P<sep>" + re.escape("--" + boundary) + _REAL_TAIL
+
+
+def _same(real: re.Match[str] | None, ours: re.Match[str] | None) -> bool:
+    if real is None or ours is None:
+        return real is ours
+    return all(real.group(g) == ours.group(g) for g in ("end", "ws", "linesep"))
+
+
+def test_the_boundary_pattern_becomes_a_matcher_and_others_stay_patterns() -> None:
+    matcher = feed.compile_pattern(_stdlib_pattern("=_x.y(z)*+?[]{}|^$\\ é"))
+    assert isinstance(matcher, feed.BoundaryMatcher)
+    assert matcher.separator == "--=_x.y(z)*+?[]{}|^$\\ é"
+    assert isinstance(feed.compile_pattern(r"(?P<sep>a.b" + _REAL_TAIL), re.Pattern)  # not re.escape'd
+    assert isinstance(feed.compile_pattern(_stdlib_pattern("b"), re.I), re.Pattern)
+    assert isinstance(feed.compile_pattern(r"\r\n|\r|\n"), re.Pattern)
+
+
+def test_the_boundary_matcher_matches_as_the_regex_does() -> None:
+    rnd = random.Random(8)
+    alphabet = "ab-_=.+*?()[]{}|^$\\ \t\r\n'\"é/"
+    tails = ["", "--", "-", "---", " ", "\t", " \t ", "x", "\n", "\r\n", "\r", "\n\n", "\r\r\n",
+             "--\n", "--\r\n", "-- \r\n", "--\t\t\n", " --\n", "--x\n", "\n ", "--\n\n"]
+    for _ in range(3000):
+        boundary = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12)))
+        real = re.compile(_stdlib_pattern(boundary))
+        ours = feed.compile_pattern(_stdlib_pattern(boundary))
+        assert isinstance(ours, feed.BoundaryMatcher)
+        sep = "--" + boundary
+        lines = [sep + rnd.choice(tails) + rnd.choice(tails) for _ in range(6)]
+        lines += [sep[:-1], "x" + sep, sep.upper(), "", "--", sep + sep,
+                  "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 20)))]
+        for line in lines:
+            assert _same(real.match(line), ours.match(line)), (boundary, line)
+
+
+def test_the_stdlib_feed_parser_is_left_alone() -> None:
+    import email.feedparser
+
+    assert email.feedparser.re is re
+    assert feed.BytesFeedParser is not email.feedparser.BytesFeedParser
+
+
+# --- Addresses -----------------------------------------------------------------------------
+
+
+def _random_address_value(rng: random.Random) -> str:
+    chars = "aZ09._%+-!#$&'*/=?^`{|}~ \t\"\\(),:;<>@[]é\r\n"
+    atoms = ["alice", "Bob", "J.", "O'Neil", "=?utf-8?b?SsO8cmdlbg==?=", "=?utf-8?q?J=C3=BCrgen_M?=",
+             "a.b", ".x", "x.", "-", "support", "ü"]
+    specs = ["a@b.test", "john.doe@example.com", "x+tag@sub.example.org", ".a@b", "a..b@c",
+             "a@b.", "a@-", "A_B%c@D-E.f", "a@b@c", "@b", "a@", "a b@c", "a@[1.2.3.4]",
+             "@r.test:a@b.test", "@r,@s:a@b"]
+
+    def one() -> str:
+        kind = rng.random()
+        if kind < 0.1:
+            return "".join(rng.choice(chars) for _ in range(rng.randint(0, 25)))
+        spec = rng.choice(specs)
+        ws = lambda: rng.choice(["", "", " ", "  ", "\t"])  # noqa: E731
+        if kind < 0.35:
+            return ws() + spec + ws()
+        if kind < 0.7:
+            name = rng.choice([" ", "  ", " "]).join(rng.choice(atoms) for _ in range(rng.randint(1, 3)))
+        elif kind < 0.85:
+            inner = "".join(rng.choice(chars + "abc" * 5) for _ in range(rng.randint(0, 12)))
+            name = f'"{inner}"'
+        else:
+            name = ""
+        close = rng.choice([">", ">", ">", "", "> (comment)", ">x"])
+        return f"{ws()}{name}{ws()}<{spec}{close}{ws()}"
+
+    return rng.choice([",", ", ", " ,", ",,"]).join(one() for _ in range(rng.randint(1, 3)))
+
+
+def test_simple_addresses_are_what_getaddresses_gives():
+    from email.utils import getaddresses
+
+    rng = random.Random(2047)
+    hits = 0
+    for _ in range(30000):
+        values = [_random_address_value(rng) for _ in range(rng.choice([1, 1, 1, 2]))]
+        fast = parse._simple_addresses(values)
+        if fast is not None:
+            hits += 1
+            assert fast == getaddresses(values), values
+    assert hits > 2000  # the common forms do take the short way
+
+
+def test_common_address_forms_take_the_short_way():
+    values = ["Alice Smith <alice@customer.test>", "=?utf-8?b?SsO8cmdlbg==?= <j@x.test>",
+              '"Smith Alice" <a@b.test>', "bob@example.com", "a@b.test, Carol <c@d.test>"]
+    for value in values:
+        assert parse._simple_addresses([value]) is not None, value
+
+
+# --- Header parameters, split once ---------------------------------------------------------
+
+
+def test_parts_split_parameters_as_message_does_and_again_when_a_header_changes():
+    from email.message import Message
+
+    raw = (b"Content-Type: text/plain; charset*=utf-8''%E2%9C%93; name*0=\"a\"; name*1=\"b.txt\"\r\n"
+           b"Content-Disposition: attachment; filename=\"r\xc3\xa9sum\xc3\xa9.pdf\"\r\n\r\nbody\r\n")
+    ours = parse._parse_tree(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    assert type(ours) is parse._Part and isinstance(ours, Message)
+    for _ in range(2):  # the second time from the cache
+        assert ours.get_content_charset() == theirs.get_content_charset()
+        assert ours.get_filename() == theirs.get_filename()
+        assert ours.get_params() == theirs.get_params()
+    ours.get_params().append(("x", "y"))  # a copy: the cache is not changed
+    assert ours.get_params() == theirs.get_params()
+    for msg in (ours, theirs):
+        msg.set_param("charset", "iso-8859-2")
+        msg.set_boundary("changed")
+    assert ours.get_content_charset() == theirs.get_content_charset() == "iso-8859-2"
+    assert ours.get_boundary() == "changed"
+    assert ours.as_bytes() == theirs.as_bytes()
