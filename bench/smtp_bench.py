@@ -124,25 +124,30 @@ def store_poller(url: str):  # type: ignore[no-untyped-def]
     ids without gaps: SQLite's rowids (a rolled-back insert frees its id) and PostgreSQL's
     sequence unless an intake commit failed, which fails the run anyway. Returns
     (fetch, close)."""
-    pending_sql = "SELECT id FROM inbound WHERE state = 'pending' AND id >= {}"
-    top_sql = "SELECT max(id) FROM inbound"
+    # One statement, so one snapshot: the largest id and the pending ids are read together.
+    sql = ("SELECT 0, max(id) FROM inbound UNION ALL "
+           "SELECT 1, id FROM inbound WHERE state = 'pending' AND id >= {}")
     if url.startswith("sqlite"):
         import sqlite3
 
         conn = sqlite3.connect(url.split(":///", 1)[1], isolation_level=None,
                                check_same_thread=False)
-        q = pending_sql.format("?")
+        q = sql.format("?")
         run, close = conn.execute, conn.close
     else:
         import psycopg
 
         pconn = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
-        q = pending_sql.format("%s")
+        q = sql.format("%s")
         run, close = pconn.execute, pconn.close
 
     def fetch(low: int) -> list[int]:
-        top = run(top_sql).fetchone()[0] or 0  # first: a row made after it is not counted
-        pending = {r[0] for r in run(q, (low,))}
+        top, pending = 0, set()
+        for kind, i in run(q, (low,)):
+            if kind:
+                pending.add(i)
+            else:
+                top = i or 0
         return [i for i in range(low, top + 1) if i not in pending]
 
     return fetch, close

@@ -133,3 +133,29 @@ def test_floor_runs() -> None:
     assert parts == set("abcdef")
     assert all(v["ms"] >= 0 for v in out["figures"].values())
     assert out["floor"]["gateway floor, ms a message"] > 0
+
+
+def test_lean_watcher_sees_what_the_default_query_sees(tmp_path: Path) -> None:
+    import sqlite3
+
+    from smtp_bench import store_poller
+
+    db = tmp_path / "w.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("CREATE TABLE inbound (id INTEGER PRIMARY KEY, raw BLOB, state TEXT)")
+    c.execute("CREATE INDEX ix_inbound_state ON inbound (state)")
+    states = ["done", "pending", "done", "quarantined", "pending", "done"]
+    c.executemany("INSERT INTO inbound VALUES (?, ?, ?)",
+                  [(i, b"x" * 5000, s) for i, s in enumerate(states, 1)])
+    fetch, close = store_poller(f"sqlite:///{db}")
+    try:
+        for low in range(1, 8):
+            default = [r[0] for r in c.execute(
+                "SELECT id FROM inbound WHERE id >= ? AND state <> 'pending'", (low,))]
+            assert fetch(low) == default
+        c.execute("UPDATE inbound SET state = 'done' WHERE id = 2")
+        c.execute("INSERT INTO inbound VALUES (7, x'00', 'pending')")
+        assert fetch(1) == [1, 2, 3, 4, 6]
+    finally:
+        close()
+        c.close()
