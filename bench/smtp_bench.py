@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gen_corpus import generate  # noqa: E402
+from lean_smtp import LeanSink, send_all, wire_data  # noqa: E402
 
 QUEUED = re.compile(rb"queued as (\d+)")
 IN_REPLY_TO = re.compile(rb"^In-Reply-To:\s*<([^>]+)>", re.M | re.I)
@@ -101,6 +102,55 @@ def machine_cpu() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / tick, idle / tick
+
+
+def thread_cpu_s(thread: threading.Thread | None) -> float:
+    """CPU seconds (user + system) of a live thread of this process (its CPU clock)."""
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (OSError, AttributeError):
+        return 0.0
+
+
+def store_poller(url: str):  # type: ignore[no-untyped-def]
+    """``fetch(low)``: ids >= low of inbound rows no longer pending, as the default watcher's
+    query gives them, for the lean clients: through the database driver on one connection
+    kept open, and without reading the rows. The default query (``id >= low AND state <>
+    'pending'``) walks the table by id and, on SQLite, reads each row's ``state`` past its
+    ``raw`` (overflow pages: a 200 KB message is 50 of them) at every poll; here the pending
+    ids come from the covering index on ``state`` and the rest is ``max(id)``. That assumes
+    ids without gaps: SQLite's rowids (a rolled-back insert frees its id) and PostgreSQL's
+    sequence unless an intake commit failed, which fails the run anyway. Returns
+    (fetch, close)."""
+    # One statement, so one snapshot: the largest id and the pending ids are read together.
+    sql = ("SELECT 0, max(id) FROM inbound UNION ALL "
+           "SELECT 1, id FROM inbound WHERE state = 'pending' AND id >= {}")
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(url.split(":///", 1)[1], isolation_level=None,
+                               check_same_thread=False)
+        q = sql.format("?")
+        run, close = conn.execute, conn.close
+    else:
+        import psycopg
+
+        pconn = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
+        q = sql.format("%s")
+        run, close = pconn.execute, pconn.close
+
+    def fetch(low: int) -> list[int]:
+        top, pending = 0, set()
+        for kind, i in run(q, (low,)):
+            if kind:
+                pending.add(i)
+            else:
+                top = i or 0
+        return [i for i in range(low, top + 1) if i not in pending]
+
+    return fetch, close
 
 
 def postgres_procs():  # type: ignore[no-untyped-def]
@@ -191,11 +241,20 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
 
     from mailgw.store import models as m
 
-    handler = AckSink()
-    acked = handler.acked  # customer Message-ID -> time the sink had our ack
-    sink_port = free_port()
-    sink = Controller(handler, hostname="127.0.0.1", port=sink_port)
-    sink.start()
+    lean = args.client != "smtplib"
+    if lean:  # the lighter load generator: one asyncio loop, lean sink, driver watcher
+        sink = LeanSink()
+        sink.start()
+        acked, sink_port, sink_thread = sink.acked, sink.port, sink.thread
+    else:
+        handler = AckSink()
+        acked = handler.acked  # customer Message-ID -> time the sink had our ack
+        sink_port = free_port()
+        sink = Controller(handler, hostname="127.0.0.1", port=sink_port)
+        sink.start()
+        sink_thread = sink._thread
+    wired = [(mid, wire_data(raw)) for mid, raw in corpus] if lean else None
+    thread_cpu: dict[str, list[float]] = {"send": [], "watch": []}  # thread CPU, s
     n = len(corpus)
     with tempfile.TemporaryDirectory() as tmp:
         home = make_home(Path(tmp), sink_port, args.batch_size)
@@ -208,7 +267,19 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             pg = postgres_procs() if url.startswith("postgresql") else []
             cpu0, cpu0_main = cpu_seconds(procs), cpu_seconds([gw])
             pg0, self0, mach0 = cpu_seconds(pg), time.process_time(), machine_cpu()
+            sink0 = thread_cpu_s(sink_thread)
             engine = create_engine(url)
+            if lean:
+                fetch_done, close_poller = store_poller(url)
+            else:
+                q = text("SELECT id FROM inbound WHERE id >= :low AND state <> 'pending'")
+
+                def fetch_done(low: int) -> list[int]:
+                    with engine.connect() as c:
+                        return c.execute(q, {"low": low}).scalars().all()
+
+                def close_poller() -> None:
+                    pass
             sent: dict[int, tuple[str, float]] = {}  # inbound id -> (Message-ID, t of 250)
             committed: dict[int, float] = {}
             done_all = threading.Event()
@@ -216,10 +287,8 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
 
             def watcher() -> None:
                 low = 1
-                q = text("SELECT id FROM inbound WHERE id >= :low AND state <> 'pending'")
                 while not done_all.is_set():
-                    with engine.connect() as c:
-                        ids = c.execute(q, {"low": low}).scalars().all()
+                    ids = fetch_done(low)
                     t = time.time()
                     for i in ids:
                         committed.setdefault(i, t)
@@ -229,6 +298,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                         done_all.set()
                         break
                     time.sleep(args.poll)
+                thread_cpu["watch"].append(time.thread_time())
 
             def client(k: int, chunk: list[tuple[str, bytes]]) -> None:
                 try:
@@ -249,12 +319,33 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                             sent[int(hit.group(1))] = (mid, t)
                 except Exception as exc:  # noqa: BLE001 - reported below
                     errors.append(repr(exc))
+                thread_cpu["send"].append(time.thread_time())
+
+            def lean_clients() -> None:
+                def queued(mid: str, line: bytes, t: float) -> None:
+                    hit = QUEUED.search(line)
+                    if not hit:
+                        errors.append(f"no queue id in {line!r}")
+                        return
+                    sent[int(hit.group(1))] = (mid, t)
+
+                try:
+                    send_all("127.0.0.1", port, wired, connections=args.connections,
+                             pipeline=args.client == "pipelined", on_queued=queued,
+                             rate=args.rate, t0=t0, wired=True)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(repr(exc))
+                thread_cpu["send"].append(time.thread_time())
 
             chunks = [corpus[i::args.connections] for i in range(args.connections)]
             w = threading.Thread(target=watcher, daemon=True)
             t0 = time.time()
             w.start()
-            threads = [threading.Thread(target=client, args=(k, c)) for k, c in enumerate(chunks)]
+            if lean:
+                threads = [threading.Thread(target=lean_clients)]
+            else:
+                threads = [threading.Thread(target=client, args=(k, c))
+                           for k, c in enumerate(chunks)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -278,6 +369,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                 time.sleep(0.02)
             procs = [gw, *gw.children(recursive=True)]
             client_cpu = time.process_time() - self0
+            sink_cpu = thread_cpu_s(sink_thread) - sink0
             mach1 = machine_cpu()
             pg_cpu = cpu_seconds(pg) - pg0
             cpu = cpu_seconds(procs) - cpu0
@@ -287,6 +379,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
             proc.terminate()
             proc.wait(60)
             engine.dispose()
+            close_poller()
             if args.keep_log:  # the gateway's and its workers' log, for the errors
                 with open(args.keep_log, "ab") as f:
                     f.write((home / "gateway.log").read_bytes())
@@ -307,6 +400,9 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
         "peak_rss_mb": rss_main / 1024, "worker_peak_rss_mb": max(rss_workers, default=0) / 1024,
         "busiest_worker_share": max(shares) / n if shares else 0.0,
         "client_cpu_ms_per_msg": client_cpu * 1000 / n,
+        "client_send_ms_per_msg": sum(thread_cpu["send"]) * 1000 / n,
+        "client_sink_ms_per_msg": sink_cpu * 1000 / n,
+        "client_watch_ms_per_msg": sum(thread_cpu["watch"]) * 1000 / n,
         "pg_cpu_ms_per_msg": pg_cpu * 1000 / n,
         "machine_busy_ms_per_msg": (mach1[0] - mach0[0]) * 1000 / n,
         "machine_idle_pct": 100 * (mach1[1] - mach0[1]) / max(
@@ -347,6 +443,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0,
                     help="offer this many messages per second (0: as fast as possible); "
                          "latencies below saturation")
+    ap.add_argument("--client", choices=("smtplib", "lean", "pipelined"), default="smtplib",
+                    help="load generator: smtplib (default: one thread per connection, "
+                         "aiosmtpd sink, SQLAlchemy watcher; comparable with earlier "
+                         "RESULTS), lean (one asyncio loop, one command a reply, lean sink, "
+                         "driver watcher; bench/lean_smtp.py) or pipelined (lean with "
+                         "RFC 2920 command groups, forced: mailgw does not advertise "
+                         "PIPELINING)")
     ap.add_argument("--json", action="store_true", help="print the medians as JSON")
     ap.add_argument("--stats", action="store_true",
                     help="time lock waits, commits, batches and wake-ups (bench/e2ehook)")
@@ -374,7 +477,7 @@ def main() -> None:
     size = sum(len(r) for _, r in corpus)
     print(f"{args.count} messages ({size / 1e6:.1f} MB, seed {args.seed}), "
           f"{args.connections} connections, {args.runs} runs, workers "
-          f"{args.workers or 'default'}, store "
+          f"{args.workers or 'default'}, client {args.client}, store "
           f"{'SQLite' if not args.store else args.store.split('@')[-1]}")
     for k, v in med.items():
         runs = " ".join(f"{r[k]:.1f}" for r in results)
