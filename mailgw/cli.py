@@ -605,11 +605,13 @@ def sla_apply(obj: Obj, numbers: tuple[str, ...], dry_run: bool, as_json: bool) 
         return
     for c in result.changes:
         done = "; ".join(f"{what} {', '.join(items)}" for what, items in (
-            ("started", c.started), ("switched", c.retargeted), ("cancelled", c.cancelled))
-            if items)
+            ("started", c.started), ("switched", c.retargeted), ("cancelled", c.cancelled),
+            ("paused", c.paused), ("resumed", c.resumed)) if items)
         click.echo(f"{c.ticket}: SLA {c.sla[0] or '-'} -> {c.sla[1] or '-'}"
                    + (f" ({c.reason})" if c.reason and c.sla[0] != c.sla[1] else "")
                    + (f": {done}" if done else ""))
+    for n in result.skipped:
+        click.echo(f"{n}: skipped (no such ticket, or closed, merged or deleted)")
     verb = "would change" if dry_run else "changed"
     click.echo(f"{result.checked} ticket(s) checked, {len(result.changes)} {verb}")
 

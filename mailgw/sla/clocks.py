@@ -413,7 +413,10 @@ class _Clocks:
         note = (f"SLA {sla.name} applies since {self.at.astimezone(UTC):%Y-%m-%d %H:%M} UTC "
                 f"({why}); counted from the ticket's history")
         have = {c.target for c in self.open()}
-        if "first_response" not in have and goal_of(sla, "first_response") is not None:
+        # An open update clock (the opening message under an SLA without a first-response
+        # goal) already counts the wait for the first answer: never both at once.
+        if ("first_response" not in have and "update" not in have
+                and goal_of(sla, "first_response") is not None):
             opening = history.opening
             if (opening is not None and history.last_answer is None
                     and history.last_closed is None):
