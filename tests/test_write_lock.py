@@ -255,3 +255,66 @@ def test_a_failed_mail_is_not_leased_again_with_the_next_batch(hx, sink):
     assert first.state == "pending" and first.next_attempt_at.replace(tzinfo=None) > \
         (now() + timedelta(seconds=1)).replace(tzinfo=None)
     assert first.id not in sender._next
+
+
+def test_intake_lingers_for_sessions_still_receiving_data(hx):
+    # With a session in DATA, the writer waits (up to ``linger``) for its message to share
+    # the commit instead of committing the first one alone.
+    commits: list[int] = []
+    writer = GroupCommitWriter(hx.engine, on_commit=lambda: commits.append(1), linger=30)
+    lingering = threading.Event()
+    real_get = writer._q.get
+
+    def get(block=True, timeout=None):  # type: ignore[no-untyped-def]
+        if timeout is not None:
+            lingering.set()
+        return real_get(block, timeout)
+
+    writer._q.get = get  # type: ignore[method-assign]
+    try:
+        writer.receiving = 1  # as mailgw/intake/smtp.py counts a session between 354 and "."
+        first = writer.submit(envelope(mail("first", msgid="f@c")))
+        assert lingering.wait(30)
+        writer.receiving = 0
+        second = writer.submit(envelope(mail("second", msgid="s@c")))
+        ids = [first.result(30), second.result(30)]
+    finally:
+        writer.close()
+    assert len(commits) == 1
+    assert [hx.inbound(i).state for i in ids] == ["pending", "pending"]
+
+
+def test_smtp_counts_sessions_receiving_data(hx):
+    # The counter the writer lingers on goes up at 354 and down once the message is read,
+    # before it is handed to the writer.
+    import smtplib
+
+    from aiosmtpd.controller import Controller
+
+    from mailgw.intake.smtp import IntakeHandler, protocol_factory
+    from tests.conftest import free_port
+
+    class Counting(GroupCommitWriter):
+        def __setattr__(self, key, value):  # type: ignore[no-untyped-def]
+            if key == "receiving":
+                self.__dict__.setdefault("values", []).append(value)
+            super().__setattr__(key, value)
+
+    writer = Counting(hx.engine)
+    handler = IntakeHandler(hx.settings, writer, source="smtp")
+    port = free_port()
+
+    class _Controller(Controller):
+        def factory(self):  # type: ignore[no-untyped-def]
+            return protocol_factory(hx.settings.smtp, handler, "helpdesk.test", False)()
+
+    ctl = _Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.sendmail("x@customer.test", ["support@example.com"], mail("one", msgid="o@c"))
+    finally:
+        ctl.stop()
+        writer.close()
+    assert writer.values == [0, 1, 0]  # type: ignore[attr-defined]
+    assert hx.pending() == 1
