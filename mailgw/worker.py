@@ -1,9 +1,12 @@
 """The worker: claim pending inbound messages, process them, commit in groups.
 
 A batch goes through three steps:
-1. Claim (a short committed transaction): lease up to ``batch_size`` pending rows to this
-   worker and count an attempt on each. On PostgreSQL the claim is ``FOR UPDATE SKIP
-   LOCKED``, so workers on any number of nodes take disjoint rows.
+1. Claim: lease up to ``batch_size`` pending rows to this worker and count an attempt on
+   each, committed before the batch is parsed. The claim is made at the end of the
+   transaction that stored the previous batch (one write transaction a batch; decision 26),
+   or, when that found nothing, in a short transaction of its own (on SQLite only after a
+   read without the write lock saw a claimable row). On PostgreSQL the claim is ``FOR
+   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows.
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
