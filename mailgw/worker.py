@@ -2,10 +2,10 @@
 
 A batch goes through three steps:
 1. Claim: lease up to ``batch_size`` pending rows to this worker and count an attempt on
-   each, committed before the batch is parsed. The claim is made at the end of the
-   transaction that stored the previous batch (one write transaction a batch; decision 26),
-   or, when that found nothing, in a short transaction of its own (on SQLite only after a
-   read without the write lock saw a claimable row). On PostgreSQL the claim is ``FOR
+   each, committed before the batch is parsed: in a short transaction of its own (on
+   SQLite only after a read without the write lock saw a claimable row) or, when a full
+   batch is waiting (a backlog), at the end of the transaction that stored the previous
+   batch (one write transaction a batch; decision 26). On PostgreSQL the claim is ``FOR
    UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows.
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
@@ -134,15 +134,19 @@ class Worker:
 
     def _claim_in(self, s: Session, stamp, *, first: bool) -> list[int] | None:  # type: ignore[no-untyped-def]
         """The claim, in the caller's transaction. ``first=False``: the claim of the next
-        batch at the end of a store transaction (``_store``), which takes fresh rows only;
-        a row with attempts counted is left to a claim of its own (alone, or quarantined)."""
+        batch at the end of a store transaction (``_store``), which takes a full batch of
+        fresh rows only. A row with attempts counted is left to a claim of its own (alone,
+        or quarantined). Fewer rows are left too: claimed at once they made smaller batches
+        (47 stores a run instead of 32-38) and more CPU a message under the lock than the
+        claim transaction saved, while a claim of its own waits for the lock and takes
+        what arrived meanwhile (bench/RESULTS.md, issue 8 session 5)."""
         q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
              .where(*self._claimable(stamp))
              .order_by(m.Inbound.id).limit(self.batch_size))
         if self._pg:
             q = q.with_for_update(skip_locked=True)
         rows = s.execute(q).all()
-        if not rows or (rows[0].attempts and not first):
+        if not rows or (not first and (rows[0].attempts or len(rows) < self.batch_size)):
             return []
         if rows[0].attempts >= self.max_attempts:
             reason = (f"processing did not complete in {rows[0].attempts} attempts "
@@ -270,9 +274,9 @@ class Worker:
         message propagates (the caller rolls back and stores again with ``isolate``, where
         each message has its own SAVEPOINT and a failing one is quarantined alone).
 
-        The same transaction claims the next batch (fresh rows only) once this one is
-        written: one write transaction (on SQLite one ``BEGIN IMMEDIATE`` and one fsync)
-        a batch instead of two. The claim commits with the ``done`` marks or rolls back
+        When a full batch of fresh rows is waiting, the same transaction claims it once this
+        one is written: one write transaction (on SQLite one ``BEGIN IMMEDIATE`` and one
+        fsync) a batch instead of two. The claim commits with the ``done`` marks or rolls back
         with them; claimed rows this process does not get to are freed like any other
         claim (lease expiry, ``release_dead_claims``, ``release_next`` on a clean stop)."""
         self._next = []

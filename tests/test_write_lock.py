@@ -54,28 +54,31 @@ def _write_transactions(engine):  # type: ignore[no-untyped-def]
     return lambda: [mode for mode in seen if mode != "DEFERRED"]
 
 
-def test_the_next_batch_is_claimed_in_the_store_transaction(hx):
+def test_a_full_next_batch_is_claimed_in_the_store_transaction(hx):
     w = _worker(hx, batch_size=2)
-    ids = hx.put(*_senders(3))
-    # When the worker stores a batch of two while a third message waits
+    ids = hx.put(*_senders(5))
+    # When the worker stores a batch of two while a full batch (two more) waits
     assert w.run_batch() == 2
-    # Then the third is leased to it already, its attempt counted, by that same transaction
-    third = hx.inbound(ids[2])
-    assert (third.state, third.claimed_by, third.attempts) == ("pending", w.me, 1)
-    # And the next pass processes it without another claim (its attempt counted once)
+    # Then those are leased to it already, their attempt counted, by that same transaction
+    for iid in ids[2:4]:
+        row = hx.inbound(iid)
+        assert (row.state, row.claimed_by, row.attempts) == ("pending", w.me, 1)
+    # And the next pass processes them without another claim (their attempt counted once)
     writes = _write_transactions(hx.engine)
-    assert w.run_batch() == 1
+    assert w.run_batch() == 2
     taken = writes()
-    third = hx.inbound(ids[2])
-    assert (third.state, third.attempts) == ("done", 1)
+    assert [(hx.inbound(i).state, hx.inbound(i).attempts) for i in ids[2:4]] == [("done", 1)] * 2
     if hx.engine.dialect.name == "sqlite":
         assert len(taken) == 1  # the store; no claim of its own
+    # A part of a batch is left for a claim of its own (which takes what arrives meanwhile)
+    assert hx.inbound(ids[4]).claimed_by is None
+    assert w.run_batch() == 1
     assert w.run_batch() == 0
 
 
 def test_the_next_claim_rolls_back_with_a_failed_store(hx, monkeypatch):
     w = _worker(hx, batch_size=2)
-    ids = hx.put(*_senders(3))
+    ids = hx.put(*_senders(4))
     real = Worker._claim_in
 
     def claim_then_fail(self, s, stamp, *, first):  # type: ignore[no-untyped-def]
@@ -90,9 +93,9 @@ def test_the_next_claim_rolls_back_with_a_failed_store(hx, monkeypatch):
     # When the store transaction fails after claiming the next batch
     assert w.run_batch() == 0
     # Then nothing of it stayed: the batch is released, the third message was never claimed
-    assert [hx.inbound(i).state for i in ids] == ["pending"] * 3
-    assert [hx.inbound(i).claimed_by for i in ids] == [None] * 3
-    assert hx.inbound(ids[2]).attempts == 0
+    assert [hx.inbound(i).state for i in ids] == ["pending"] * 4
+    assert [hx.inbound(i).claimed_by for i in ids] == [None] * 4
+    assert [hx.inbound(i).attempts for i in ids[2:]] == [0, 0]
     assert w._next == []
 
 
@@ -100,7 +103,7 @@ def test_a_retried_row_is_not_claimed_with_the_next_batch(hx):
     # A row whose attempts are counted (its worker crashed) is processed alone by a claim of
     # its own (quarantined past max_attempts), never taken along at the end of a store.
     w = _worker(hx, batch_size=2)
-    ids = hx.put(*_senders(3))
+    ids = hx.put(*_senders(4))
     with hx.engine.begin() as c:
         c.execute(update(m.Inbound).where(m.Inbound.id == ids[2]).values(attempts=1))
     assert w.run_batch() == 2
@@ -111,7 +114,7 @@ def test_a_retried_row_is_not_claimed_with_the_next_batch(hx):
 
 def test_a_stopping_worker_gives_back_its_next_batch(hx):
     w = _worker(hx, batch_size=2)
-    ids = hx.put(*_senders(3))
+    ids = hx.put(*_senders(4))
     stop, wake = threading.Event(), threading.Event()
     real = w.run_batch
 
@@ -122,10 +125,11 @@ def test_a_stopping_worker_gives_back_its_next_batch(hx):
 
     w.run_batch = once  # type: ignore[method-assign]
     w.run(stop, wake, poll_interval=0.01)
-    third = hx.inbound(ids[2])
-    assert (third.state, third.claimed_by, third.claimed_until) == ("pending", None, None)
+    for iid in ids[2:]:
+        row = hx.inbound(iid)
+        assert (row.state, row.claimed_by, row.claimed_until) == ("pending", None, None)
     hx.drain()
-    assert hx.inbound(ids[2]).state == "done"
+    assert [hx.inbound(i).state for i in ids] == ["done"] * 4
 
 
 def test_a_worker_with_nothing_to_claim_takes_no_write_lock(hx):
