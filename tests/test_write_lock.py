@@ -207,31 +207,34 @@ def _sender(hx: Harness, port: int, batch_size: int) -> Sender:
                   hx.home.path / "store" / "outbox", SenderCfg(), batch_size=batch_size)
 
 
-def test_the_sender_leases_its_next_batch_when_it_records_the_last(hx, sink):
-    hx.put(*_senders(3))
+def test_the_sender_leases_a_full_next_batch_when_it_records_the_last(hx, sink):
+    hx.put(*_senders(5))
     hx.drain()
     rows = hx.outbox()
-    assert len(rows) == 3
+    assert len(rows) == 5
     sender = _sender(hx, sink.port, batch_size=2)
-    # When a pass sends two of three due mails
+    # When a pass sends two of five due mails
     assert sender.run_once() == 2
-    # Then the third is leased by the transaction that recorded the two as sent
-    third = hx.outbox()[2]
-    assert third.state == "pending" and third.lease_until is not None
-    assert sender._next == [third.id]
-    # And the next pass sends it, without a claim of its own
+    # Then the next two are leased by the transaction that recorded the two as sent
+    rows = hx.outbox()
+    assert [r.lease_until is not None for r in rows[2:]] == [True, True, False]
+    assert sender._next == [rows[2].id, rows[3].id]
+    # And the next pass sends them without a claim of its own; the fifth (not a full
+    # batch) is left to a claim of its own
     writes = _write_transactions(hx.engine)
-    assert sender.run_once() == 1
+    assert sender.run_once() == 2
     taken = writes()
-    assert [r.state for r in hx.outbox()] == ["sent"] * 3
-    assert len(sink.messages) == 3
     if hx.engine.dialect.name == "sqlite":
-        assert len(taken) == 1  # the record (with an empty claim); no claim before
+        assert len(taken) == 1  # the record (its claim found less than a batch)
+    assert sender._next == []
+    assert sender.run_once() == 1
+    assert [r.state for r in hx.outbox()] == ["sent"] * 5
+    assert len(sink.messages) == 5
     assert sender.run_once() == 0
 
 
 def test_a_stopping_sender_gives_back_its_next_batch(hx, sink):
-    hx.put(*_senders(3))
+    hx.put(*_senders(4))
     hx.drain()
     sender = _sender(hx, sink.port, batch_size=2)
     stop, wake = threading.Event(), threading.Event()
@@ -244,13 +247,12 @@ def test_a_stopping_sender_gives_back_its_next_batch(hx, sink):
 
     sender.run_once = once  # type: ignore[method-assign]
     sender.run(stop, wake)
-    third = hx.outbox()[2]
-    assert (third.state, third.lease_until) == ("pending", None)
+    assert [(r.state, r.lease_until) for r in hx.outbox()[2:]] == [("pending", None)] * 2
 
 
 def test_a_failed_mail_is_not_leased_again_with_the_next_batch(hx, sink):
     # The backoff written in the record transaction is seen by the claim in it.
-    hx.put(*_senders(3))
+    hx.put(*_senders(4))
     hx.drain()
     sink.refusals = ["451 4.3.0 try later"]
     sender = _sender(hx, sink.port, batch_size=2)
@@ -258,7 +260,7 @@ def test_a_failed_mail_is_not_leased_again_with_the_next_batch(hx, sink):
     first = hx.outbox()[0]
     assert first.state == "pending" and first.next_attempt_at.replace(tzinfo=None) > \
         (now() + timedelta(seconds=1)).replace(tzinfo=None)
-    assert first.id not in sender._next
+    assert sender._next == [r.id for r in hx.outbox()[2:]]  # a full batch, not the failed one
 
 
 def test_intake_lingers_for_sessions_still_receiving_data(hx):

@@ -113,7 +113,7 @@ class Sender:
         with self.engine.begin() as c:
             return self._claim_in(c, stamp)
 
-    def _claim_in(self, c, stamp) -> list[int]:  # type: ignore[no-untyped-def]
+    def _claim_in(self, c, stamp, *, full_only: bool = False) -> list[int]:  # type: ignore[no-untyped-def]
         q = (
             select(_OUTBOX.c.id)
             .where(*self._due(stamp))
@@ -123,6 +123,8 @@ class Sender:
         if self._pg:
             q = q.with_for_update(skip_locked=True)
         ids = list(c.execute(q).scalars())
+        if full_only and len(ids) < self.batch_size:
+            return []
         if ids:
             c.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids))
                       .values(lease_until=stamp + self.lease))
@@ -182,10 +184,12 @@ class Sender:
             self._close(conn)
             undone = [i for i in ids if i not in done]
             if outcomes:
-                # The last results and the next batch's lease in one transaction (one fsync,
-                # one turn of SQLite's write lock): results are recorded no later than
-                # before; the lease is the one _claim would take. Not when stopping or when
-                # the relay is down (the rest waits for a pass of its own).
+                # The last results and, when a full batch is due (a backlog), its lease in
+                # one transaction (one fsync, one turn of SQLite's write lock): results are
+                # recorded no later than before; the lease is the one _claim would take.
+                # Fewer due mails are left to a claim of its own, which waits for the lock
+                # and takes what becomes due meanwhile (smaller batches cost more; bench/
+                # RESULTS.md, issue 8 session 5). Not when stopping or when the relay is down.
                 self._record(outcomes, claim_next=not undone
                              and not (stop is not None and stop.is_set()))
             self._release(undone)
@@ -294,7 +298,7 @@ class Sender:
                                 row.attempts, delay, error)
             if claim_next:
                 s.flush()
-                claimed = self._claim_in(s.connection(), now())
+                claimed = self._claim_in(s.connection(), now(), full_only=True)
         if claim_next:
             self._next = claimed
 
