@@ -1,9 +1,12 @@
 """The worker: claim pending inbound messages, process them, commit in groups.
 
 A batch goes through three steps:
-1. Claim (a short committed transaction): lease up to ``batch_size`` pending rows to this
-   worker and count an attempt on each. On PostgreSQL the claim is ``FOR UPDATE SKIP
-   LOCKED``, so workers on any number of nodes take disjoint rows.
+1. Claim: lease up to ``batch_size`` pending rows to this worker and count an attempt on
+   each, committed before the batch is parsed: in a short transaction of its own (on
+   SQLite only after a read without the write lock saw a claimable row) or, when a full
+   batch is waiting (a backlog), at the end of the transaction that stored the previous
+   batch (one write transaction a batch; decision 26). On PostgreSQL the claim is ``FOR
+   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows.
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
@@ -99,8 +102,14 @@ class Worker:
         self.me = f"{socket.gethostname()}:{os.getpid()}"[:200]
         self._pg = engine.dialect.name == "postgresql"
         self._tickets: list[int] = []  # see run_batch
+        # The next batch, claimed in the transaction that stored the last one (see _store).
+        self._next: list[int] = []
         _return_large_blocks()
         release_dead_claims(engine)
+
+    def _claimable(self, stamp):  # type: ignore[no-untyped-def]
+        return (m.Inbound.state == "pending",
+                or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
 
     def _claim(self) -> list[int] | None:
         """Lease up to one batch of pending rows and count an attempt on each (committed).
@@ -109,40 +118,58 @@ class Worker:
         crashed, hung or hit a database error. Such a row is processed alone, so one bad
         message cannot take a batch down with it again; past ``max_attempts`` it is quarantined,
         and None says so (one message handled, none to process).
+
+        On SQLite a read without the write lock comes first: a worker woken by a commit
+        whose rows another worker already took does not queue for the one write lock (and
+        its fsync) to find nothing.
         """
         stamp = now()
+        if not self._pg:
+            with read_session(self.engine) as r:
+                if r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
+                             .limit(1)).first() is None:
+                    return []
         with Session(self.engine) as s, s.begin():
-            q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
-                 .where(m.Inbound.state == "pending",
-                        or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
-                 .order_by(m.Inbound.id).limit(self.batch_size))
-            if self._pg:
-                q = q.with_for_update(skip_locked=True)
-            rows = s.execute(q).all()
-            if not rows:
-                return []
-            if rows[0].attempts >= self.max_attempts:
-                reason = (f"processing did not complete in {rows[0].attempts} attempts "
-                          "(the worker crashed, hung or hit a database error)")
-                row = s.get(m.Inbound, rows[0].id)
-                row.error = f"{reason}; last error: {row.error}" if row.error else reason
-                row.state, row.processed_at, row.claimed_until = "quarantined", stamp, None
-                s.add(m.Event(type="quarantined", inbound_id=row.id, created_at=stamp,
-                              data={"reason": row.error, "attempts": row.attempts}))
-                log.error("inbound %s quarantined: %s", row.id, row.error)
-                return None
-            if rows[0].attempts:
-                ids = [rows[0].id]
-            else:
-                ids, total = [], 0
-                for r in rows:
-                    total += r.size
-                    if r.attempts or (ids and total > BATCH_BYTES):
-                        break
-                    ids.append(r.id)
-            s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
-                attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
-                claimed_by=self.me))
+            return self._claim_in(s, stamp, first=True)
+
+    def _claim_in(self, s: Session, stamp, *, first: bool) -> list[int] | None:  # type: ignore[no-untyped-def]
+        """The claim, in the caller's transaction. ``first=False``: the claim of the next
+        batch at the end of a store transaction (``_store``), which takes a full batch of
+        fresh rows only. A row with attempts counted is left to a claim of its own (alone,
+        or quarantined). Fewer rows are left too: claimed at once they made smaller batches
+        (47 stores a run instead of 32-38) and more CPU a message under the lock than the
+        claim transaction saved, while a claim of its own waits for the lock and takes
+        what arrived meanwhile (bench/RESULTS.md, issue 8 session 5)."""
+        q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
+             .where(*self._claimable(stamp))
+             .order_by(m.Inbound.id).limit(self.batch_size))
+        if self._pg:
+            q = q.with_for_update(skip_locked=True)
+        rows = s.execute(q).all()
+        if not rows or (not first and (rows[0].attempts or len(rows) < self.batch_size)):
+            return []
+        if rows[0].attempts >= self.max_attempts:
+            reason = (f"processing did not complete in {rows[0].attempts} attempts "
+                      "(the worker crashed, hung or hit a database error)")
+            row = s.get(m.Inbound, rows[0].id)
+            row.error = f"{reason}; last error: {row.error}" if row.error else reason
+            row.state, row.processed_at, row.claimed_until = "quarantined", stamp, None
+            s.add(m.Event(type="quarantined", inbound_id=row.id, created_at=stamp,
+                          data={"reason": row.error, "attempts": row.attempts}))
+            log.error("inbound %s quarantined: %s", row.id, row.error)
+            return None
+        if rows[0].attempts:
+            ids = [rows[0].id]
+        else:
+            ids, total = [], 0
+            for r in rows:
+                total += r.size
+                if r.attempts or (ids and total > BATCH_BYTES):
+                    break
+                ids.append(r.id)
+        s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
+            attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
+            claimed_by=self.me).execution_options(synchronize_session=False))
         return ids
 
     def _parse(self, ids: list[int]) -> tuple[dict[int, ParsedMail | Exception], dict[int, bytes]]:
@@ -196,7 +223,9 @@ class Worker:
 
     def run_batch(self) -> int:
         """Process up to one batch; returns how many messages were handled."""
-        ids = self._claim()
+        ids, self._next = self._next, []
+        if not ids:
+            ids = self._claim()
         if ids is None:
             return 1  # one message quarantined for its attempts
         if not ids:
@@ -243,7 +272,14 @@ class Worker:
                raws: dict[int, bytes], *, isolate: bool, lock_tickets: bool = False) -> None:
         """Store the batch in one transaction. Without ``isolate`` an application error in any
         message propagates (the caller rolls back and stores again with ``isolate``, where
-        each message has its own SAVEPOINT and a failing one is quarantined alone)."""
+        each message has its own SAVEPOINT and a failing one is quarantined alone).
+
+        When a full batch of fresh rows is waiting, the same transaction claims it once this
+        one is written: one write transaction (on SQLite one ``BEGIN IMMEDIATE`` and one
+        fsync) a batch instead of two. The claim commits with the ``done`` marks or rolls back
+        with them; claimed rows this process does not get to are freed like any other
+        claim (lease expiry, ``release_dead_claims``, ``release_next`` on a clean stop)."""
+        self._next = []
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             if lock_tickets and self._pg and self._tickets:
                 session.execute(select(m.Ticket.id)
@@ -282,6 +318,8 @@ class Worker:
                 batch.write(session)
             finally:
                 batch.close(session)
+            claimed = self._claim_in(session, now(), first=False) or []
+        self._next = claimed
 
     def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
                      parsed: ParsedMail | Exception | None, copies: _Redeliveries,
@@ -322,6 +360,18 @@ class Worker:
                 n = 0
             if n == 0:
                 wake.wait(poll_interval)
+        self.release_next()
+
+    def release_next(self) -> None:
+        """Free the rows claimed for a next batch that will not be run (stopping). Their
+        attempt stays counted, as for any claim given back."""
+        ids, self._next = self._next, []
+        if ids:
+            with Session(self.engine) as s, s.begin():
+                s.execute(update(m.Inbound)
+                          .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
+                                 m.Inbound.claimed_by == self.me)
+                          .values(claimed_until=None, claimed_by=None))
 
 
 def _transient(exc: DBAPIError) -> bool:

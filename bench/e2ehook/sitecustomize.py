@@ -31,6 +31,7 @@ if _DIR:
     import time
 
     _FLOCK = os.environ.get("MAILGW_E2E_FLOCK") == "1"
+    _phase = threading.local()  # the timed loop method running on this thread
     _stats = {}  # key -> [count, seconds]
     _lock = threading.Lock()
 
@@ -56,6 +57,7 @@ if _DIR:
                     _add(f"sqlite {kind} [{threading.current_thread().name}]", t1 - t)
                     if kind == "BEGIN IMMEDIATE":
                         self.connection._held = t1
+                        self.connection._held_cpu = time.thread_time()
                     elif kind == "COMMIT":
                         self.connection._release()
             return super().execute(sql, *args)
@@ -85,8 +87,17 @@ if _DIR:
             if _FLOCK:
                 self._unlock()
             if self._held is not None:
-                _add(f"sqlite write lock held [{threading.current_thread().name}]",
-                     time.perf_counter() - self._held)
+                name = threading.current_thread().name
+                _add(f"sqlite write lock held [{name}]", time.perf_counter() - self._held)
+                # The same, as the holder's thread CPU (steadier than the wall time on a
+                # shared machine, where a holder is often descheduled), and by the loop
+                # method it was taken in (worker _claim / _store, ...; session 5).
+                _add(f"sqlite write lock held, thread CPU [{name}]",
+                     time.thread_time() - self._held_cpu)
+                phase = getattr(_phase, "name", None)
+                if phase:
+                    _add(f"sqlite write lock held [{name}] in {phase}",
+                         time.perf_counter() - self._held)
                 self._held = None
 
         def commit(self):
@@ -134,7 +145,7 @@ if _DIR:
                     return n
 
                 cls.run_batch = run_batch
-                for meth in ("_claim", "_parse", "_store"):
+                for meth in ("_claim", "_parse", "_store", "release_next", "_release"):
                     _time_method(cls, meth, f"worker {meth}")
                 _wrap_wait("worker")
         if name == "sender" and "mailgw.outbound.sender" in sys.modules:
@@ -152,6 +163,8 @@ if _DIR:
                     return n
 
                 cls.run_once = run_once
+                for meth in ("_claim", "_record", "_release"):
+                    _time_method(cls, meth, f"sender {meth}")
                 _wrap_wait("sender")
 
     def _time_method(cls, meth, key):
@@ -159,9 +172,11 @@ if _DIR:
 
         def timed(self, *args, **kw):
             t, c = time.perf_counter(), time.thread_time()
+            outer, _phase.name = getattr(_phase, "name", None), meth
             try:
                 return orig(self, *args, **kw)
             finally:
+                _phase.name = outer
                 _add(key, time.perf_counter() - t)
                 _add(key + " (thread CPU)", time.thread_time() - c)
 

@@ -110,6 +110,35 @@ class _BulkData:
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # Tell the intake writer a message is on its way (it may wait a moment for it to
+        # share a commit: GroupCommitWriter._linger).
+        writer = getattr(self.event_handler, "writer", None)
+        receiving = writer is not None and hasattr(writer, "receiving")
+        if receiving:
+            writer.receiving += 1
+        try:
+            data, too_much = await self._read_data()
+        finally:
+            if receiving:
+                writer.receiving -= 1
+        limit = self.data_size_limit
+        if too_much:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        if limit and len(data) > limit:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        if len(data) < LARGE:
+            data = bytes(data)  # type: ignore[assignment]
+        self.envelope.content = data
+        self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[RawBuffer, bool]:
         limit = self.data_size_limit
         # The message grows in place, without dot-stuffing (undone piece by piece), so it is
         # never held twice; a large one is handed on as a RawBuffer, which the store empties
@@ -144,21 +173,7 @@ class _BulkData:
                 before = (before + piece[-2:])[-2:]
             if end:
                 break
-        if too_much:
-            await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()
-            return
-        if limit and len(data) > limit:
-            await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()
-            return
-        if len(data) < LARGE:
-            data = bytes(data)  # type: ignore[assignment]
-        self.envelope.content = data
-        self.envelope.original_content = data
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        return data, too_much
 
 
 def _unstuff(before: bytes, piece: bytes) -> bytes:
