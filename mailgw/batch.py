@@ -32,10 +32,18 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from sqlalchemy import event, func, insert, select
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 
 from mailgw.store import models as m
+
+if TYPE_CHECKING:
+    from mailgw.settings import TicketNumbers
+    from mailgw.threader import ThreadIndex
+    from mailgw.types import ParsedMail
 
 __all__ = ["Batch", "LoopCounts", "batch_of"]
 
@@ -111,6 +119,21 @@ class LoopCounts:
                     t.c.recipient == recipient, t.c.created_at >= self.since)) or 0
         return stored + self.rcpt[recipient]
 
+    def prefetch_tickets(self, session: Session, ticket_ids: Iterable[int]) -> None:
+        """The stored counts of the batch's known stored tickets, in one query."""
+        todo = sorted(t for t in ticket_ids
+                      if t not in self._stored_ticket and t not in self._new_tickets)
+        if not todo:
+            return
+        for t in todo:
+            self._stored_ticket[t] = 0
+        a = m.AutoReply.__table__
+        for tid, n in session.connection().execute(
+            select(a.c.ticket_id, func.count()).where(
+                a.c.ticket_id.in_(todo), a.c.created_at >= self.since).group_by(a.c.ticket_id)
+        ):
+            self._stored_ticket[tid] = n
+
     def for_ticket(self, session: Session, ticket_id: int) -> int:
         stored = self._stored_ticket.get(ticket_id)
         if stored is None:
@@ -140,7 +163,13 @@ class Batch:
         # flush must add to what the store holds (mailgw/process.py, threading).
         self.articles: list[m.Article] = []
         self.message_ids: set[str] = set()
+        self.own_message_ids: dict[str, m.Article] = {}  # the newest of the batch's articles
         self.tickets: list[m.Ticket] = []
+        self.added_tickets: list[m.Ticket] = []  # new tickets inserted by add_ticket
+        self.new_numbers: dict[str, m.Ticket] = {}  # their numbers
+        # What threading asks the store, asked once for the batch (prefetch); None: ask the
+        # store per message, as outside the worker.
+        self.threads: ThreadIndex | None = None
         self.events: list[dict[str, Any]] = []
         self.out_articles: list[dict[str, Any]] = []  # our acknowledgements: rows, not objects
         self.attachments: list[dict[str, Any]] = []
@@ -155,6 +184,18 @@ class Batch:
             for t, top in zip(tables, tops, strict=True):
                 self._next[t.name] = (top or 0) + 1
         session.info["batch"] = self
+
+    def prefetch(self, session: Session, mails: Iterable[ParsedMail | Exception | None],
+                 numbers: TicketNumbers) -> None:
+        """Before the batch's first message: what threading its messages will ask, in a few
+        queries for the whole batch (``mailgw.threader.prefetch``; on PostgreSQL the tickets
+        they lead to are locked in id order), and those tickets' loop-protection counts."""
+        from mailgw.threader import prefetch
+        from mailgw.types import ParsedMail
+
+        self.threads = prefetch(session, [p for p in mails if isinstance(p, ParsedMail)],
+                                numbers, lock=self.pg)
+        self.loops.prefetch_tickets(session, self.threads.tickets)
 
     def close(self, session: Session) -> None:
         session.info.pop("batch", None)
@@ -193,6 +234,9 @@ class Batch:
         session.connection().execute(insert(table), values)
         make_transient_to_detached(ticket)
         session.add(ticket)
+        self.added_tickets.append(ticket)
+        if ticket.number:
+            self.new_numbers[ticket.number] = ticket
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -232,16 +276,19 @@ class Batch:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
                 Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
                 len(self.tickets), len(self.out_articles), len(self.attachments),
-                self.attachment_bytes)
+                self.attachment_bytes, len(self.added_tickets))
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
-        ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes = mark
+        (ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes,
+         nadded) = mark
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
         del self.out_articles[nout:], self.attachments[natt:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
-        del self.articles[nart:], self.tickets[ntick:]
+        del self.articles[nart:], self.tickets[ntick:], self.added_tickets[nadded:]
         self.message_ids = {a.message_id for a in self.articles if a.message_id}
+        self.own_message_ids = {a.message_id: a for a in self.articles if a.message_id}
+        self.new_numbers = {t.number: t for t in self.added_tickets if t.number}
 
     def first_message_id(self, ticket_id: int) -> tuple[int, str] | None:
         """(id, Message-ID) of the batch's first article of the ticket that has one."""
@@ -287,5 +334,19 @@ def _take_id(session: Session, obj: Any) -> None:
         batch.articles.append(obj)
         if obj.message_id:
             batch.message_ids.add(obj.message_id)
+            batch.own_message_ids[obj.message_id] = obj
     elif table == "tickets":
         batch.tickets.append(obj)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _drop_thread_index(state: ORMExecuteState) -> None:
+    """An UPDATE or DELETE of articles or tickets in the batch (an agent's #merge moves a
+    ticket's articles) may change what the batch's ``ThreadIndex`` says: threading asks the
+    store again from then on."""
+    batch = state.session.info.get("batch")
+    if batch is None or batch.threads is None or not (state.is_update or state.is_delete):
+        return
+    table = getattr(state.statement, "table", None)
+    if getattr(table, "name", None) in ("articles", "tickets"):
+        batch.threads = None
