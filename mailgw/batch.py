@@ -29,11 +29,9 @@ A message stored in a SAVEPOINT that is rolled back takes its queued rows and co
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta
-from typing import Any
-
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, func, insert, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
