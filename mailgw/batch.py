@@ -33,8 +33,9 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, func, insert, inspect, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.store import models as m
 
@@ -163,7 +164,8 @@ class Batch:
         self.message_ids: set[str] = set()
         self.own_message_ids: dict[str, m.Article] = {}  # the newest of the batch's articles
         self.tickets: list[m.Ticket] = []
-        self.added_tickets: list[m.Ticket] = []  # new tickets inserted by add_ticket
+        self.added_tickets: list[m.Ticket] = []  # new tickets made by add_ticket
+        self.unwritten_tickets: list[m.Ticket] = []  # ... whose row is not inserted yet
         self.new_numbers: dict[str, m.Ticket] = {}  # their numbers
         # What threading asks the store, asked once for the batch (prefetch); None: ask the
         # store per message, as outside the worker.
@@ -213,28 +215,43 @@ class Batch:
         return pool.pop()
 
     def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
-        """Insert a new ticket at once with one statement, and put the object in the session
-        as if it had been loaded: its articles name it, and the ORM, which is not told
-        about that reference (no relationship), could flush an article before its ticket
-        (a flush for every new ticket cost more than the rest of its rows)."""
+        """Put a new ticket in the session as if it had been loaded, and insert its row before
+        the session's next flush (``write_tickets``), the batch's new tickets in one
+        statement: the ORM is not told that articles name it (no relationship) and could
+        flush an article before its ticket, and a statement per ticket cost more than the
+        rest of its rows."""
         table = m.Ticket.__table__
         if ticket.id is None:
             ticket.id = self.take(session, "tickets")
         self.new_tickets.add(ticket.id)
-        values = {}
         for col in table.columns:
             value = getattr(ticket, col.key)
             if value is None and col.default is not None:
                 value = col.default.arg(None) if col.default.is_callable else col.default.arg
             # Every column set: one left out would be expired and loaded again on access.
             setattr(ticket, col.key, value)
-            values[col.key] = value
-        session.connection().execute(insert(table), values)
         make_transient_to_detached(ticket)
         session.add(ticket)
         self.added_tickets.append(ticket)
+        self.unwritten_tickets.append(ticket)
         if ticket.number:
             self.new_numbers[ticket.number] = ticket
+
+    def write_tickets(self, session: Session) -> None:
+        """Insert the new tickets not inserted yet, as they are now, and make what they are
+        now their stored state (no UPDATE follows for what changed since add_ticket)."""
+        tickets, self.unwritten_tickets = self.unwritten_tickets, []
+        if not tickets:
+            return
+        columns = [col.key for col in m.Ticket.__table__.columns]
+        rows = []
+        for ticket in tickets:
+            values = ticket.__dict__
+            rows.append({key: values[key] for key in columns})
+            state = inspect(ticket)
+            for key in list(state.committed_state):
+                set_committed_value(ticket, key, values[key])
+        session.connection().execute(insert(m.Ticket.__table__), rows)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -274,16 +291,18 @@ class Batch:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
                 Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
                 len(self.tickets), len(self.out_articles), len(self.attachments),
-                self.attachment_bytes, len(self.added_tickets))
+                self.attachment_bytes, len(self.added_tickets), len(self.unwritten_tickets))
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
         (ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes,
-         nadded) = mark
+         nadded, nunwritten) = mark
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
         del self.out_articles[nout:], self.attachments[natt:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
         del self.articles[nart:], self.tickets[ntick:], self.added_tickets[nadded:]
+        # A ticket inserted in the SAVEPOINT is gone with it; one not inserted yet never will be.
+        del self.unwritten_tickets[min(nunwritten, len(self.unwritten_tickets)):]
         self.message_ids = {a.message_id for a in self.articles if a.message_id}
         self.own_message_ids = {a.message_id: a for a in self.articles if a.message_id}
         self.new_numbers = {t.number: t for t in self.added_tickets if t.number}
@@ -335,6 +354,14 @@ def _take_id(session: Session, obj: Any) -> None:
             batch.own_message_ids[obj.message_id] = obj
     elif table == "tickets":
         batch.tickets.append(obj)
+
+
+@event.listens_for(Session, "before_flush")
+def _write_tickets(session: Session, flush_context: Any, instances: Any) -> None:
+    """The batch's new tickets go in before anything the flush writes names them."""
+    batch = session.info.get("batch")
+    if batch is not None and batch.unwritten_tickets:
+        batch.write_tickets(session)
 
 
 @event.listens_for(Session, "do_orm_execute")

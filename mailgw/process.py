@@ -301,6 +301,9 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         mail_class=cls.kind if cls is not None else None,
         visible_text=_clean(parts.visible), signature_text=_clean(parts.signature) or None,
         quoted_text=_clean(parts.quoted) or None,
+        # Its server default given here: the ORM would read it back (RETURNING), one INSERT
+        # per article instead of one for the batch's.
+        internal=False,
     )
     session.add(article)
     batch = batch_of(session)
