@@ -49,8 +49,17 @@ __all__ = ["Batch", "LoopCounts", "batch_of"]
 # The tables whose ids a batch hands out, and how many to take from a PostgreSQL sequence at
 # a time (a ticket's id is its number: one at a time, so numbers have no gaps from batches).
 _BLOCK = {"tickets": 1, "articles": 16, "events": 32, "outbox": 16, "auto_replies": 16}
+# PostgreSQL: ids taken for a batch of n messages before its first (one statement for every
+# table; ids of rows that are not made are left unused, as a rolled-back INSERT leaves them).
+_PER_MESSAGE = {"articles": 2, "events": 3, "outbox": 1, "auto_replies": 1}
 _MODELS = {m.Ticket: "tickets", m.Article: "articles", m.Event: "events", m.Outbox: "outbox",
            m.AutoReply: "auto_replies"}
+
+
+def _numbers(mail: ParsedMail, cfg: TicketNumbers) -> list[str]:
+    from mailgw.numbers import subject_pattern
+
+    return [m.group(1) for m in subject_pattern(cfg).finditer(mail.subject or "")]
 
 
 def batch_of(session: Session) -> Batch | None:
@@ -190,12 +199,43 @@ class Batch:
         """Before the batch's first message: what threading its messages will ask, in a few
         queries for the whole batch (``mailgw.threader.prefetch``; on PostgreSQL the tickets
         they lead to are locked in id order), and those tickets' loop-protection counts."""
-        from mailgw.threader import prefetch
+        from mailgw.threader import message_refs, prefetch
         from mailgw.types import ParsedMail
 
-        self.threads = prefetch(session, [p for p in mails if isinstance(p, ParsedMail)],
-                                numbers, lock=self.pg)
-        self.loops.prefetch_tickets(session, self.threads.tickets)
+        parsed = [p for p in mails if isinstance(p, ParsedMail)]
+        self.threads = index = prefetch(session, parsed, numbers, lock=self.pg)
+        self.loops.prefetch_tickets(session, index.tickets)
+        if not self.pg or not parsed:
+            return
+        # The ids the batch will likely use, in one round trip. Tickets: one per message that
+        # refers to no stored article, no earlier message of the batch and no stored ticket
+        # number (a ticket id is its number: a message that then makes no ticket, such as a
+        # bounce or an agent's answer, leaves a number unused).
+        new, seen = 0, set()
+        for mail in parsed:
+            refs = message_refs(mail)
+            if not any(r in index.refs or r in seen for r in refs) and not any(
+                    index.numbers.get(n) is not None for n in _numbers(mail, numbers)):
+                new += 1
+            if mail.message_id:
+                seen.add(mail.message_id)
+        self.reserve(session, {"tickets": new, **{t: k * len(parsed)
+                                                  for t, k in _PER_MESSAGE.items()}})
+
+    def reserve(self, session: Session, counts: dict[str, int]) -> None:
+        """PostgreSQL: take ``counts`` ids of each table from its sequence, in one statement;
+        they are handed out (``take``) after those already taken."""
+        names = [t for t, n in counts.items() if n > 0]
+        if not names:
+            return
+        sql = " UNION ALL ".join(
+            f"SELECT {i}, nextval(pg_get_serial_sequence('{t}', 'id')) "
+            f"FROM generate_series(1, {int(counts[t])})" for i, t in enumerate(names))
+        got: dict[int, list[int]] = {}
+        for i, value in session.connection().exec_driver_sql(sql):
+            got.setdefault(i, []).append(value)
+        for i, t in enumerate(names):
+            self._pool[t][:0] = sorted(got.get(i, ()), reverse=True)  # after the pool's own
 
     def close(self, session: Session) -> None:
         session.info.pop("batch", None)
