@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, func, insert, inspect, select
@@ -60,6 +61,14 @@ def _numbers(mail: ParsedMail, cfg: TicketNumbers) -> list[str]:
     from mailgw.numbers import subject_pattern
 
     return [m.group(1) for m in subject_pattern(cfg).finditer(mail.subject or "")]
+
+
+@cache
+def _ticket_columns() -> list[tuple[str, Any, bool]]:
+    """(key, default, default is a callable) of every column of tickets."""
+    return [(col.key, None if col.default is None else col.default.arg,
+             col.default is not None and col.default.is_callable)
+            for col in m.Ticket.__table__.columns]
 
 
 def batch_of(session: Session) -> Batch | None:
@@ -260,16 +269,15 @@ class Batch:
         statement: the ORM is not told that articles name it (no relationship) and could
         flush an article before its ticket, and a statement per ticket cost more than the
         rest of its rows."""
-        table = m.Ticket.__table__
         if ticket.id is None:
             ticket.id = self.take(session, "tickets")
         self.new_tickets.add(ticket.id)
-        for col in table.columns:
-            value = getattr(ticket, col.key)
-            if value is None and col.default is not None:
-                value = col.default.arg(None) if col.default.is_callable else col.default.arg
-            # Every column set: one left out would be expired and loaded again on access.
-            setattr(ticket, col.key, value)
+        # Every column set (in the instance's dict: make_transient_to_detached takes what is
+        # there as loaded): one left out would be expired and loaded again on access.
+        values = ticket.__dict__
+        for key, default, call in _ticket_columns():
+            if values.get(key) is None:
+                values[key] = default(None) if call else default
         make_transient_to_detached(ticket)
         session.add(ticket)
         self.added_tickets.append(ticket)

@@ -288,7 +288,7 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
     parts = reply_parts(mail.text, mail.html)
-    article = m.Article(
+    article = m.new_object(m.Article, dict(
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),
         to_addrs=_clean(", ".join(mail.to)), cc_addrs=_clean(", ".join(mail.cc)),
@@ -304,7 +304,7 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         # Its server default given here: the ORM would read it back (RETURNING), one INSERT
         # per article instead of one for the batch's.
         internal=False,
-    )
+    ))
     session.add(article)
     batch = batch_of(session)
     flushed = False
