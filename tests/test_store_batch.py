@@ -186,3 +186,28 @@ def test_a_batch_writes_its_tickets_and_articles_with_one_statement_each(hx):
     # What the new tickets were given after they were made (the ack's article, the flush's
     # UPDATE of updated_at for a follow-up in the same batch) is what is stored.
     assert all(t.number and t.state == "new" for t in tickets[1:])
+
+
+def test_a_merge_in_the_batch_sends_threading_back_to_the_store(home):
+    # An agent's #merge moves a ticket's articles (an UPDATE through the session): a later
+    # message of the same batch that refers to one of them is threaded as the store now
+    # says (the article is on the target ticket), not as the batch's index said before.
+    from tests.test_agent_mail import AGENT, agent_reply, outgoing, setup
+
+    h = setup(home)
+    h.put(mail("Printer on fire", sender="carol@customer.test", msgid="first@customer.test"))
+    h.drain()
+    h.put(mail("Scanner on fire", sender="carol@customer.test", msgid="second@customer.test"))
+    h.drain()
+    a, b = h.tickets()
+    note = outgoing(h, AGENT)[0]
+    assert note["X-Mailgw-Ticket"] == a.number
+    ids = [*h.put(agent_reply(note, f"#merge Ticket#{b.number}\nSame fire."),
+                  rcpt=note["Reply-To"], mail_from=AGENT),
+           *h.put(mail("Re: Printer on fire", sender="carol@customer.test",
+                       msgid="third@customer.test", In_Reply_To="<first@customer.test>"))]
+    assert h.worker.run_batch() == 2  # one batch
+    assert [h.inbound(i).state for i in ids] == ["done", "done"]
+    ticket_id, by, reason = _ticket_of(h, ids[1])
+    assert (ticket_id, by) == (b.id, "in_reply_to")
+    assert reason == f"In-Reply-To <first@customer.test> is on ticket {b.number}"
