@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw.numbers import subject_pattern
@@ -97,16 +97,17 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             ids.add(tid)
     if not ids:
         return index
-    # The tickets, and those they were merged into (one level here; deeper chains are
-    # followed by look-ups), in one statement.
-    t = Ticket.__table__
-    q = (select(Ticket).where(or_(Ticket.id.in_(sorted(ids)), Ticket.id.in_(
-        select(t.c.merged_into).where(t.c.id.in_(sorted(ids)), t.c.merged_into.is_not(None)))))
-        .order_by(Ticket.id))
-    if lock:
-        q = q.with_for_update(key_share=True)
-    index.loaded = list(session.scalars(q))
-    index.tickets = {ticket.id for ticket in index.loaded}
+    # The tickets, then those they were merged into (a merged ticket hands its mail on),
+    # until none is missing: one statement unless the batch leads to a merged ticket.
+    todo = ids
+    while todo:
+        q = select(Ticket).where(Ticket.id.in_(sorted(todo))).order_by(Ticket.id)
+        if lock:
+            q = q.with_for_update(key_share=True)
+        loaded = list(session.scalars(q))
+        index.loaded += loaded
+        index.tickets.update(ticket.id for ticket in loaded)
+        todo = {t.merged_into for t in loaded if t.merged_into} - index.tickets
     a = Article.__table__
     first = (select(func.min(a.c.id)).where(a.c.ticket_id.in_(sorted(index.tickets)),
                                             a.c.message_id.is_not(None))
