@@ -29,21 +29,46 @@ A message stored in a SAVEPOINT that is rolled back takes its queued rows and co
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, func, insert, select
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy import event, func, insert, inspect, select
+from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.store import models as m
+
+if TYPE_CHECKING:
+    from mailgw.settings import TicketNumbers
+    from mailgw.threader import ThreadIndex
+    from mailgw.types import ParsedMail
 
 __all__ = ["Batch", "LoopCounts", "batch_of"]
 
 # The tables whose ids a batch hands out, and how many to take from a PostgreSQL sequence at
 # a time (a ticket's id is its number: one at a time, so numbers have no gaps from batches).
 _BLOCK = {"tickets": 1, "articles": 16, "events": 32, "outbox": 16, "auto_replies": 16}
+# PostgreSQL: ids taken for a batch of n messages before its first (one statement for every
+# table; ids of rows that are not made are left unused, as a rolled-back INSERT leaves them).
+_PER_MESSAGE = {"articles": 2, "events": 3, "outbox": 1, "auto_replies": 1}
 _MODELS = {m.Ticket: "tickets", m.Article: "articles", m.Event: "events", m.Outbox: "outbox",
            m.AutoReply: "auto_replies"}
+
+
+def _numbers(mail: ParsedMail, cfg: TicketNumbers) -> list[str]:
+    from mailgw.numbers import subject_pattern
+
+    return [m.group(1) for m in subject_pattern(cfg).finditer(mail.subject or "")]
+
+
+@cache
+def _ticket_columns() -> list[tuple[str, Any, bool]]:
+    """(key, default, default is a callable) of every column of tickets."""
+    return [(col.key, None if col.default is None else col.default.arg,
+             col.default is not None and col.default.is_callable)
+            for col in m.Ticket.__table__.columns]
 
 
 def batch_of(session: Session) -> Batch | None:
@@ -111,6 +136,21 @@ class LoopCounts:
                     t.c.recipient == recipient, t.c.created_at >= self.since)) or 0
         return stored + self.rcpt[recipient]
 
+    def prefetch_tickets(self, session: Session, ticket_ids: Iterable[int]) -> None:
+        """The stored counts of the batch's known stored tickets, in one query."""
+        todo = sorted(t for t in ticket_ids
+                      if t not in self._stored_ticket and t not in self._new_tickets)
+        if not todo:
+            return
+        for t in todo:
+            self._stored_ticket[t] = 0
+        a = m.AutoReply.__table__
+        for tid, n in session.connection().execute(
+            select(a.c.ticket_id, func.count()).where(
+                a.c.ticket_id.in_(todo), a.c.created_at >= self.since).group_by(a.c.ticket_id)
+        ):
+            self._stored_ticket[tid] = n
+
     def for_ticket(self, session: Session, ticket_id: int) -> int:
         stored = self._stored_ticket.get(ticket_id)
         if stored is None:
@@ -140,7 +180,14 @@ class Batch:
         # flush must add to what the store holds (mailgw/process.py, threading).
         self.articles: list[m.Article] = []
         self.message_ids: set[str] = set()
+        self.own_message_ids: dict[str, m.Article] = {}  # the newest of the batch's articles
         self.tickets: list[m.Ticket] = []
+        self.added_tickets: list[m.Ticket] = []  # new tickets made by add_ticket
+        self.unwritten_tickets: list[m.Ticket] = []  # ... whose row is not inserted yet
+        self.new_numbers: dict[str, m.Ticket] = {}  # their numbers
+        # What threading asks the store, asked once for the batch (prefetch); None: ask the
+        # store per message, as outside the worker.
+        self.threads: ThreadIndex | None = None
         self.events: list[dict[str, Any]] = []
         self.out_articles: list[dict[str, Any]] = []  # our acknowledgements: rows, not objects
         self.attachments: list[dict[str, Any]] = []
@@ -155,6 +202,49 @@ class Batch:
             for t, top in zip(tables, tops, strict=True):
                 self._next[t.name] = (top or 0) + 1
         session.info["batch"] = self
+
+    def prefetch(self, session: Session, mails: Iterable[ParsedMail | Exception | None],
+                 numbers: TicketNumbers) -> None:
+        """Before the batch's first message: what threading its messages will ask, in a few
+        queries for the whole batch (``mailgw.threader.prefetch``; on PostgreSQL the tickets
+        they lead to are locked in id order), and those tickets' loop-protection counts."""
+        from mailgw.threader import message_refs, prefetch
+        from mailgw.types import ParsedMail
+
+        parsed = [p for p in mails if isinstance(p, ParsedMail)]
+        self.threads = index = prefetch(session, parsed, numbers, lock=self.pg)
+        self.loops.prefetch_tickets(session, index.tickets)
+        if not self.pg or not parsed:
+            return
+        # The ids the batch will likely use, in one round trip. Tickets: one per message that
+        # refers to no stored article, no earlier message of the batch and no stored ticket
+        # number (a ticket id is its number: a message that then makes no ticket, such as a
+        # bounce or an agent's answer, leaves a number unused).
+        new, seen = 0, set()
+        for mail in parsed:
+            refs = message_refs(mail)
+            if not any(r in index.refs or r in seen for r in refs) and not any(
+                    index.numbers.get(n) is not None for n in _numbers(mail, numbers)):
+                new += 1
+            if mail.message_id:
+                seen.add(mail.message_id)
+        self.reserve(session, {"tickets": new, **{t: k * len(parsed)
+                                                  for t, k in _PER_MESSAGE.items()}})
+
+    def reserve(self, session: Session, counts: dict[str, int]) -> None:
+        """PostgreSQL: take ``counts`` ids of each table from its sequence, in one statement;
+        they are handed out (``take``) after those already taken."""
+        names = [t for t, n in counts.items() if n > 0]
+        if not names:
+            return
+        sql = " UNION ALL ".join(
+            f"SELECT {i}, nextval(pg_get_serial_sequence('{t}', 'id')) "
+            f"FROM generate_series(1, {int(counts[t])})" for i, t in enumerate(names))
+        got: dict[int, list[int]] = {}
+        for i, value in session.connection().exec_driver_sql(sql):
+            got.setdefault(i, []).append(value)
+        for i, t in enumerate(names):
+            self._pool[t][:0] = sorted(got.get(i, ()), reverse=True)  # after the pool's own
 
     def close(self, session: Session) -> None:
         session.info.pop("batch", None)
@@ -174,25 +264,42 @@ class Batch:
         return pool.pop()
 
     def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
-        """Insert a new ticket at once with one statement, and put the object in the session
-        as if it had been loaded: its articles name it, and the ORM, which is not told
-        about that reference (no relationship), could flush an article before its ticket
-        (a flush for every new ticket cost more than the rest of its rows)."""
-        table = m.Ticket.__table__
+        """Put a new ticket in the session as if it had been loaded, and insert its row before
+        the session's next flush (``write_tickets``), the batch's new tickets in one
+        statement: the ORM is not told that articles name it (no relationship) and could
+        flush an article before its ticket, and a statement per ticket cost more than the
+        rest of its rows."""
         if ticket.id is None:
             ticket.id = self.take(session, "tickets")
         self.new_tickets.add(ticket.id)
-        values = {}
-        for col in table.columns:
-            value = getattr(ticket, col.key)
-            if value is None and col.default is not None:
-                value = col.default.arg(None) if col.default.is_callable else col.default.arg
-            # Every column set: one left out would be expired and loaded again on access.
-            setattr(ticket, col.key, value)
-            values[col.key] = value
-        session.connection().execute(insert(table), values)
+        # Every column set (in the instance's dict: make_transient_to_detached takes what is
+        # there as loaded): one left out would be expired and loaded again on access.
+        values = ticket.__dict__
+        for key, default, call in _ticket_columns():
+            if values.get(key) is None:
+                values[key] = default(None) if call else default
         make_transient_to_detached(ticket)
         session.add(ticket)
+        self.added_tickets.append(ticket)
+        self.unwritten_tickets.append(ticket)
+        if ticket.number:
+            self.new_numbers[ticket.number] = ticket
+
+    def write_tickets(self, session: Session) -> None:
+        """Insert the new tickets not inserted yet, as they are now, and make what they are
+        now their stored state (no UPDATE follows for what changed since add_ticket)."""
+        tickets, self.unwritten_tickets = self.unwritten_tickets, []
+        if not tickets:
+            return
+        columns = [col.key for col in m.Ticket.__table__.columns]
+        rows = []
+        for ticket in tickets:
+            values = ticket.__dict__
+            rows.append({key: values[key] for key in columns})
+            state = inspect(ticket)
+            for key in list(state.committed_state):
+                set_committed_value(ticket, key, values[key])
+        session.connection().execute(insert(m.Ticket.__table__), rows)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -232,16 +339,21 @@ class Batch:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
                 Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
                 len(self.tickets), len(self.out_articles), len(self.attachments),
-                self.attachment_bytes)
+                self.attachment_bytes, len(self.added_tickets), len(self.unwritten_tickets))
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
-        ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes = mark
+        (ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes,
+         nadded, nunwritten) = mark
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
         del self.out_articles[nout:], self.attachments[natt:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
-        del self.articles[nart:], self.tickets[ntick:]
+        del self.articles[nart:], self.tickets[ntick:], self.added_tickets[nadded:]
+        # A ticket inserted in the SAVEPOINT is gone with it; one not inserted yet never will be.
+        del self.unwritten_tickets[min(nunwritten, len(self.unwritten_tickets)):]
         self.message_ids = {a.message_id for a in self.articles if a.message_id}
+        self.own_message_ids = {a.message_id: a for a in self.articles if a.message_id}
+        self.new_numbers = {t.number: t for t in self.added_tickets if t.number}
 
     def first_message_id(self, ticket_id: int) -> tuple[int, str] | None:
         """(id, Message-ID) of the batch's first article of the ticket that has one."""
@@ -287,5 +399,27 @@ def _take_id(session: Session, obj: Any) -> None:
         batch.articles.append(obj)
         if obj.message_id:
             batch.message_ids.add(obj.message_id)
+            batch.own_message_ids[obj.message_id] = obj
     elif table == "tickets":
         batch.tickets.append(obj)
+
+
+@event.listens_for(Session, "before_flush")
+def _write_tickets(session: Session, flush_context: Any, instances: Any) -> None:
+    """The batch's new tickets go in before anything the flush writes names them."""
+    batch = session.info.get("batch")
+    if batch is not None and batch.unwritten_tickets:
+        batch.write_tickets(session)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _drop_thread_index(state: ORMExecuteState) -> None:
+    """An UPDATE or DELETE of articles or tickets in the batch (an agent's #merge moves a
+    ticket's articles) may change what the batch's ``ThreadIndex`` says: threading asks the
+    store again from then on."""
+    batch = state.session.info.get("batch")
+    if batch is None or batch.threads is None or not (state.is_update or state.is_delete):
+        return
+    table = getattr(state.statement, "table", None)
+    if getattr(table, "name", None) in ("articles", "tickets"):
+        batch.threads = None

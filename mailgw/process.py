@@ -250,12 +250,17 @@ def ack_recipient(mail: ParsedMail, sender: str) -> str:
 
 def _find_ticket(session: Session, mail: ParsedMail, settings: Settings,
                  sender: str) -> ThreadMatch:
-    """``find_ticket``; in the worker's batch without flushing the batch's rows first when
-    they cannot change the answer: no id the message refers to is one of the batch's
-    articles, and its subject names no ticket (a new one, or one whose senders the batch
-    adds to). Otherwise the look-up flushes, as any query does."""
+    """``find_ticket``. In the worker's batch its look-ups are answered from the batch's
+    ``ThreadIndex`` (asked once for the batch) and its own rows in memory, without flushing
+    them; without an index, without flushing when the batch's rows cannot change the
+    answer: no id the message refers to is one of the batch's articles, and its subject
+    names no ticket (a new one, or one whose senders the batch adds to). Otherwise the
+    look-up flushes, as any query does."""
     cfg = settings.ticket_numbers
     batch = batch_of(session)
+    if batch is not None and batch.threads is not None:
+        with session.no_autoflush:
+            return find_ticket(session, mail, cfg, sender, batch)
     if batch is None or (batch.tickets or batch.articles) and (
             not batch.message_ids.isdisjoint(mail.in_reply_to)
             or not batch.message_ids.isdisjoint(mail.references)
@@ -265,11 +270,25 @@ def _find_ticket(session: Session, mail: ParsedMail, settings: Settings,
         return find_ticket(session, mail, cfg, sender)
 
 
+def _thread_root(session: Session, ticket: m.Ticket) -> str | None:
+    """``thread_root``; in the worker's batch from its ``ThreadIndex`` when it knows the
+    ticket (stored tickets the batch's messages lead to, and the batch's new ones)."""
+    batch = batch_of(session)
+    index = batch.threads if batch is not None else None
+    if index is None or (ticket.id not in index.tickets and ticket.id not in batch.new_tickets):
+        return thread_root(session, ticket)
+    stored = index.roots.get(ticket.id)
+    mine = batch.first_message_id(ticket.id)
+    if mine is not None and (stored is None or mine[0] < stored[0]):
+        return mine[1]
+    return stored[1] if stored else None
+
+
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
     parts = reply_parts(mail.text, mail.html)
-    article = m.Article(
+    article = m.new_object(m.Article, dict(
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),
         to_addrs=_clean(", ".join(mail.to)), cc_addrs=_clean(", ".join(mail.cc)),
@@ -282,7 +301,10 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         mail_class=cls.kind if cls is not None else None,
         visible_text=_clean(parts.visible), signature_text=_clean(parts.signature) or None,
         quoted_text=_clean(parts.quoted) or None,
-    )
+        # Its server default given here: the ORM would read it back (RETURNING), one INSERT
+        # per article instead of one for the batch's.
+        internal=False,
+    ))
     session.add(article)
     batch = batch_of(session)
     flushed = False
@@ -333,7 +355,7 @@ def _queue_ack(session: Session, row: m.Inbound, ctx: Context, ticket: m.Ticket,
     # leads, so clients keep the whole ticket in one thread even when the customer's mail
     # referred to it only by the number in the subject.
     # A ticket opened by this very message has it as its first (no query needed).
-    root = article.message_id if template == "ack_new" else thread_root(session, ticket)
+    root = article.message_id if template == "ack_new" else _thread_root(session, ticket)
     chain = mail.references + ([mail.message_id] if mail.message_id else [])
     references = list(dict.fromkeys(([root] if root else []) + chain[-19:]))
     subject = tag_subject(cfg, ticket.number or "", rendered.subject)

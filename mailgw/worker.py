@@ -302,6 +302,8 @@ class Worker:
                           at=now())
             try:
                 batch.loops.prefetch(session, _ack_recipients(rows, parsed))
+                batch.prefetch(session, (parsed.get(r.id) for r in rows),
+                               ctx.settings.ticket_numbers)
                 for row in rows:
                     self._current = row.id
                     if isolate:

@@ -8,7 +8,7 @@ without its file. See docs/decisions.md.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -41,6 +41,19 @@ NAMING = {
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+_T = TypeVar("_T")
+
+
+def new_object(cls: type[_T], values: dict[str, Any]) -> _T:
+    """A new (transient) instance of a mapped class with ``values``, made as the ORM makes
+    the instances it loads: no event per attribute, the values put in the instance's dict,
+    which is what its INSERT reads (issue 8: an Article through its constructor cost ~45 us,
+    this ~3 us). Later changes are tracked as usual. Only for columns (no relationships)."""
+    obj = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
+    obj.__dict__.update(values)
+    return obj
 
 
 class Inbound(Base):
