@@ -44,3 +44,43 @@ def test_an_ack_in_a_ticket_from_an_earlier_batch_still_reads_its_root_from_the_
         assert [a.references.split() for a in acks] == [["w1@c"], ["w1@c", "w2@c"]]
     finally:
         hx.close()
+
+
+SLA = {"name": "standard", "first_response": 60, "update": 120, "solution": 480}
+
+
+def test_a_new_tickets_clocks_go_in_with_one_statement_and_their_segments_name_them(home):
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from mailgw.store import models as m
+
+    data = home.config()
+    data["slas"] = [SLA]
+    home.write_config(data)
+    hx = Harness(home)
+    seen: list[str] = []
+
+    def _watch(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+    try:
+        hx.put(mail("Printer", msgid="p1@c"), mail("Scanner", msgid="s1@c"))
+        event.listen(hx.engine, "before_cursor_execute", _watch)
+        assert hx.worker.run_batch() == 2
+        event.remove(hx.engine, "before_cursor_execute", _watch)
+        # Two clocks a ticket (solution, first response), each in one statement
+        assert len([s for s in seen if s.startswith("INSERT INTO sla_clocks")]) == 2
+        with Session(hx.engine) as s:
+            clocks = {c.id: c for c in s.scalars(select(m.SlaClock))}
+            segments = list(s.scalars(select(m.SlaSegment)))
+        assert sorted((c.ticket_id, c.target) for c in clocks.values()) == sorted(
+            (t.id, target) for t in hx.tickets() for target in ("first_response", "solution"))
+        # Each clock has its first segment, naming it and its ticket
+        assert sorted(g.clock_id for g in segments) == sorted(clocks)
+        for g in segments:
+            clock = clocks[g.clock_id]
+            assert g.ticket_id == clock.ticket_id
+            assert g.reason == ("ticket created" if clock.target == "solution" else
+                                "ticket opened by a message from alice@customer.test")
+    finally:
+        hx.close()

@@ -574,12 +574,16 @@ def _start_new_ticket(session: Session, settings: Settings, ticket: m.Ticket,
     if not tc._new:
         return
     rows = [{k: getattr(c, k) for k in _CLOCK_COLUMNS} for c, _, _ in tc._new]
-    ids = session.execute(insert(m.SlaClock.__table__).returning(
-        m.SlaClock.__table__.c.id, sort_by_parameter_order=True), rows).scalars().all()
+    # The new clocks differ in (target, cycle) (unique per ticket): their ids are matched
+    # by that, not by the order of the rows. Asking for that order
+    # (sort_by_parameter_order) made SQLite's driver insert the clocks one row a statement.
+    table = m.SlaClock.__table__
+    ids = {(target, cycle): i for i, target, cycle in session.execute(
+        insert(table).returning(table.c.id, table.c.target, table.c.cycle), rows)}
     session.execute(insert(m.SlaSegment.__table__), [
-        {"clock_id": i, "ticket_id": c.ticket_id, "kind": kind, "start_at": at,
-         "end_at": None, "reason": reason, "counted_seconds": None}
-        for i, (c, kind, reason) in zip(ids, tc._new, strict=True)])
+        {"clock_id": ids[c.target, c.cycle], "ticket_id": c.ticket_id, "kind": kind,
+         "start_at": at, "end_at": None, "reason": reason, "counted_seconds": None}
+        for c, kind, reason in tc._new])
 
 
 def on_change(session: Session, settings: Settings, ticket: m.Ticket,
