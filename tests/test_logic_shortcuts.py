@@ -84,3 +84,47 @@ def test_a_new_tickets_clocks_go_in_with_one_statement_and_their_segments_name_t
                                 "ticket opened by a message from alice@customer.test")
     finally:
         hx.close()
+
+
+def test_a_follow_up_reads_its_tickets_clocks_without_flushing_the_batch(home):
+    from sqlalchemy.orm import Session
+
+    data = home.config()
+    data["slas"] = [SLA]
+    home.write_config(data)
+    hx = Harness(home)
+    flushes: list[int] = []
+
+    def _flushed(session, context):  # type: ignore[no-untyped-def]
+        flushes.append(len(session.new))
+    try:
+        hx.put(mail("Printer", msgid="f1@c"))
+        assert hx.worker.run_batch() == 1
+        [t] = hx.tickets()
+        before = {(c.target, c.cycle): (c.state, c.id) for c in _clocks(hx, t.id)}
+        hx.put(mail("Re: Printer", msgid="f2@c", In_Reply_To="<f1@c>"),
+               mail("Re: Printer", msgid="f3@c", In_Reply_To="<f1@c>"))
+        event.listen(Session, "after_flush", _flushed)
+        try:
+            assert hx.worker.run_batch() == 2
+        finally:
+            event.remove(Session, "after_flush", _flushed)
+        # One flush, the batch's own at its end (not one more a follow-up)
+        assert len(flushes) == 1
+        assert [a.threaded_by for a in hx.articles(t.id) if a.direction == "in"] == [
+            "new_ticket", "in_reply_to", "in_reply_to"]
+        # The clocks are as they were: first response still running, no update cycle
+        assert {(c.target, c.cycle): (c.state, c.id) for c in _clocks(hx, t.id)} == before
+        assert before[("first_response", 0)][0] == "running"
+    finally:
+        hx.close()
+
+
+def _clocks(hx: Harness, ticket_id: int):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from mailgw.store import models as m
+
+    with Session(hx.engine) as s:
+        return list(s.scalars(select(m.SlaClock).where(m.SlaClock.ticket_id == ticket_id)))

@@ -204,10 +204,15 @@ class _Clocks:
 
     @classmethod
     def load(cls, session: Session, settings: Settings | None, ticket: m.Ticket,
-             at: datetime) -> _Clocks:
-        clocks = list(session.scalars(select(m.SlaClock).where(
-            m.SlaClock.ticket_id == ticket.id).order_by(m.SlaClock.id)))
-        return cls(session, settings, ticket, at, clocks)
+             at: datetime, *, autoflush: bool = True) -> _Clocks:
+        """``autoflush=False`` reads without flushing the session first: right where no
+        clock can be pending, as every clock is flushed (or inserted) when it is started,
+        and changes to loaded clocks stay on their objects (the identity map)."""
+        q = select(m.SlaClock).where(m.SlaClock.ticket_id == ticket.id).order_by(m.SlaClock.id)
+        if autoflush:
+            return cls(session, settings, ticket, at, list(session.scalars(q)))
+        with session.no_autoflush:
+            return cls(session, settings, ticket, at, list(session.scalars(q)))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -540,7 +545,9 @@ def on_article(session: Session, settings: Settings, ticket: m.Ticket, article: 
         if sla is not None:
             _start_new_ticket(session, settings, ticket, article, sla, at)
         return
-    tc = _Clocks.load(session, settings, ticket, at)
+    # Not flushed first: in the worker's batch that would flush the batch's pending rows once
+    # per follow-up instead of once at the batch's end.
+    tc = _Clocks.load(session, settings, ticket, at, autoflush=False)
     sla = tc.reselect("re-checked on a new article")
     # The worker may have reopened the ticket (closed/pending -> open) for this message.
     tc.sync_state(sla, "customer follow-up" if _is_customer_message(article) else "")
