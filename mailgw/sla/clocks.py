@@ -585,9 +585,10 @@ def _start_new_ticket(session: Session, settings: Settings, ticket: m.Ticket,
     # by that, not by the order of the rows. Asking for that order
     # (sort_by_parameter_order) made SQLite's driver insert the clocks one row a statement.
     table = m.SlaClock.__table__
-    ids = {(target, cycle): i for i, target, cycle in session.execute(
+    conn = session.connection()  # Core rows: no ORM execution path needed
+    ids = {(target, cycle): i for i, target, cycle in conn.execute(
         insert(table).returning(table.c.id, table.c.target, table.c.cycle), rows)}
-    session.execute(insert(m.SlaSegment.__table__), [
+    conn.execute(insert(m.SlaSegment.__table__), [
         {"clock_id": ids[c.target, c.cycle], "ticket_id": c.ticket_id, "kind": kind,
          "start_at": at, "end_at": None, "reason": reason, "counted_seconds": None}
         for c, kind, reason in tc._new])
