@@ -57,8 +57,12 @@ def thread_root(session: Session, ticket: m.Ticket) -> str | None:
         return row.message_id if row else None
     # The worker's batch (mailgw/batch.py): the store's first, or the batch's own first if
     # it comes before (its rows are not flushed yet; ids follow the order rows were made).
-    row = session.connection().execute(q).first()
     mine = batch.first_message_id(ticket.id)
+    if ticket.id in batch.new_tickets:
+        # Opened in this batch: every article it has is the batch's (flushed or not; the
+        # batch's own rows go in at its end), so the store has nothing earlier to add.
+        return mine[1] if mine is not None else None
+    row = session.connection().execute(q).first()
     if mine is not None and (row is None or mine[0] < row.id):
         return mine[1]
     return row.message_id if row else None

@@ -204,10 +204,15 @@ class _Clocks:
 
     @classmethod
     def load(cls, session: Session, settings: Settings | None, ticket: m.Ticket,
-             at: datetime) -> _Clocks:
-        clocks = list(session.scalars(select(m.SlaClock).where(
-            m.SlaClock.ticket_id == ticket.id).order_by(m.SlaClock.id)))
-        return cls(session, settings, ticket, at, clocks)
+             at: datetime, *, autoflush: bool = True) -> _Clocks:
+        """``autoflush=False`` reads without flushing the session first: right where no
+        clock can be pending, as every clock is flushed (or inserted) when it is started,
+        and changes to loaded clocks stay on their objects (the identity map)."""
+        q = select(m.SlaClock).where(m.SlaClock.ticket_id == ticket.id).order_by(m.SlaClock.id)
+        if autoflush:
+            return cls(session, settings, ticket, at, list(session.scalars(q)))
+        with session.no_autoflush:
+            return cls(session, settings, ticket, at, list(session.scalars(q)))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -543,7 +548,9 @@ def on_article(session: Session, settings: Settings, ticket: m.Ticket, article: 
         if sla is not None:
             _start_new_ticket(session, settings, ticket, article, sla, at)
         return
-    tc = _Clocks.load(session, settings, ticket, at)
+    # Not flushed first: in the worker's batch that would flush the batch's pending rows once
+    # per follow-up instead of once at the batch's end.
+    tc = _Clocks.load(session, settings, ticket, at, autoflush=False)
     sla = tc.reselect("re-checked on a new article")
     # The worker may have reopened the ticket (closed/pending -> open) for this message.
     tc.sync_state(sla, "customer follow-up" if _is_customer_message(article) else "")
@@ -577,12 +584,17 @@ def _start_new_ticket(session: Session, settings: Settings, ticket: m.Ticket,
     if not tc._new:
         return
     rows = [{k: getattr(c, k) for k in _CLOCK_COLUMNS} for c, _, _ in tc._new]
-    ids = session.execute(insert(m.SlaClock.__table__).returning(
-        m.SlaClock.__table__.c.id, sort_by_parameter_order=True), rows).scalars().all()
-    session.execute(insert(m.SlaSegment.__table__), [
-        {"clock_id": i, "ticket_id": c.ticket_id, "kind": kind, "start_at": at,
-         "end_at": None, "reason": reason, "counted_seconds": None}
-        for i, (c, kind, reason) in zip(ids, tc._new, strict=True)])
+    # The new clocks differ in (target, cycle) (unique per ticket): their ids are matched
+    # by that, not by the order of the rows. Asking for that order
+    # (sort_by_parameter_order) made SQLite's driver insert the clocks one row a statement.
+    table = m.SlaClock.__table__
+    conn = session.connection()  # Core rows: no ORM execution path needed
+    ids = {(target, cycle): i for i, target, cycle in conn.execute(
+        insert(table).returning(table.c.id, table.c.target, table.c.cycle), rows)}
+    conn.execute(insert(m.SlaSegment.__table__), [
+        {"clock_id": ids[c.target, c.cycle], "ticket_id": c.ticket_id, "kind": kind,
+         "start_at": at, "end_at": None, "reason": reason, "counted_seconds": None}
+        for c, kind, reason in tc._new])
 
 
 def on_change(session: Session, settings: Settings, ticket: m.Ticket,
