@@ -49,7 +49,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.batch import Batch
 from mailgw.mail.parse import parse_message
-from mailgw.process import Context, Quarantine, ack_recipient, process, sender_of
+from mailgw.process import Context, Prepared, Quarantine, ack_recipient, prepare, process, sender_of
 from mailgw.queue import now
 from mailgw.store import models as m
 from mailgw.store.db import read_session
@@ -172,20 +172,35 @@ class Worker:
             claimed_by=self.me).execution_options(synchronize_session=False))
         return ids
 
-    def _parse(self, ids: list[int]) -> tuple[dict[int, ParsedMail | Exception], dict[int, bytes]]:
+    def _parse(self, ids: list[int], ctx: Context) -> tuple[
+            dict[int, ParsedMail | Exception], dict[int, bytes], dict[int, Prepared]]:
         """Parse outside the write transaction: intake (and SQLite's one writer) need not wait.
         The raw bytes are kept for the store step (classification reads a bounce's report
-        from them), so they are read once."""
+        from them), so they are read once. What ``process`` works out from the message
+        alone (its class, the parts of its text: ``mailgw.process.prepare``) is computed
+        here too, so the store step, which holds SQLite's write lock, does not; a message
+        whose preparation raises is left to ``process``, which raises it there."""
         out: dict[int, ParsedMail | Exception] = {}
-        raws: dict[int, bytes] = {}
+        prepared: dict[int, Prepared] = {}
         with read_session(self.engine) as s:
-            for iid, raw in self._raws(s, ids):
-                raws[iid] = raw
+            rows = self._raws(s, ids)
+            envelopes = {iid: (mail_from, rcpt_tos) for iid, mail_from, rcpt_tos in s.execute(
+                select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
+                .where(m.Inbound.id.in_(ids)))}
+        raws: dict[int, bytes] = dict(rows)
+        del rows
+        for iid, raw in raws.items():
+            try:
+                mail = out[iid] = parse_message(raw)
+            except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
+                out[iid] = exc
+                continue
+            if iid in envelopes:
                 try:
-                    out[iid] = parse_message(raw)
-                except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
-                    out[iid] = exc
-        return out, raws
+                    prepared[iid] = prepare(mail, raw, *envelopes[iid], ctx.settings)
+                except Exception:  # noqa: BLE001, S110 - process() computes it again, and raises
+                    pass
+        return out, raws, prepared
 
     def _raws(self, session: Session, ids: list[int]) -> list[tuple[int, bytes]]:
         """(id, raw bytes) of the batch.
@@ -231,19 +246,19 @@ class Worker:
         if not ids:
             return 0
         ctx = self.context()
-        parsed, raws = self._parse(ids)
+        parsed, raws, prepared = self._parse(ids, ctx)
         self._tickets = []  # tickets the first attempt touched (PostgreSQL)
         for attempt in (1, 2):
             self._current = None
             try:
                 try:
                     self._store(ids, ctx, parsed, raws, isolate=False,
-                                lock_tickets=attempt == 2)
+                                lock_tickets=attempt == 2, prepared=prepared)
                 except DBAPIError:
                     raise
                 except Exception:  # noqa: BLE001 - one message failed: again, each in a savepoint
                     self._current = None
-                    self._store(ids, ctx, parsed, raws, isolate=True)
+                    self._store(ids, ctx, parsed, raws, isolate=True, prepared=prepared)
                 break
             except DBAPIError as exc:
                 if attempt == 1 and _transient(exc):
@@ -269,7 +284,8 @@ class Worker:
         return len(ids)
 
     def _store(self, ids: list[int], ctx: Context, parsed: dict[int, ParsedMail | Exception],
-               raws: dict[int, bytes], *, isolate: bool, lock_tickets: bool = False) -> None:
+               raws: dict[int, bytes], *, isolate: bool, lock_tickets: bool = False,
+               prepared: dict[int, Prepared] | None = None) -> None:
         """Store the batch in one transaction. Without ``isolate`` an application error in any
         message propagates (the caller rolls back and stores again with ``isolate``, where
         each message has its own SAVEPOINT and a failing one is quarantined alone).
@@ -300,6 +316,7 @@ class Worker:
             copies = _Redeliveries(session, rows, self._pg)
             batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
                           at=now())
+            batch.prepared = prepared if prepared is not None else {}
             try:
                 batch.loops.prefetch(session, _ack_recipients(rows, parsed))
                 batch.prefetch(session, (parsed.get(r.id) for r in rows),
@@ -312,7 +329,7 @@ class Worker:
                         process(session, row, ctx, parsed.get(row.id), redelivery=copies)
                         if self._pg and row.ticket_id is not None:
                             self._tickets.append(row.ticket_id)
-                    _forget_large(row, parsed, raws)
+                    _forget_large(row, parsed, raws, batch.prepared)
                     copies.stored(row)
                 # The batch's rows go in together now: a database error here is the batch's
                 # (rolled back and retried one message at a time, where it shows at its own).
@@ -394,7 +411,7 @@ def _ack_recipients(rows: list[m.Inbound],
 
 
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
-                  raws: dict[int, bytes]) -> None:
+                  raws: dict[int, bytes], prepared: dict[int, Prepared]) -> None:
     """Let go of a large message's bytes and parsed form once it is stored, before the flush
     that updates its inbound row: SQLite builds the whole new row (raw included) in memory
     for that update, and the copies need not be held at the same time (issue 8: a 25 MB
@@ -403,6 +420,7 @@ def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | Non
     if raw is not None and len(raw) >= FORGET_AFTER_STORE:
         del raws[row.id]
         parsed[row.id] = None
+        prepared.pop(row.id, None)
         set_committed_value(row, "raw", None)
 
 
