@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -62,6 +63,10 @@ LEASE = timedelta(minutes=5)
 BATCH_BYTES = 32 * 1024 * 1024
 FORGET_AFTER_STORE = 1024 * 1024  # see _forget_large
 PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
+# A worker woken with fewer than MIN_BATCH_SHARE of a batch waiting waits up to LINGER
+# seconds for more commits before it claims (SQLite; see Worker._claim).
+MIN_BATCH_SHARE = 0.5
+LINGER = 0.02
 
 
 def _describe(exc: BaseException) -> str:
@@ -93,7 +98,8 @@ def _return_large_blocks() -> None:
 
 class Worker:
     def __init__(self, engine: Engine, context: Callable[[], Context], *, batch_size: int,
-                 max_attempts: int, on_outbox: Callable[[], None] | None = None):
+                 max_attempts: int, on_outbox: Callable[[], None] | None = None,
+                 linger: float | None = None):
         self.engine = engine
         self.context = context  # returns the current settings + renderer (reloadable later)
         self.batch_size = batch_size
@@ -104,6 +110,9 @@ class Worker:
         self._tickets: list[int] = []  # see run_batch
         # The next batch, claimed in the transaction that stored the last one (see _store).
         self._next: list[int] = []
+        self.linger = LINGER if linger is None else linger
+        self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
+        self._wake: threading.Event | None = None  # set by run(): new rows were committed
         _return_large_blocks()
         release_dead_claims(engine)
 
@@ -125,12 +134,37 @@ class Worker:
         """
         stamp = now()
         if not self._pg:
-            with read_session(self.engine) as r:
-                if r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
-                             .limit(1)).first() is None:
-                    return []
+            waiting = self._waiting(stamp)
+            if not waiting:
+                return []
+            if waiting < self.min_batch and self._wake is not None and self.linger > 0:
+                self._gather(waiting)
+                stamp = now()
         with Session(self.engine) as s, s.begin():
             return self._claim_in(s, stamp, first=True)
+
+    def _waiting(self, stamp) -> int:  # type: ignore[no-untyped-def]
+        """How many claimable rows wait, up to ``min_batch`` (a read, no write lock)."""
+        with read_session(self.engine) as r:
+            return len(r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
+                                 .limit(self.min_batch)).all())
+
+    def _gather(self, waiting: int) -> None:
+        """Wait up to ``linger`` for the intake's next commits while fewer than ``min_batch``
+        rows wait (SQLite). Each batch's store transaction has a fixed cost under the one
+        write lock (the batch's look-ups and id reads, one INSERT per table, the commit and
+        its fsync); a worker that claims the one or two intake groups committed when it was
+        woken stores many small batches, paying it more often per message (bench/RESULTS.md,
+        issue 8 session 5: with the intake's bigger commits the workers stored more, smaller
+        batches). A wake-up is a commit: the rows are counted again after each."""
+        assert self._wake is not None
+        deadline = time.monotonic() + self.linger
+        while waiting < self.min_batch:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(left):
+                return
+            self._wake.clear()  # before counting: a commit after the count wakes the next wait
+            waiting = self._waiting(now())
 
     def _claim_in(self, s: Session, stamp, *, first: bool) -> list[int] | None:  # type: ignore[no-untyped-def]
         """The claim, in the caller's transaction. ``first=False``: the claim of the next
@@ -369,6 +403,7 @@ class Worker:
                 s.execute(update(m.Inbound).where(m.Inbound.id == failed).values(error=reason))
 
     def run(self, stop: threading.Event, wake: threading.Event, poll_interval: float) -> None:
+        self._wake = wake
         while not stop.is_set():
             # Clear before looking, so a commit that lands while we work wakes the next wait.
             wake.clear()

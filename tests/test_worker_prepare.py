@@ -77,3 +77,79 @@ def test_a_message_whose_preparation_fails_is_still_quarantined_alone(hx, monkey
     states = [hx.inbound(i) for i in ids]
     assert [r.state for r in states] == ["done", "quarantined", "done"]
     assert "cannot classify" in states[1].error
+
+
+def _run_worker(hx, wake):  # type: ignore[no-untyped-def]
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=hx.worker.run, args=(stop, wake, 0.05), daemon=True)
+    t.start()
+    return stop, t
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_woken_for_a_small_batch_waits_for_the_next_commit(hx, monkeypatch):
+    """SQLite: fewer than ``min_batch`` rows waiting, the worker waits (up to ``linger``)
+    for the intake's next commit and claims both commits' rows in one batch."""
+    import threading
+
+    if hx.engine.dialect.name != "sqlite":
+        pytest.skip("the minimum batch is SQLite's (its one write lock)")
+    hx.worker = Worker(hx.engine, hx.worker.context, batch_size=4, max_attempts=3,
+                       linger=30.0)
+    assert hx.worker.min_batch == 2
+    batches: list[list[int]] = []
+    parse = hx.worker._parse
+
+    def _parse(ids, ctx):  # type: ignore[no-untyped-def]
+        batches.append(list(ids))
+        return parse(ids, ctx)
+    monkeypatch.setattr(hx.worker, "_parse", _parse)
+    waiting = threading.Event()
+    gather = hx.worker._gather
+
+    def _gather(n):  # type: ignore[no-untyped-def]
+        waiting.set()
+        return gather(n)
+    monkeypatch.setattr(hx.worker, "_gather", _gather)
+    [first] = hx.put(mail("one", msgid="o1@c"))
+    wake = threading.Event()
+    wake.set()
+    stop, t = _run_worker(hx, wake)
+    try:
+        assert waiting.wait(20)
+        [second] = hx.put(mail("two", msgid="o2@c"))
+        wake.set()  # what the intake does after its commit
+        for _ in range(400):
+            if hx.pending() == 0:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        wake.set()
+        t.join(20)
+    assert batches == [[first, second]]
+    assert [hx.inbound(i).state for i in (first, second)] == ["done", "done"]
+
+
+@pytest.mark.timeout(60)
+def test_a_small_batch_is_claimed_when_no_more_comes(hx):
+    import threading
+
+    hx.worker = Worker(hx.engine, hx.worker.context, batch_size=64, max_attempts=3,
+                       linger=0.01)
+    [only] = hx.put(mail("alone", msgid="a1@c"))
+    wake = threading.Event()
+    wake.set()
+    stop, t = _run_worker(hx, wake)
+    try:
+        for _ in range(400):
+            if hx.pending() == 0:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        wake.set()
+        t.join(20)
+    assert hx.inbound(only).state == "done"
