@@ -6,8 +6,12 @@ A batch goes through three steps:
    SQLite only after a read without the write lock saw a claimable row) or, when a full
    batch is waiting (a backlog), at the end of the transaction that stored the previous
    batch (one write transaction a batch; decision 26). On PostgreSQL the claim is ``FOR
-   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows.
-2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
+   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows. On SQLite a
+   worker woken with less than half a batch waiting first waits up to ``LINGER`` for the
+   intake's next commits (``_gather``): each batch has a fixed cost under the write lock.
+2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it),
+   and work out what ``process`` derives from the message alone (``mailgw.process.prepare``:
+   its class, the parts of its text), so the store step does not do it under the lock.
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
    stored without savepoints (they cost a round trip and a flush each, and almost every
