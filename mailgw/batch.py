@@ -195,6 +195,9 @@ class Batch:
         self.outbox: list[dict[str, Any]] = []
         self.auto_replies: list[dict[str, Any]] = []
         self.loops = LoopCounts(loop_window_hours, at, self.new_tickets)
+        # What mailgw.process.prepare computed for the batch's messages before the write
+        # transaction, by inbound id (the worker's parse step).
+        self.prepared: dict[int, Any] = {}
         if not self.pg:
             tables = [model.__table__ for model in _MODELS]
             tops = session.connection().execute(select(*(

@@ -24,7 +24,7 @@ from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
 from mailgw.mail.parse import parse_message
-from mailgw.mail.reply import reply_parts
+from mailgw.mail.reply import ReplyParts, reply_parts
 from mailgw.numbers import format_number, subject_pattern, tag_subject
 from mailgw.outbound.render import Renderer, build_message
 from mailgw.outbound.verp import signer_for
@@ -52,6 +52,38 @@ class Context:
     settings: Settings
     renderer: Renderer
     pipeline: Pipeline | None = None  # the filter rules (issue 4); None: no filters
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What ``process`` works out from a message alone, before any look-up: its class and
+    the parts of its text. The worker computes it in its parse step (``prepare``), outside
+    the write transaction (on SQLite: not under the one write lock); ``process`` uses it
+    for the very ``mail`` object it was computed from, and computes it itself otherwise."""
+    mail: ParsedMail
+    cls: Classification
+    parts: ReplyParts
+
+
+def prepare(mail: ParsedMail, raw: bytes | None, mail_from: str | None,
+            rcpt_tos: list[str] | tuple[str, ...], settings: Settings) -> Prepared:
+    """``classify`` and ``reply_parts`` of one message, exactly as ``process`` calls them.
+    Both are functions of the message, its envelope and the settings only."""
+    return Prepared(mail, classify(mail, mail_from, raw=raw, rcpt_tos=rcpt_tos,
+                                   ours=ours_for(settings)),
+                    reply_parts(mail.text, mail.html))
+
+
+def _prepared(session: Session, row: m.Inbound, mail: ParsedMail) -> Prepared | None:
+    batch = batch_of(session)
+    prep = batch.prepared.get(row.id) if batch is not None else None
+    return prep if prep is not None and prep.mail is mail else None
+
+
+def parts_of(session: Session, row: m.Inbound, mail: ParsedMail) -> ReplyParts:
+    """``reply_parts(mail.text, mail.html)``, computed beforehand in the worker's batch."""
+    prep = _prepared(session, row, mail)
+    return prep.parts if prep is not None else reply_parts(mail.text, mail.html)
 
 
 def _clean(text: str | None, limit: int | None = None) -> str:
@@ -128,8 +160,9 @@ def process(session: Session, row: m.Inbound, ctx: Context,
     mail = parsed if parsed is not None else parse_message(row.raw)
     # Classified once (docs/machine-mail.md). Bounces and our own mail coming back never
     # open a ticket: they attach to the ticket of the mail they refer to, or are recorded.
-    cls = classify(mail, row.mail_from, raw=row.raw, rcpt_tos=row.rcpt_tos,
-                   ours=ours_for(settings))
+    prep = _prepared(session, row, mail)
+    cls = prep.cls if prep is not None else classify(
+        mail, row.mail_from, raw=row.raw, rcpt_tos=row.rcpt_tos, ours=ours_for(settings))
     if handle_machine_mail(session, row, mail, cls, _store_article, _event,
                            loop=settings.loop_protection):
         return
@@ -287,7 +320,7 @@ def _thread_root(session: Session, ticket: m.Ticket) -> str | None:
 def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: ParsedMail,
                    sender: str, by: str, reason: str, auto: str | None,
                    cls: Classification | None = None) -> m.Article:
-    parts = reply_parts(mail.text, mail.html)
+    parts = parts_of(session, row, mail)
     article = m.new_object(m.Article, dict(
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),

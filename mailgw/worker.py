@@ -6,8 +6,12 @@ A batch goes through three steps:
    SQLite only after a read without the write lock saw a claimable row) or, when a full
    batch is waiting (a backlog), at the end of the transaction that stored the previous
    batch (one write transaction a batch; decision 26). On PostgreSQL the claim is ``FOR
-   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows.
-2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it).
+   UPDATE SKIP LOCKED``, so workers on any number of nodes take disjoint rows. On SQLite a
+   worker woken with less than half a batch waiting first waits up to ``LINGER`` for the
+   intake's next commits (``_gather``): each batch has a fixed cost under the write lock.
+2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it),
+   and work out what ``process`` derives from the message alone (``mailgw.process.prepare``:
+   its class, the parts of its text), so the store step does not do it under the lock.
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
    stored without savepoints (they cost a round trip and a flush each, and almost every
@@ -37,6 +41,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -49,7 +54,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.batch import Batch
 from mailgw.mail.parse import parse_message
-from mailgw.process import Context, Quarantine, ack_recipient, process, sender_of
+from mailgw.process import Context, Prepared, Quarantine, ack_recipient, prepare, process, sender_of
 from mailgw.queue import now
 from mailgw.store import models as m
 from mailgw.store.db import read_session
@@ -62,6 +67,10 @@ LEASE = timedelta(minutes=5)
 BATCH_BYTES = 32 * 1024 * 1024
 FORGET_AFTER_STORE = 1024 * 1024  # see _forget_large
 PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
+# A worker woken with fewer than MIN_BATCH_SHARE of a batch waiting waits up to LINGER
+# seconds for more commits before it claims (SQLite; see Worker._claim).
+MIN_BATCH_SHARE = 0.5
+LINGER = 0.02
 
 
 def _describe(exc: BaseException) -> str:
@@ -93,7 +102,8 @@ def _return_large_blocks() -> None:
 
 class Worker:
     def __init__(self, engine: Engine, context: Callable[[], Context], *, batch_size: int,
-                 max_attempts: int, on_outbox: Callable[[], None] | None = None):
+                 max_attempts: int, on_outbox: Callable[[], None] | None = None,
+                 linger: float | None = None):
         self.engine = engine
         self.context = context  # returns the current settings + renderer (reloadable later)
         self.batch_size = batch_size
@@ -104,6 +114,9 @@ class Worker:
         self._tickets: list[int] = []  # see run_batch
         # The next batch, claimed in the transaction that stored the last one (see _store).
         self._next: list[int] = []
+        self.linger = LINGER if linger is None else linger
+        self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
+        self._wake: threading.Event | None = None  # set by run(): new rows were committed
         _return_large_blocks()
         release_dead_claims(engine)
 
@@ -125,12 +138,37 @@ class Worker:
         """
         stamp = now()
         if not self._pg:
-            with read_session(self.engine) as r:
-                if r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
-                             .limit(1)).first() is None:
-                    return []
+            waiting = self._waiting(stamp)
+            if not waiting:
+                return []
+            if waiting < self.min_batch and self._wake is not None and self.linger > 0:
+                self._gather(waiting)
+                stamp = now()
         with Session(self.engine) as s, s.begin():
             return self._claim_in(s, stamp, first=True)
+
+    def _waiting(self, stamp) -> int:  # type: ignore[no-untyped-def]
+        """How many claimable rows wait, up to ``min_batch`` (a read, no write lock)."""
+        with read_session(self.engine) as r:
+            return len(r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
+                                 .limit(self.min_batch)).all())
+
+    def _gather(self, waiting: int) -> None:
+        """Wait up to ``linger`` for the intake's next commits while fewer than ``min_batch``
+        rows wait (SQLite). Each batch's store transaction has a fixed cost under the one
+        write lock (the batch's look-ups and id reads, one INSERT per table, the commit and
+        its fsync); a worker that claims the one or two intake groups committed when it was
+        woken stores many small batches, paying it more often per message (bench/RESULTS.md,
+        issue 8 session 5: with the intake's bigger commits the workers stored more, smaller
+        batches). A wake-up is a commit: the rows are counted again after each."""
+        assert self._wake is not None
+        deadline = time.monotonic() + self.linger
+        while waiting < self.min_batch:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(left):
+                return
+            self._wake.clear()  # before counting: a commit after the count wakes the next wait
+            waiting = self._waiting(now())
 
     def _claim_in(self, s: Session, stamp, *, first: bool) -> list[int] | None:  # type: ignore[no-untyped-def]
         """The claim, in the caller's transaction. ``first=False``: the claim of the next
@@ -172,20 +210,35 @@ class Worker:
             claimed_by=self.me).execution_options(synchronize_session=False))
         return ids
 
-    def _parse(self, ids: list[int]) -> tuple[dict[int, ParsedMail | Exception], dict[int, bytes]]:
+    def _parse(self, ids: list[int], ctx: Context) -> tuple[
+            dict[int, ParsedMail | Exception], dict[int, bytes], dict[int, Prepared]]:
         """Parse outside the write transaction: intake (and SQLite's one writer) need not wait.
         The raw bytes are kept for the store step (classification reads a bounce's report
-        from them), so they are read once."""
+        from them), so they are read once. What ``process`` works out from the message
+        alone (its class, the parts of its text: ``mailgw.process.prepare``) is computed
+        here too, so the store step, which holds SQLite's write lock, does not; a message
+        whose preparation raises is left to ``process``, which raises it there."""
         out: dict[int, ParsedMail | Exception] = {}
-        raws: dict[int, bytes] = {}
+        prepared: dict[int, Prepared] = {}
         with read_session(self.engine) as s:
-            for iid, raw in self._raws(s, ids):
-                raws[iid] = raw
+            rows = self._raws(s, ids)
+            envelopes = {iid: (mail_from, rcpt_tos) for iid, mail_from, rcpt_tos in s.execute(
+                select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
+                .where(m.Inbound.id.in_(ids)))}
+        raws: dict[int, bytes] = dict(rows)
+        del rows
+        for iid, raw in raws.items():
+            try:
+                mail = out[iid] = parse_message(raw)
+            except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
+                out[iid] = exc
+                continue
+            if iid in envelopes:
                 try:
-                    out[iid] = parse_message(raw)
-                except Exception as exc:  # noqa: BLE001 - handed to process(), quarantined there
-                    out[iid] = exc
-        return out, raws
+                    prepared[iid] = prepare(mail, raw, *envelopes[iid], ctx.settings)
+                except Exception:  # noqa: BLE001, S110 - process() computes it again, and raises
+                    pass
+        return out, raws, prepared
 
     def _raws(self, session: Session, ids: list[int]) -> list[tuple[int, bytes]]:
         """(id, raw bytes) of the batch.
@@ -231,19 +284,19 @@ class Worker:
         if not ids:
             return 0
         ctx = self.context()
-        parsed, raws = self._parse(ids)
+        parsed, raws, prepared = self._parse(ids, ctx)
         self._tickets = []  # tickets the first attempt touched (PostgreSQL)
         for attempt in (1, 2):
             self._current = None
             try:
                 try:
                     self._store(ids, ctx, parsed, raws, isolate=False,
-                                lock_tickets=attempt == 2)
+                                lock_tickets=attempt == 2, prepared=prepared)
                 except DBAPIError:
                     raise
                 except Exception:  # noqa: BLE001 - one message failed: again, each in a savepoint
                     self._current = None
-                    self._store(ids, ctx, parsed, raws, isolate=True)
+                    self._store(ids, ctx, parsed, raws, isolate=True, prepared=prepared)
                 break
             except DBAPIError as exc:
                 if attempt == 1 and _transient(exc):
@@ -269,7 +322,8 @@ class Worker:
         return len(ids)
 
     def _store(self, ids: list[int], ctx: Context, parsed: dict[int, ParsedMail | Exception],
-               raws: dict[int, bytes], *, isolate: bool, lock_tickets: bool = False) -> None:
+               raws: dict[int, bytes], *, isolate: bool, lock_tickets: bool = False,
+               prepared: dict[int, Prepared] | None = None) -> None:
         """Store the batch in one transaction. Without ``isolate`` an application error in any
         message propagates (the caller rolls back and stores again with ``isolate``, where
         each message has its own SAVEPOINT and a failing one is quarantined alone).
@@ -300,6 +354,7 @@ class Worker:
             copies = _Redeliveries(session, rows, self._pg)
             batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
                           at=now())
+            batch.prepared = prepared if prepared is not None else {}
             try:
                 batch.loops.prefetch(session, _ack_recipients(rows, parsed))
                 batch.prefetch(session, (parsed.get(r.id) for r in rows),
@@ -312,7 +367,7 @@ class Worker:
                         process(session, row, ctx, parsed.get(row.id), redelivery=copies)
                         if self._pg and row.ticket_id is not None:
                             self._tickets.append(row.ticket_id)
-                    _forget_large(row, parsed, raws)
+                    _forget_large(row, parsed, raws, batch.prepared)
                     copies.stored(row)
                 # The batch's rows go in together now: a database error here is the batch's
                 # (rolled back and retried one message at a time, where it shows at its own).
@@ -352,6 +407,7 @@ class Worker:
                 s.execute(update(m.Inbound).where(m.Inbound.id == failed).values(error=reason))
 
     def run(self, stop: threading.Event, wake: threading.Event, poll_interval: float) -> None:
+        self._wake = wake
         while not stop.is_set():
             # Clear before looking, so a commit that lands while we work wakes the next wait.
             wake.clear()
@@ -394,7 +450,7 @@ def _ack_recipients(rows: list[m.Inbound],
 
 
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
-                  raws: dict[int, bytes]) -> None:
+                  raws: dict[int, bytes], prepared: dict[int, Prepared]) -> None:
     """Let go of a large message's bytes and parsed form once it is stored, before the flush
     that updates its inbound row: SQLite builds the whole new row (raw included) in memory
     for that update, and the copies need not be held at the same time (issue 8: a 25 MB
@@ -403,6 +459,7 @@ def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | Non
     if raw is not None and len(raw) >= FORGET_AFTER_STORE:
         del raws[row.id]
         parsed[row.id] = None
+        prepared.pop(row.id, None)
         set_committed_value(row, "raw", None)
 
 
