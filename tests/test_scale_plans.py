@@ -42,9 +42,16 @@ def _preload(engine, cfg, count: int) -> None:  # type: ignore[no-untyped-def]
                              "direction": direction, "sender_type": "customer",
                              "from_addr": f"old{i}@customer.test", "subject": f"old {i}",
                              "message_id": mid, "threaded_by": "new_ticket", "created_at": at})
+    # Their messages, processed: a store's inbound table is almost all "done", and ANALYZE
+    # says so to the planner (a look for pending rows must still use an index).
+    inbound = [{"id": 50_000 + i, "received_at": T0 + timedelta(seconds=i), "source": "smtp",
+                "mail_from": f"old{i}@customer.test", "rcpt_tos": ["support@example.com"],
+                "size": 10, "sha256": f"{i:064x}", "raw": b"old", "state": "done",
+                "attempts": 1, "ticket_id": 10_000 + i} for i in range(1, count + 1)]
     with engine.begin() as c:
         c.execute(insert(m.Ticket), tickets)
         c.execute(insert(m.Article), articles)
+        c.execute(insert(m.Inbound), inbound)
     with engine.begin() as c:
         c.exec_driver_sql("ANALYZE")
 
@@ -185,4 +192,39 @@ def test_a_follow_up_updates_its_ticket_in_place_on_postgresql(home):
     assert (updated, hot) == (5, 0)
     with Session(h.engine) as s:
         assert s.scalar(select(m.Ticket.state).where(m.Ticket.id == ids[0])) == "closed"
+    h.close()
+
+
+def test_the_look_for_pending_rows_uses_an_index_in_a_store_of_done_mail(home):
+    """SQLite, statistics of a store of a million processed messages (ANALYZE: every row of
+    inbound has the same state): the worker's look for pending rows before it takes the
+    write lock must still search the state index. Without ORDER BY the planner chose a
+    full scan there: 93 ms a look at 1M messages (bench/scale.py, 2026-11-27)."""
+    from mailgw.queue import now
+    from mailgw.worker import Worker
+
+    h = Harness(home)
+    if h.engine.dialect.name != "sqlite":
+        h.close()
+        pytest.skip("SQLite's planner and its sqlite_stat1")
+    with h.engine.begin() as c:
+        c.exec_driver_sql("ANALYZE")
+        c.exec_driver_sql("DELETE FROM sqlite_stat1 WHERE tbl = 'inbound'")
+        c.exec_driver_sql("INSERT INTO sqlite_stat1 VALUES ('inbound', 'ix_inbound_state', "
+                          "'1000000 1000000'), ('inbound', 'ix_inbound_sha256', '1000000 1')")
+    h.engine.dispose()  # new connections read the statistics
+    seen: list[tuple[str, object]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement, parameters))
+
+    worker = Worker(h.engine, lambda: None, batch_size=64, max_attempts=3)  # type: ignore[arg-type, return-value]
+    event.listen(h.engine, "before_cursor_execute", record)
+    try:
+        assert worker._waiting(now()) == 0
+    finally:
+        event.remove(h.engine, "before_cursor_execute", record)
+    [(statement, params)] = [(s, p) for s, p in seen if "FROM inbound" in s]
+    with h.engine.connect() as conn:
+        assert _full_scans(conn, statement, params, set()) == []
     h.close()
