@@ -134,3 +134,64 @@ def test_stop_requested_ends_the_pass_and_releases_the_rest(hx, sink):
     rows = hx.outbox()
     assert [(r.state, r.attempts, r.lease_until) for r in rows] == [("pending", 0, None)] * 2
     assert sink.messages == []
+
+
+def test_a_pass_reads_its_mails_with_their_lease_and_records_them_in_one_transaction(hx, sink):
+    from sqlalchemy import event, insert
+
+    # Given three more due mails, one of them to two recipients, with bytes to keep exactly
+    raw = b"From: support@example.com\r\nSubject: x\r\n\r\n.leading dot\r\nend\r\n"
+    with hx.engine.begin() as c:
+        c.execute(insert(m.Outbox), [dict(
+            mail_from=f"bounces+{i}@example.com", message_id=f"<x{i}@example.com>",
+            rcpt_tos=["a@customer.test", "b@customer.test"] if i == 0 else ["c@customer.test"],
+            raw=raw + f"{i}\r\n".encode(), state="pending", attempts=0,
+            next_attempt_at=now() - timedelta(seconds=1), created_at=now()) for i in range(3)])
+    checkouts: list[object] = []
+    event.listen(hx.engine, "checkout", lambda *a: checkouts.append(a))
+    # When the sender makes a pass
+    assert _sender(hx, sink.port).run_once() == 4
+    # Then it used the store three times (SQLite: a look without the write lock, the lease
+    # that also read the mails, the record; PostgreSQL: no look): no read of its own
+    assert len(checkouts) == (3 if hx.engine.dialect.name == "sqlite" else 2)
+    # And the relay got each mail's envelope and bytes as stored, the rows and the
+    # acknowledgement's article are marked sent
+    got = {frm: (rcpts, data) for frm, rcpts, data in sink.messages}
+    assert len(got) == 4
+    for i in range(3):
+        assert got[f"bounces+{i}@example.com"] == (
+            ["a@customer.test", "b@customer.test"] if i == 0 else ["c@customer.test"],
+            raw + f"{i}\r\n".encode())
+    rows = hx.outbox()
+    assert [(r.state, r.attempts, r.lease_until) for r in rows] == [("sent", 1, None)] * 4
+    assert all(r.sent_at is not None for r in rows)
+    out = [a for a in hx.articles() if a.direction == "out"][0]
+    assert out.delivery_state == "sent"
+
+
+def test_the_lease_takes_the_oldest_due_and_leaves_leased_and_later_mail(hx, sink):
+    from sqlalchemy import insert
+
+    # Given mails due at different times, one leased by another sender, one not yet due
+    t = now()
+    rows = [dict(mail_from=f"o{i}@example.com", message_id=f"<o{i}@example.com>",
+                 rcpt_tos=["c@customer.test"], raw=b"Subject: o\r\n\r\nx\r\n", state="pending",
+                 attempts=0, next_attempt_at=t - timedelta(seconds=s), created_at=t,
+                 lease_until=lease)
+            for i, (s, lease) in enumerate([(10, None), (50, None), (30, t + timedelta(minutes=1)),
+                                            (-60, None), (40, t - timedelta(minutes=1))])]
+    with hx.engine.begin() as c:
+        c.execute(update(m.Outbox).values(next_attempt_at=t + timedelta(hours=1)))  # the ack
+        c.execute(insert(m.Outbox), rows)
+    sender = _sender(hx, sink.port)
+    sender.batch_size = 2
+    # When the sender makes a pass with room for two
+    assert sender.run_once() == 2
+    # Then it sent the two oldest due, unleased (or with an expired lease) mails, oldest first
+    assert [frm for frm, _, _ in sink.messages] == ["o1@example.com", "o4@example.com"]
+    # And the next pass takes the last due one; the leased and the later one stay
+    assert sender.run_once() == 1
+    assert sender.run_once() == 0
+    state = {r.message_id: r.state for r in hx.outbox()}
+    assert [state[f"<o{i}@example.com>"] for i in range(5)] == ["sent", "sent", "pending",
+                                                                "pending", "sent"]
