@@ -195,3 +195,89 @@ def test_the_lease_takes_the_oldest_due_and_leaves_leased_and_later_mail(hx, sin
     state = {r.message_id: r.state for r in hx.outbox()}
     assert [state[f"<o{i}@example.com>"] for i in range(5)] == ["sent", "sent", "pending",
                                                                 "pending", "sent"]
+
+
+class _Sessions:
+    """A relay (aiosmtpd) that records which session each mail came in on."""
+
+    def __init__(self) -> None:
+        self.peers: list[object] = []
+        self.noops = 0
+
+    async def handle_NOOP(self, server, session, envelope, arg):  # type: ignore[no-untyped-def]
+        self.noops += 1
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.peers.append(session.peer)
+        return "250 2.0.0 OK"
+
+
+def _queue_acks(hx: Harness, n: int, tag: str) -> None:
+    from sqlalchemy import insert
+
+    with hx.engine.begin() as c:
+        c.execute(insert(m.Outbox), [dict(
+            mail_from="bounces@example.com", message_id=f"<{tag}{i}@example.com>",
+            rcpt_tos=["c@customer.test"], raw=b"Subject: a\r\n\r\nx\r\n", state="pending",
+            attempts=0, next_attempt_at=now() - timedelta(seconds=1), created_at=now())
+            for i in range(n)])
+
+
+def test_the_relay_session_is_kept_between_passes_and_checked_before_use(hx):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    relay = _Sessions()
+    port = free_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    sender = _sender(hx, port)
+    try:
+        # Given a pass that sent mail (the fixture's acknowledgement and two more)
+        _queue_acks(hx, 2, "a")
+        assert sender.run_once() == 3
+        # When more mail comes for a second pass
+        _queue_acks(hx, 2, "b")
+        assert sender.run_once() == 2
+        # Then it went over the same session, checked once with NOOP
+        assert len(relay.peers) == 5 and len(set(relay.peers)) == 1
+        assert relay.noops == 1
+        # When the relay drops the session between passes (a restart)
+        controller.stop()
+        controller = Controller(relay, hostname="127.0.0.1", port=port)
+        controller.start()
+        _queue_acks(hx, 1, "c")
+        assert sender.run_once() == 1
+        # Then the pass opened a new one, and charged the mail one attempt only
+        assert len(relay.peers) == 6 and relay.peers[5] != relay.peers[0]
+        row = [r for r in hx.outbox() if r.message_id == "<c0@example.com>"][0]
+        assert (row.state, row.attempts) == ("sent", 1)
+    finally:
+        sender.close_relay()
+        controller.stop()
+    assert sender._conn is None
+
+
+def test_a_relay_session_carries_at_most_a_batch_of_mails(hx):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    relay = _Sessions()
+    port = free_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    sender = _sender(hx, port)
+    sender.batch_size = 2
+    try:
+        _queue_acks(hx, 4, "a")
+        while sender.run_once():
+            pass
+    finally:
+        sender.close_relay()
+        controller.stop()
+    assert len(relay.peers) == 5
+    sessions = [relay.peers.count(p) for p in dict.fromkeys(relay.peers)]
+    assert sessions == [2, 2, 1]

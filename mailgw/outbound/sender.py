@@ -18,6 +18,7 @@ import os
 import re
 import smtplib
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,9 @@ from mailgw.store import models as m
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
+# A relay connection is kept from one pass to the next while mail keeps coming: up to this
+# many seconds idle (and at most a batch's worth of mails), checked with NOOP before use.
+REUSE_IDLE = 10.0
 
 
 _OUTBOX = m.Outbox.__table__
@@ -162,6 +166,10 @@ class Sender:
         self._next: list[int] = []
         # The content of leased mails not sent yet, read by the statement that leased them.
         self._mails: dict[int, _Mail] = {}
+        # The relay connection kept after a pass (_open), its mails and its last use.
+        self._conn: smtplib.SMTP | None = None
+        self._conn_mails = 0
+        self._conn_at = 0.0
 
     def _claim(self) -> list[int]:
         # Statements through the database driver, not SQLAlchemy: the sender runs a few a
@@ -259,15 +267,18 @@ class Sender:
                     if self.relay is None:
                         self._write_file(oid, mid, raw)
                     else:
+                        if conn is not None and self._conn_mails >= self.batch_size:
+                            conn = self._close(conn)  # a batch's worth: a new session
                         if conn is None:
                             try:
-                                conn = self._connect()
+                                conn = self._open()
                             except (OSError, smtplib.SMTPException) as exc:
                                 # The relay is down: one attempt is charged to this mail only;
                                 # the rest of the batch waits for the next pass, uncharged.
                                 outcomes.append((oid, f"{type(exc).__name__}: {exc}", False,
                                                  article_id))
                                 break
+                        self._conn_mails += 1
                         self._send(conn, mail_from, rcpts, raw)
                 except PermanentFailure as exc:
                     outcomes.append((oid, str(exc), True, article_id))
@@ -285,7 +296,12 @@ class Sender:
                     self._record(outcomes)
                     outcomes = []
         finally:
-            self._close(conn)
+            if conn is not None and not (stop is not None and stop.is_set()):
+                # Kept for the next pass (the next worker batch's acknowledgements come in
+                # milliseconds under load): no new TCP and SMTP session each pass.
+                self._conn, self._conn_at = conn, time.monotonic()
+            else:
+                self._close(conn)
             undone = [i for i in ids if i not in done]
             if outcomes:
                 # The last results and, when a full batch is due (a backlog), its lease in
@@ -310,6 +326,27 @@ class Sender:
             with self.engine.begin() as c:
                 c.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids), _OUTBOX.c.state == "pending")
                           .values(lease_until=None))
+
+    def _open(self) -> smtplib.SMTP:
+        """The connection kept from the last pass if it is fresh and the relay still answers
+        ``NOOP`` (a relay may close an idle session; then nothing was sent on it and no
+        attempt is charged), else a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if (self._conn_mails < self.batch_size
+                    and time.monotonic() - self._conn_at < REUSE_IDLE):
+                try:
+                    if conn.noop()[0] == 250:
+                        return conn
+                except (OSError, smtplib.SMTPException):
+                    pass
+            self._close(conn)
+        self._conn_mails = 0
+        return self._connect()
+
+    def close_relay(self) -> None:
+        """Close the relay connection kept between passes (idle or stopping)."""
+        self._conn = self._close(self._conn)
 
     def _connect(self) -> smtplib.SMTP:
         r = self.relay
@@ -428,6 +465,7 @@ class Sender:
             except Exception:
                 log.exception("sender pass failed")
                 n = 0
-            if n == 0:
-                wake.wait(self.cfg.poll_interval)
+            if n == 0 and not wake.wait(self.cfg.poll_interval):
+                self.close_relay()  # a whole poll interval without mail
+        self.close_relay()
         self.release_next()
