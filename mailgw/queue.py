@@ -177,7 +177,7 @@ class GroupCommitWriter:
             return
         answers += [(fut, inbound_id, None) for (_, fut), inbound_id in zip(group, ids, strict=True)]
 
-    _raw = None  # SQLite: this thread's own connection (_sqlite_commit)
+    _raw = None  # this thread's own store connection (_sqlite_commit, _pg_commit)
 
     def _sqlite_commit(self, group: list) -> list[int]:  # type: ignore[type-arg]
         """The group's transaction on this thread's own SQLite connection, held for the
