@@ -281,3 +281,51 @@ def test_a_relay_session_carries_at_most_a_batch_of_mails(hx):
     assert len(relay.peers) == 5
     sessions = [relay.peers.count(p) for p in dict.fromkeys(relay.peers)]
     assert sessions == [2, 2, 1]
+
+
+def test_a_kept_session_to_a_relay_that_stopped_answering_costs_no_relay_timeout(hx):
+    # Given a relay that took a pass's mail and then stopped answering, its connection open
+    import socket
+    import threading
+    import time
+
+    greeted = threading.Event()
+    mute = threading.Event()
+
+    def relay(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 relay\r\n")
+        while not mute.is_set():
+            line = f.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-relay\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                while f.readline() not in (b".\r\n", b""):
+                    pass
+                conn.sendall(b"250 ok\r\n")
+                greeted.set()
+                mute.set()  # from now on: silence, the connection left open
+            else:
+                conn.sendall(b"250 ok\r\n")
+        time.sleep(60)
+        conn.close()
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        threading.Thread(target=relay, args=(server,), daemon=True).start()
+        sender = Sender(hx.engine, Relay(host="127.0.0.1", port=server.getsockname()[1],
+                                         timeout=60),
+                        hx.home.path / "store" / "outbox", SenderCfg())
+        assert sender.run_once() == 1 and greeted.is_set()
+        # When the sender is stopped (or idle) and closes the session it kept
+        t = time.monotonic()
+        sender.close_relay()
+        # Then it does not wait the relay's 60 s timeout for the QUIT's answer
+        assert time.monotonic() - t < 20
+        assert sender._conn is None

@@ -36,6 +36,8 @@ LEASE = timedelta(minutes=5)
 # A relay connection is kept from one pass to the next while mail keeps coming: up to this
 # many seconds idle (and at most a batch's worth of mails), checked with NOOP before use.
 REUSE_IDLE = 10.0
+# How long the NOOP before reuse and the QUIT of a kept session may wait for the relay.
+QUICK = 2.0
 
 
 _OUTBOX = m.Outbox.__table__
@@ -301,7 +303,7 @@ class Sender:
                 # milliseconds under load): no new TCP and SMTP session each pass.
                 self._conn, self._conn_at = conn, time.monotonic()
             else:
-                self._close(conn)
+                self._close(conn, quick=True)  # stopping
             undone = [i for i in ids if i not in done]
             if outcomes:
                 # The last results and, when a full batch is due (a backlog), its lease in
@@ -336,17 +338,21 @@ class Sender:
             if (self._conn_mails < self.batch_size
                     and time.monotonic() - self._conn_at < REUSE_IDLE):
                 try:
+                    # A relay that stopped answering must not hold the pass for its timeout.
+                    conn.sock.settimeout(min(self.relay.timeout, QUICK))  # type: ignore[union-attr]
                     if conn.noop()[0] == 250:
+                        conn.sock.settimeout(self.relay.timeout)  # type: ignore[union-attr]
                         return conn
-                except (OSError, smtplib.SMTPException):
+                except (OSError, smtplib.SMTPException, AttributeError):
                     pass
-            self._close(conn)
+            self._close(conn, quick=True)
         self._conn_mails = 0
         return self._connect()
 
     def close_relay(self) -> None:
-        """Close the relay connection kept between passes (idle or stopping)."""
-        self._conn = self._close(self._conn)
+        """Close the relay connection kept between passes (idle or stopping): ``QUIT``, but
+        without waiting long for a relay that no longer answers (a stop must not hang)."""
+        self._conn = self._close(self._conn, quick=True)
 
     def _connect(self) -> smtplib.SMTP:
         r = self.relay
@@ -360,9 +366,11 @@ class Sender:
         return conn
 
     @staticmethod
-    def _close(conn: smtplib.SMTP | None) -> None:
+    def _close(conn: smtplib.SMTP | None, *, quick: bool = False) -> None:
         if conn is not None:
             try:
+                if quick and conn.sock is not None:
+                    conn.sock.settimeout(min(conn.sock.gettimeout() or QUICK, QUICK))
                 conn.quit()
             except (OSError, smtplib.SMTPException):
                 conn.close()
