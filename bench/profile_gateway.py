@@ -13,6 +13,13 @@ cProfile (``DIR/NN-thread.prof``, startup included; read them with ``pstats``), 
 it down: compare CPU figures only between runs without it.
 
     .venv/bin/python bench/profile_gateway.py --count 1000 --workers 2 --runs 3
+
+``--sender-alone`` measures the sender by itself in this process instead: ``--count``
+acknowledgement-sized outbox rows are queued ``--per-pass`` at a time (as worker batches
+commit them) and ``Sender.run_once`` sends them to ``LeanSink``; it reports the thread CPU
+of ``run_once`` per mail (leasing, sending, recording), median over ``--runs``:
+
+    .venv/bin/python bench/profile_gateway.py --sender-alone --count 1000 --runs 5
 """
 
 from __future__ import annotations
@@ -141,6 +148,69 @@ def run_once(corpus: list[tuple[str, bytes]], args) -> dict[str, float]:  # type
     return out
 
 
+def sender_alone(args) -> None:  # type: ignore[no-untyped-def]
+    """The sender's CPU per mail by itself (``--sender-alone``)."""
+    from datetime import UTC, datetime, timedelta
+
+    from lean_smtp import LeanSink
+    from sqlalchemy import insert, text
+
+    from mailgw.outbound.sender import Sender
+    from mailgw.settings import Relay
+    from mailgw.settings import Sender as SenderCfg
+    from mailgw.store import models as m
+    from mailgw.store.db import make_engine, migrate
+
+    raw = (b"From: support@example.com\r\nTo: c@customer.test\r\nSubject: [Ticket#1] ack\r\n"
+           b"In-Reply-To: <x@y>\r\nMessage-ID: <a@b>\r\n\r\n"
+           + b"Hello there, we got your mail.\r\n" * 80)
+    sink = LeanSink()
+    sink.start()
+    results = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            url = args.store or f"sqlite:///{tmp}/sender.db"
+            if args.store:
+                admin = make_engine(args.store)
+                with admin.begin() as c:
+                    c.execute(text("DROP SCHEMA IF EXISTS gw_sender_alone CASCADE"))
+                    c.execute(text("CREATE SCHEMA gw_sender_alone"))
+                url += ("&" if "?" in url else "?") + "options=-csearch_path%3Dgw_sender_alone"
+            engine = make_engine(url)
+            migrate(engine)
+            sender = Sender(engine, Relay(host="127.0.0.1", port=sink.port), Path(tmp),
+                            SenderCfg())
+            cpu, sent, stamp = 0.0, 0, datetime.now(UTC) - timedelta(seconds=1)
+            for start in range(0, args.count, args.per_pass):
+                rows = [dict(mail_from=f"bounces+{i}@example.com", rcpt_tos=["c@customer.test"],
+                             message_id=f"<{i}@example.com>", raw=raw, state="pending",
+                             attempts=0, next_attempt_at=stamp, created_at=stamp)
+                        for i in range(start, min(start + args.per_pass, args.count))]
+                with engine.begin() as c:
+                    c.execute(insert(m.Outbox), rows)
+                t = time.thread_time()
+                while (n := sender.run_once()):
+                    sent += n
+                cpu += time.thread_time() - t
+            if hasattr(sender, "close_relay"):  # this script also runs against older code
+                sender.close_relay()
+            engine.dispose()
+            if args.store:
+                with admin.begin() as c:
+                    c.execute(text("DROP SCHEMA IF EXISTS gw_sender_alone CASCADE"))
+                admin.dispose()
+        assert sent == args.count, sent
+        results.append(cpu * 1000 / sent)
+        print(f"run {run + 1}: sender run_once thread CPU {results[-1]:.3f} ms/mail", file=sys.stderr,
+              flush=True)
+    sink.stop()
+    print(f"sender alone, {args.count} mails in passes of {args.per_pass}, store "
+          f"{'SQLite' if not args.store else args.store.split('@')[-1]}: run_once thread CPU "
+          f"median {statistics.median(results):.3f} ms/mail (runs "
+          + " ".join(f"{v:.3f}" for v in results)
+          + f"), load average {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store")
@@ -151,7 +221,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--cprofile", metavar="DIR",
                     help="profile every gateway thread with cProfile into DIR (slower)")
+    ap.add_argument("--sender-alone", action="store_true",
+                    help="measure Sender.run_once alone (see the module's docstring)")
+    ap.add_argument("--per-pass", type=int, default=15,
+                    help="--sender-alone: mails queued before each pass")
     args = ap.parse_args()
+    if args.sender_alone:
+        sender_alone(args)
+        return
     if args.cprofile:
         Path(args.cprofile).mkdir(parents=True, exist_ok=True)
     corpus = generate(args.count, args.seed)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, update
 
-from mailgw.intake.pipe import RawBuffer, sqlite_insert
+from mailgw.intake.pipe import RawBuffer, pg_insert_many, sqlite_insert
 from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound
 from mailgw.types import Envelope
@@ -102,6 +102,12 @@ class GroupCommitWriter:
                 _answer(answers)
             if self.on_commit:
                 self.on_commit()
+        if self._raw is not None:
+            try:
+                self._raw.close()  # back to the engine's pool
+            except Exception:  # noqa: BLE001 - stopping; nothing is left to commit
+                log.debug("intake writer: closing its connection", exc_info=True)
+            self._raw = None
 
     _carry: list  # type: ignore[type-arg]  # taken from the queue, for the next group
     _stopping = False
@@ -153,9 +159,14 @@ class GroupCommitWriter:
         only what is already queued once the lock is held is taken). Each caller is still
         answered only after the commit that holds its row."""
         try:
-            with self.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, the lock is ours
-                self._take(group, small_only=True)
-                ids = put_in(conn, [env for env, _ in group])
+            if self.engine.dialect.name == "sqlite":
+                ids = self._sqlite_commit(group)
+            elif self.engine.dialect.driver == "psycopg":
+                ids = self._pg_commit(group)
+            else:
+                with self.engine.begin() as conn:
+                    self._take(group, small_only=True)
+                    ids = put_in(conn, [env for env, _ in group])
         except Exception as exc:
             if len(group) > 1:  # as in _commit: one by one, so only a bad one gets its 451
                 for one in group:
@@ -165,6 +176,74 @@ class GroupCommitWriter:
             answers.append((group[0][1], None, exc))
             return
         answers += [(fut, inbound_id, None) for (_, fut), inbound_id in zip(group, ids, strict=True)]
+
+    _raw = None  # this thread's own store connection (_sqlite_commit, _pg_commit)
+
+    def _sqlite_commit(self, group: list) -> list[int]:  # type: ignore[type-arg]
+        """The group's transaction on this thread's own SQLite connection, held for the
+        writer's life: ``BEGIN IMMEDIATE`` (the write lock is ours), then whatever queued
+        meanwhile joins the group, the rows, ``COMMIT``. SQLAlchemy's connection checkout,
+        begin and commit handling around each group cost the writer more CPU than SQLite's
+        own begin and inserts (bench/RESULTS.md, issue 8 session 5). Durable when this
+        returns, as through the engine (same pragmas: the engine's connect hook)."""
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+        conn = self._raw.driver_connection
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                self._take(group, small_only=True)
+                ids = [sqlite_insert(conn, env) for env, _ in group]
+                conn.commit()
+            except BaseException:
+                try:
+                    conn.rollback()
+                except Exception:  # noqa: BLE001 - a broken connection: take a new one
+                    self._drop_raw()
+                raise
+        finally:
+            cur.close()
+        return ids
+
+    def _pg_commit(self, group: list) -> list[int]:  # type: ignore[type-arg]
+        """As ``_sqlite_commit``, on PostgreSQL (psycopg): this thread's own connection, so
+        no checkout (with its ping) and no SQLAlchemy begin/commit per group; one INSERT a
+        row sent in one pipeline. A connection the server closed is thrown away; a group that
+        failed on it before its COMMIT is stored through the engine (whose pool pings)."""
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+        conn = self._raw.driver_connection
+        committing = False
+        try:
+            self._take(group, small_only=True)
+            ids = pg_insert_many(conn, [env for env, _ in group])
+            committing = True
+            conn.commit()
+        except BaseException:
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001 - broken: the next group takes a new one
+                pass
+            if not (conn.broken or conn.closed):
+                raise
+            self._drop_raw()
+            if committing:
+                raise  # the COMMIT may have been carried out: 451, the client's retry is a
+                # redelivery the worker recognises (decision 5)
+            # Nothing was committed on a connection the server closed (a restart): the group
+            # goes through the engine, whose pool checks its connection first, as before.
+            with self.engine.begin() as c:
+                return put_in(c, [env for env, _ in group])
+        return ids
+
+    def _drop_raw(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            try:
+                raw.invalidate()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
 
     def _commit(self, group: list, answers: list) -> None:  # type: ignore[type-arg]
         if len(group) > 1 and any(isinstance(env.raw, RawBuffer) for env, _ in group):

@@ -179,3 +179,59 @@ def test_nul_in_the_envelope_sender_does_not_cost_the_message(home, gateway):
         code, _ = s.data(b"From: odd@customer.test\r\nSubject: nul\r\n\r\nhi\r\n")
         assert code == 250
     wait_until(lambda: _count(home) == 1, what="stored message")
+
+
+def _replies(f, n: int) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """``n`` replies (the last line of each) from a socket file."""
+    out = []
+    while len(out) < n:
+        line = f.readline()
+        assert line, f"connection closed after {out}"
+        if line[3:4] != b"-":
+            out.append(line.rstrip(b"\r\n"))
+    return out
+
+
+def test_smtp_and_lmtp_offer_pipelining_and_answer_a_pipelined_group_in_order(home, gateway):
+    import socket
+
+    lmtp_port = free_port()
+    home.update_config(lmtp={"listen": f"127.0.0.1:{lmtp_port}"})
+    gateway.start()
+    # Given a client on each listener that sees PIPELINING offered (RFC 2920; RFC 2033 4.1)
+    for port, hello in ((gateway.port, b"EHLO"), (lmtp_port, b"LHLO")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            assert _replies(f, 1)[0].startswith(b"220")
+            sock.sendall(hello + b" client.test\r\n")
+            caps = []
+            while True:
+                line = f.readline()
+                caps.append(line[4:].strip())
+                if line[3:4] != b"-":
+                    break
+            assert b"PIPELINING" in caps
+            # When it sends MAIL, a refused and an accepted RCPT and DATA in one write
+            sock.sendall(b"MAIL FROM:<alice@customer.test>\r\nRCPT TO:<stranger@example.com>\r\n"
+                         b"RCPT TO:<support@example.com>\r\nDATA\r\n")
+            # Then every command is answered, in order
+            codes = [r[:3] for r in _replies(f, 4)]
+            assert codes == [b"250", b"550", b"250", b"354"]
+            # And the content followed by the next message's group in one write
+            sock.sendall(b"Subject: one\r\n\r\n.. dotted\r\n.\r\n"
+                         b"MAIL FROM:<bob@customer.test>\r\nRCPT TO:<support@example.com>\r\n"
+                         b"DATA\r\n")
+            first, *rest = _replies(f, 4)
+            assert first.startswith(b"250") and b"queued as" in first
+            assert [r[:3] for r in rest] == [b"250", b"250", b"354"]
+            sock.sendall(b"Subject: two\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+            second, bye = _replies(f, 2)
+            assert second.startswith(b"250") and b"queued as" in second
+            assert bye.startswith(b"221")
+    # stores each message once, with its own bytes (dot-stuffing undone)
+    wait_until(lambda: _count(home) == 4, what="stored messages")
+    engine = home.engine()
+    with engine.connect() as c:
+        raws = [bytes(r) for r in c.scalars(text("SELECT raw FROM inbound ORDER BY id"))]
+    engine.dispose()
+    assert raws == [b"Subject: one\r\n\r\n. dotted\r\n", b"Subject: two\r\n\r\nbody\r\n"] * 2

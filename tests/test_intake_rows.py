@@ -49,3 +49,61 @@ def test_rows_written_by_the_driver_equal_sqlalchemys(home):
         assert stored[ref] == stored[got]
     assert rows[ours[1]][[c.name for c in cols].index("rcpt_tos")] == [
         "jürgen@example.com", "billing@example.com"]
+
+
+def test_rows_written_by_the_intake_writer_equal_sqlalchemys(home):
+    # The SMTP intake's group commit writes through the driver on its own connection
+    # (SQLite and PostgreSQL): the same rows as SQLAlchemy's INSERT.
+    from mailgw.intake.pipe import inbound_row
+    from mailgw.queue import GroupCommitWriter
+    from mailgw.store import models as m
+
+    engine = home.engine()
+    envs = _envelopes()
+    with engine.begin() as c:
+        reference = [c.execute(insert(m.Inbound).values(inbound_row(e)).returning(m.Inbound.id))
+                     .scalar_one() for e in envs]
+    writer = GroupCommitWriter(engine)
+    try:
+        futures = [writer.submit(e) for e in envs]
+        ours = [f.result(30) for f in futures]
+    finally:
+        writer.close()
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"]
+    with engine.connect() as c:
+        rows = {r.id: tuple(r[1:]) for r in c.execute(select(m.Inbound.id, *cols))}
+        stored = {r[0]: tuple(r[1:]) for r in c.exec_driver_sql(
+            f"SELECT id, {', '.join(col.name for col in cols)} FROM inbound")}
+    engine.dispose()
+    assert len(rows) == 6 and ours == sorted(ours) and not set(ours) & set(reference)
+    for ref, got in zip(reference, ours, strict=True):
+        assert rows[ref] == rows[got]
+        assert stored[ref] == stored[got]
+
+
+def test_the_intake_writer_replaces_a_connection_the_server_closed(home):
+    import pytest
+
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("a server that closes connections is PostgreSQL")
+    from mailgw.queue import GroupCommitWriter
+    from mailgw.store import models as m
+
+    engine = home.engine()
+    writer = GroupCommitWriter(engine)
+    env = _envelopes()[0]
+    try:
+        first = writer.submit(env).result(30)
+        # When the server ends the writer's connection (a restart, an admin)
+        pid = writer._raw.driver_connection.info.backend_pid
+        with engine.begin() as c:
+            assert c.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar() is True
+        # Then the next messages are still stored (none refused), the first one through the
+        # engine and the next on a new connection of the writer's own
+        more = [writer.submit(env).result(30) for _ in range(2)]
+    finally:
+        writer.close()
+    with engine.connect() as c:
+        n = c.execute(select(m.Inbound.id)).scalars().all()
+    engine.dispose()
+    assert sorted(n) == [first, *more]

@@ -134,3 +134,198 @@ def test_stop_requested_ends_the_pass_and_releases_the_rest(hx, sink):
     rows = hx.outbox()
     assert [(r.state, r.attempts, r.lease_until) for r in rows] == [("pending", 0, None)] * 2
     assert sink.messages == []
+
+
+def test_a_pass_reads_its_mails_with_their_lease_and_records_them_in_one_transaction(hx, sink):
+    from sqlalchemy import event, insert
+
+    # Given three more due mails, one of them to two recipients, with bytes to keep exactly
+    raw = b"From: support@example.com\r\nSubject: x\r\n\r\n.leading dot\r\nend\r\n"
+    with hx.engine.begin() as c:
+        c.execute(insert(m.Outbox), [dict(
+            mail_from=f"bounces+{i}@example.com", message_id=f"<x{i}@example.com>",
+            rcpt_tos=["a@customer.test", "b@customer.test"] if i == 0 else ["c@customer.test"],
+            raw=raw + f"{i}\r\n".encode(), state="pending", attempts=0,
+            next_attempt_at=now() - timedelta(seconds=1), created_at=now()) for i in range(3)])
+    checkouts: list[object] = []
+    event.listen(hx.engine, "checkout", lambda *a: checkouts.append(a))
+    # When the sender makes a pass
+    assert _sender(hx, sink.port).run_once() == 4
+    # Then it used the store three times (SQLite: a look without the write lock, the lease
+    # that also read the mails, the record; PostgreSQL: no look): no read of its own
+    assert len(checkouts) == (3 if hx.engine.dialect.name == "sqlite" else 2)
+    # And the relay got each mail's envelope and bytes as stored, the rows and the
+    # acknowledgement's article are marked sent
+    got = {frm: (rcpts, data) for frm, rcpts, data in sink.messages}
+    assert len(got) == 4
+    for i in range(3):
+        assert got[f"bounces+{i}@example.com"] == (
+            ["a@customer.test", "b@customer.test"] if i == 0 else ["c@customer.test"],
+            raw + f"{i}\r\n".encode())
+    rows = hx.outbox()
+    assert [(r.state, r.attempts, r.lease_until) for r in rows] == [("sent", 1, None)] * 4
+    assert all(r.sent_at is not None for r in rows)
+    out = [a for a in hx.articles() if a.direction == "out"][0]
+    assert out.delivery_state == "sent"
+
+
+def test_the_lease_takes_the_oldest_due_and_leaves_leased_and_later_mail(hx, sink):
+    from sqlalchemy import insert
+
+    # Given mails due at different times, one leased by another sender, one not yet due
+    t = now()
+    rows = [dict(mail_from=f"o{i}@example.com", message_id=f"<o{i}@example.com>",
+                 rcpt_tos=["c@customer.test"], raw=b"Subject: o\r\n\r\nx\r\n", state="pending",
+                 attempts=0, next_attempt_at=t - timedelta(seconds=s), created_at=t,
+                 lease_until=lease)
+            for i, (s, lease) in enumerate([(10, None), (50, None), (30, t + timedelta(minutes=1)),
+                                            (-60, None), (40, t - timedelta(minutes=1))])]
+    with hx.engine.begin() as c:
+        c.execute(update(m.Outbox).values(next_attempt_at=t + timedelta(hours=1)))  # the ack
+        c.execute(insert(m.Outbox), rows)
+    sender = _sender(hx, sink.port)
+    sender.batch_size = 2
+    # When the sender makes a pass with room for two
+    assert sender.run_once() == 2
+    # Then it sent the two oldest due, unleased (or with an expired lease) mails, oldest first
+    assert [frm for frm, _, _ in sink.messages] == ["o1@example.com", "o4@example.com"]
+    # And the next pass takes the last due one; the leased and the later one stay
+    assert sender.run_once() == 1
+    assert sender.run_once() == 0
+    state = {r.message_id: r.state for r in hx.outbox()}
+    assert [state[f"<o{i}@example.com>"] for i in range(5)] == ["sent", "sent", "pending",
+                                                                "pending", "sent"]
+
+
+class _Sessions:
+    """A relay (aiosmtpd) that records which session each mail came in on."""
+
+    def __init__(self) -> None:
+        self.peers: list[object] = []
+        self.noops = 0
+
+    async def handle_NOOP(self, server, session, envelope, arg):  # type: ignore[no-untyped-def]
+        self.noops += 1
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.peers.append(session.peer)
+        return "250 2.0.0 OK"
+
+
+def _queue_acks(hx: Harness, n: int, tag: str) -> None:
+    from sqlalchemy import insert
+
+    with hx.engine.begin() as c:
+        c.execute(insert(m.Outbox), [dict(
+            mail_from="bounces@example.com", message_id=f"<{tag}{i}@example.com>",
+            rcpt_tos=["c@customer.test"], raw=b"Subject: a\r\n\r\nx\r\n", state="pending",
+            attempts=0, next_attempt_at=now() - timedelta(seconds=1), created_at=now())
+            for i in range(n)])
+
+
+def test_the_relay_session_is_kept_between_passes_and_checked_before_use(hx):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    relay = _Sessions()
+    port = free_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    sender = _sender(hx, port)
+    try:
+        # Given a pass that sent mail (the fixture's acknowledgement and two more)
+        _queue_acks(hx, 2, "a")
+        assert sender.run_once() == 3
+        # When more mail comes for a second pass
+        _queue_acks(hx, 2, "b")
+        assert sender.run_once() == 2
+        # Then it went over the same session, checked once with NOOP
+        assert len(relay.peers) == 5 and len(set(relay.peers)) == 1
+        assert relay.noops == 1
+        # When the relay drops the session between passes (a restart)
+        controller.stop()
+        controller = Controller(relay, hostname="127.0.0.1", port=port)
+        controller.start()
+        _queue_acks(hx, 1, "c")
+        assert sender.run_once() == 1
+        # Then the pass opened a new one, and charged the mail one attempt only
+        assert len(relay.peers) == 6 and relay.peers[5] != relay.peers[0]
+        row = [r for r in hx.outbox() if r.message_id == "<c0@example.com>"][0]
+        assert (row.state, row.attempts) == ("sent", 1)
+    finally:
+        sender.close_relay()
+        controller.stop()
+    assert sender._conn is None
+
+
+def test_a_relay_session_carries_at_most_a_batch_of_mails(hx):
+    from aiosmtpd.controller import Controller
+
+    from tests.conftest import free_port
+
+    relay = _Sessions()
+    port = free_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    sender = _sender(hx, port)
+    sender.batch_size = 2
+    try:
+        _queue_acks(hx, 4, "a")
+        while sender.run_once():
+            pass
+    finally:
+        sender.close_relay()
+        controller.stop()
+    assert len(relay.peers) == 5
+    sessions = [relay.peers.count(p) for p in dict.fromkeys(relay.peers)]
+    assert sessions == [2, 2, 1]
+
+
+def test_a_kept_session_to_a_relay_that_stopped_answering_costs_no_relay_timeout(hx):
+    # Given a relay that took a pass's mail and then stopped answering, its connection open
+    import socket
+    import threading
+    import time
+
+    greeted = threading.Event()
+    mute = threading.Event()
+
+    def relay(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 relay\r\n")
+        while not mute.is_set():
+            line = f.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-relay\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                while f.readline() not in (b".\r\n", b""):
+                    pass
+                conn.sendall(b"250 ok\r\n")
+                greeted.set()
+                mute.set()  # from now on: silence, the connection left open
+            else:
+                conn.sendall(b"250 ok\r\n")
+        time.sleep(60)
+        conn.close()
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        threading.Thread(target=relay, args=(server,), daemon=True).start()
+        sender = Sender(hx.engine, Relay(host="127.0.0.1", port=server.getsockname()[1],
+                                         timeout=60),
+                        hx.home.path / "store" / "outbox", SenderCfg())
+        assert sender.run_once() == 1 and greeted.is_set()
+        # When the sender is stopped (or idle) and closes the session it kept
+        t = time.monotonic()
+        sender.close_relay()
+        # Then it does not wait the relay's 60 s timeout for the QUIT's answer
+        assert time.monotonic() - t < 20
+        assert sender._conn is None

@@ -133,3 +133,69 @@ def test_sender_writes_the_commands_smtplib_writes(sink):
     assert wire[0] == wire[1]
     assert ("mail", "FROM:<bounces+1-x@example.com> size=20") in wire[0]
     assert [m[0] for m in sink.messages[:3]] == ["bounces+1-x@example.com", "<>", "\"x y\"@example.com"]
+
+
+class _Clock:
+    """A loop standing in for asyncio's: its time is set by the test; call_at is recorded."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.now = 0.0
+        self.timers: list = []  # type: ignore[type-arg]
+        self.fired: set[int] = set()
+        self._loop = asyncio.new_event_loop()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when, cb):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        h = asyncio.TimerHandle(when, cb, (), self._loop)
+        self.timers.append(h)
+        return h
+
+    def fire_due(self) -> None:
+        for h in sorted(self.timers, key=lambda h: h.when()):
+            if not h.cancelled() and h.when() <= self.now and id(h) not in self.fired:
+                self.fired.add(id(h))
+                h._run()
+
+
+def test_idle_timeout_ends_the_session_timeout_after_the_last_command_with_one_timer():
+    from mailgw.intake.smtp import _IdleTimer
+
+    closed: list[float] = []
+
+    class Session(_IdleTimer, SMTP):
+        def _timeout_cb(self):  # type: ignore[no-untyped-def]
+            closed.append(clock.now)
+
+    clock = _Clock()
+    s = Session(object(), timeout=10)
+    s.loop = clock  # type: ignore[assignment]
+    # Given a session whose commands come every 3 s for 30 s
+    s._reset_timeout()
+    for t in range(3, 31, 3):
+        clock.now = float(t)
+        clock.fire_due()
+        s._reset_timeout()
+    # Then it did not time out, and the commands made no timer each
+    assert closed == [] and len(clock.timers) <= 5
+    # When it falls silent, it ends 10 s after its last command, not before
+    for t in (35, 39.9):
+        clock.now = t
+        clock.fire_due()
+        assert closed == []
+    clock.now = 40.0
+    clock.fire_due()
+    assert closed == [40.0]
+    # And a shorter timeout asked for (aiosmtpd's PROXY wait) arms an earlier timer
+    s2 = Session(object(), timeout=10)
+    s2.loop = clock  # type: ignore[assignment]
+    s2._reset_timeout()
+    s2._reset_timeout(2)
+    clock.now += 2
+    clock.fire_due()
+    assert closed == [40.0, 42.0]

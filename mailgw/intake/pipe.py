@@ -177,6 +177,31 @@ def sqlite_insert(dbapi_conn, env: Envelope) -> int:  # type: ignore[no-untyped-
     return inbound_id
 
 
+_PG_INSERT = (f"INSERT INTO inbound ({', '.join(COLUMNS)}) "
+              f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) RETURNING id")
+
+
+def pg_insert_many(dbapi_conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-untyped-def]
+    """Small envelopes' inbound rows on a ``psycopg`` connection, in the caller's
+    transaction: one INSERT a row, sent together (psycopg's pipeline), ids in the order of
+    the envelopes. The values as ``mailgw deliver`` writes them (tests/test_intake_rows.py)."""
+    from psycopg.types.json import Json
+
+    params = []
+    for env in envelopes:
+        row = inbound_row(env)
+        row["rcpt_tos"] = Json(row["rcpt_tos"])
+        params.append([row[c] for c in COLUMNS])
+    ids: list[int] = []
+    with dbapi_conn.cursor() as cur:
+        cur.executemany(_PG_INSERT, params, returning=True)
+        while True:
+            ids.append(cur.fetchone()[0])
+            if not cur.nextset():
+                break
+    return ids
+
+
 def _put_postgresql(url: str, env: Envelope, schema_revision: str) -> int | None:
     import psycopg
     from psycopg.types.json import Json

@@ -12,15 +12,18 @@ With no relay configured (the embedded default), each message is written atomica
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import smtplib
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from mailgw.queue import now
@@ -30,6 +33,11 @@ from mailgw.store import models as m
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(minutes=5)
+# A relay connection is kept from one pass to the next while mail keeps coming: up to this
+# many seconds idle (and at most a batch's worth of mails), checked with NOOP before use.
+REUSE_IDLE = 10.0
+# How long the NOOP before reuse and the QUIT of a kept session may wait for the relay.
+QUICK = 2.0
 
 
 _OUTBOX = m.Outbox.__table__
@@ -67,6 +75,70 @@ class _PlainAddresses:
         return " " + " ".join(options) if options and self.does_esmtp else ""  # type: ignore[attr-defined]
 
 
+class _Mail(NamedTuple):
+    """A leased outbox row's content: what the pass sends and records."""
+
+    id: int
+    article_id: int | None
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    message_id: str
+
+
+def _sqlite_time(t) -> str:  # type: ignore[no-untyped-def]
+    # As SQLAlchemy stores a DateTime on SQLite: the wall time as text (compared as text).
+    return t.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class _SQL:
+    """The sender's statements on its happy path, for the driver of each dialect.
+
+    Due: pending, ``next_attempt_at`` passed and no lease running; the oldest due first (the
+    partial index ``ix_outbox_due``). tests/test_sender.py and tests/test_write_lock.py run
+    them on both stores."""
+
+    _DUE = ("state = 'pending' AND next_attempt_at <= {p} "
+            "AND (lease_until IS NULL OR lease_until < {p})")
+    _COLS = "id, article_id, mail_from, rcpt_tos, raw, message_id, next_attempt_at"
+
+    sqlite_look = f"SELECT id FROM outbox WHERE {_DUE.format(p='?')} LIMIT 1"
+    sqlite_due_ids = (f"SELECT id FROM outbox WHERE {_DUE.format(p='?')} "
+                      "ORDER BY next_attempt_at LIMIT ?")
+    sqlite_claim = (f"UPDATE outbox SET lease_until = ? WHERE id IN ({sqlite_due_ids}) "
+                    f"RETURNING {_COLS}")
+
+    @staticmethod
+    def sqlite_lease_ids(n: int) -> str:
+        return (f"UPDATE outbox SET lease_until = ? WHERE id IN ({_marks(n)}) "
+                f"RETURNING {_SQL._COLS}")
+
+    @staticmethod
+    def sqlite_sent(n: int) -> str:
+        return ("UPDATE outbox SET attempts = attempts + 1, lease_until = NULL, state = 'sent', "
+                f"sent_at = ? WHERE id IN ({_marks(n)})")
+
+    @staticmethod
+    def sqlite_article_sent(n: int) -> str:
+        return f"UPDATE articles SET delivery_state = 'sent' WHERE id IN ({_marks(n)})"
+
+    pg_due_ids = (f"SELECT id FROM outbox WHERE {_DUE.format(p='%s')} "
+                  "ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED")
+    # A CTE runs once: the rows it locked are the rows leased.
+    pg_claim = (f"WITH due AS ({pg_due_ids}) UPDATE outbox SET lease_until = %s FROM due "
+                f"WHERE outbox.id = due.id RETURNING "
+                + ", ".join(f"outbox.{c}" for c in _COLS.split(", ")))
+    pg_lease_ids = (f"UPDATE outbox SET lease_until = %s WHERE id = ANY(%s::bigint[]) "
+                    f"RETURNING {_COLS}")
+    pg_sent = ("UPDATE outbox SET attempts = attempts + 1, lease_until = NULL, state = 'sent', "
+               "sent_at = %s WHERE id = ANY(%s::bigint[])")
+    pg_article_sent = "UPDATE articles SET delivery_state = 'sent' WHERE id = ANY(%s::bigint[])"
+
+
 class _Relay(_PlainAddresses, smtplib.SMTP):
     pass
 
@@ -94,41 +166,79 @@ class Sender:
         self._pg = engine.dialect.name == "postgresql"
         # The next batch, leased in the transaction that recorded the last one (_record).
         self._next: list[int] = []
-
-    @staticmethod
-    def _due(stamp):  # type: ignore[no-untyped-def]
-        return (_OUTBOX.c.state == "pending", _OUTBOX.c.next_attempt_at <= stamp,
-                or_(_OUTBOX.c.lease_until.is_(None), _OUTBOX.c.lease_until < stamp))
+        # The content of leased mails not sent yet, read by the statement that leased them.
+        self._mails: dict[int, _Mail] = {}
+        # The relay connection kept after a pass (_open), its mails and its last use.
+        self._conn: smtplib.SMTP | None = None
+        self._conn_mails = 0
+        self._conn_at = 0.0
 
     def _claim(self) -> list[int]:
-        # Core statements on the table, not the ORM: the sender loads no objects on its
-        # happy path, and the ORM's statement handling was most of its CPU (bench/RESULTS.md).
+        # Statements through the database driver, not SQLAlchemy: the sender runs a few a
+        # pass, and building and compiling them was most of its CPU (bench/RESULTS.md, issue
+        # 8 session 5). The statements are in _SQL, one set per dialect.
         stamp = now()
         if not self._pg:
             # SQLite: look without the write lock first; a pass that finds nothing due (the
             # worker's wake-up came with mail another pass already took) does not queue for it.
-            with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as c:
-                if c.execute(select(_OUTBOX.c.id).where(*self._due(stamp)).limit(1)).first() is None:
-                    return []
+            with self.engine.connect() as c:
+                cur = c.connection.driver_connection.cursor()
+                try:
+                    ts = _sqlite_time(stamp)
+                    if cur.execute(_SQL.sqlite_look, (ts, ts)).fetchone() is None:
+                        return []
+                finally:
+                    cur.close()
         with self.engine.begin() as c:
             return self._claim_in(c, stamp)
 
     def _claim_in(self, c, stamp, *, full_only: bool = False) -> list[int]:  # type: ignore[no-untyped-def]
-        q = (
-            select(_OUTBOX.c.id)
-            .where(*self._due(stamp))
-            .order_by(_OUTBOX.c.next_attempt_at)
-            .limit(self.batch_size)
-        )
-        if self._pg:
-            q = q.with_for_update(skip_locked=True)
-        ids = list(c.execute(q).scalars())
-        if full_only and len(ids) < self.batch_size:
-            return []
-        if ids:
-            c.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids))
-                      .values(lease_until=stamp + self.lease))
-        return ids
+        """Lease up to a batch of due mails in the transaction of ``c`` and keep their
+        content for the pass (``_mails``); returns their ids, oldest due first. The lease
+        and the read are one statement (``UPDATE ... RETURNING``). ``full_only``: only a
+        full batch, else nothing."""
+        cur = c.connection.driver_connection.cursor()
+        try:
+            until = stamp + self.lease
+            if self._pg:
+                due: tuple = (stamp, stamp, self.batch_size)  # type: ignore[type-arg]
+                if full_only:
+                    ids = [r[0] for r in cur.execute(_SQL.pg_due_ids, due).fetchall()]
+                    if len(ids) < self.batch_size:
+                        return []
+                    rows = cur.execute(_SQL.pg_lease_ids, (until, ids)).fetchall()
+                else:
+                    rows = cur.execute(_SQL.pg_claim, (*due, until)).fetchall()
+            else:
+                ts = _sqlite_time(stamp)
+                due = (ts, ts, self.batch_size)
+                if full_only:
+                    ids = [r[0] for r in cur.execute(_SQL.sqlite_due_ids, due).fetchall()]
+                    if len(ids) < self.batch_size:
+                        return []
+                    rows = cur.execute(_SQL.sqlite_lease_ids(len(ids)),
+                                       (_sqlite_time(until), *ids)).fetchall()
+                else:
+                    rows = cur.execute(_SQL.sqlite_claim, (_sqlite_time(until), *due)).fetchall()
+        finally:
+            cur.close()
+        # RETURNING gives no order: oldest due first, as the claim chose them.
+        rows.sort(key=lambda r: (r[6], r[0]))
+        pg = self._pg
+        for r in rows:
+            oid, article_id, mail_from, rcpts, raw, mid, _ = r
+            self._mails[oid] = _Mail(oid, article_id, mail_from,
+                                     rcpts if pg else json.loads(rcpts), bytes(raw), mid)
+        return [r[0] for r in rows]
+
+    def _read(self, ids: list[int]) -> None:
+        """The content of leased mails not read with their lease (``_mails``)."""
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as c:
+            for r in c.execute(
+                    select(_OUTBOX.c.id, _OUTBOX.c.article_id, _OUTBOX.c.mail_from,
+                           _OUTBOX.c.rcpt_tos, _OUTBOX.c.raw, _OUTBOX.c.message_id)
+                    .where(_OUTBOX.c.id.in_(ids))):
+                self._mails[r.id] = _Mail(*r)
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         ids, self._next = self._next, []
@@ -137,51 +247,63 @@ class Sender:
         if not ids:
             return 0
         conn: smtplib.SMTP | None = None
-        outcomes: list[tuple[int, str | None, bool]] = []  # (id, error or None, permanent)
+        # (id, error or None, permanent, article id)
+        outcomes: list[tuple[int, str | None, bool, int | None]] = []
         done: set[int] = set()
-        # The batch's mails in one read (no write lock); acknowledgements are a few KB each.
-        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as c:
-            mails = {r.id: r for r in c.execute(
-                select(_OUTBOX.c.id, _OUTBOX.c.mail_from, _OUTBOX.c.rcpt_tos, _OUTBOX.c.raw,
-                       _OUTBOX.c.message_id).where(_OUTBOX.c.id.in_(ids)))}
+        # The batch's mails were read with their lease (acknowledgements are a few KB each).
+        mails, self._mails = self._mails, {}
+        missing = [i for i in ids if i not in mails]
+        if missing:
+            self._mails = mails
+            self._read(missing)
+            mails, self._mails = self._mails, {}
         try:
             for oid in ids:
                 if stop is not None and stop.is_set():
                     break  # shutting down: the rest is released below, nothing charged
                 if oid not in mails:
                     continue
-                _, mail_from, rcpts, raw, mid = mails.pop(oid)
+                _, article_id, mail_from, rcpts, raw, mid = mails.pop(oid)
                 done.add(oid)
                 try:
                     if self.relay is None:
                         self._write_file(oid, mid, raw)
                     else:
+                        if conn is not None and self._conn_mails >= self.batch_size:
+                            conn = self._close(conn)  # a batch's worth: a new session
                         if conn is None:
                             try:
-                                conn = self._connect()
+                                conn = self._open()
                             except (OSError, smtplib.SMTPException) as exc:
                                 # The relay is down: one attempt is charged to this mail only;
                                 # the rest of the batch waits for the next pass, uncharged.
-                                outcomes.append((oid, f"{type(exc).__name__}: {exc}", False))
+                                outcomes.append((oid, f"{type(exc).__name__}: {exc}", False,
+                                                 article_id))
                                 break
+                        self._conn_mails += 1
                         self._send(conn, mail_from, rcpts, raw)
                 except PermanentFailure as exc:
-                    outcomes.append((oid, str(exc), True))
+                    outcomes.append((oid, str(exc), True, article_id))
                 except Exception as exc:  # noqa: BLE001 - network, relay, or anything else
                     # Counted like any failure, so a message that can never be sent ends as a
                     # dead letter instead of holding its lease forever.
                     if not isinstance(exc, OSError | smtplib.SMTPException):
                         log.exception("outbox %s: unexpected error while sending", oid)
                     conn = self._close(conn)
-                    outcomes.append((oid, f"{type(exc).__name__}: {exc}", False))
+                    outcomes.append((oid, f"{type(exc).__name__}: {exc}", False, article_id))
                 else:
-                    outcomes.append((oid, None, False))
+                    outcomes.append((oid, None, False, article_id))
                 # Results are committed in groups: one transaction (one fsync) for many mails.
                 if len(outcomes) >= 25:
                     self._record(outcomes)
                     outcomes = []
         finally:
-            self._close(conn)
+            if conn is not None and not (stop is not None and stop.is_set()):
+                # Kept for the next pass (the next worker batch's acknowledgements come in
+                # milliseconds under load): no new TCP and SMTP session each pass.
+                self._conn, self._conn_at = conn, time.monotonic()
+            else:
+                self._close(conn, quick=True)  # stopping
             undone = [i for i in ids if i not in done]
             if outcomes:
                 # The last results and, when a full batch is due (a backlog), its lease in
@@ -198,6 +320,7 @@ class Sender:
     def release_next(self) -> None:
         """Give back a next batch leased but not to be sent (stopping)."""
         ids, self._next = self._next, []
+        self._mails = {}
         self._release(ids)
 
     def _release(self, ids: list[int]) -> None:
@@ -205,6 +328,31 @@ class Sender:
             with self.engine.begin() as c:
                 c.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(ids), _OUTBOX.c.state == "pending")
                           .values(lease_until=None))
+
+    def _open(self) -> smtplib.SMTP:
+        """The connection kept from the last pass if it is fresh and the relay still answers
+        ``NOOP`` (a relay may close an idle session; then nothing was sent on it and no
+        attempt is charged), else a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if (self._conn_mails < self.batch_size
+                    and time.monotonic() - self._conn_at < REUSE_IDLE):
+                try:
+                    # A relay that stopped answering must not hold the pass for its timeout.
+                    conn.sock.settimeout(min(self.relay.timeout, QUICK))  # type: ignore[union-attr]
+                    if conn.noop()[0] == 250:
+                        conn.sock.settimeout(self.relay.timeout)  # type: ignore[union-attr]
+                        return conn
+                except (OSError, smtplib.SMTPException, AttributeError):
+                    pass
+            self._close(conn, quick=True)
+        self._conn_mails = 0
+        return self._connect()
+
+    def close_relay(self) -> None:
+        """Close the relay connection kept between passes (idle or stopping): ``QUIT``, but
+        without waiting long for a relay that no longer answers (a stop must not hang)."""
+        self._conn = self._close(self._conn, quick=True)
 
     def _connect(self) -> smtplib.SMTP:
         r = self.relay
@@ -218,9 +366,11 @@ class Sender:
         return conn
 
     @staticmethod
-    def _close(conn: smtplib.SMTP | None) -> None:
+    def _close(conn: smtplib.SMTP | None, *, quick: bool = False) -> None:
         if conn is not None:
             try:
+                if quick and conn.sock is not None:
+                    conn.sock.settimeout(min(conn.sock.gettimeout() or QUICK, QUICK))
                 conn.quit()
             except (OSError, smtplib.SMTPException):
                 conn.close()
@@ -260,21 +410,28 @@ class Sender:
             os.fsync(f.fileno())
         os.replace(tmp, final)
 
-    def _record(self, outcomes: list[tuple[int, str | None, bool]], *,
+    def _record(self, outcomes: list[tuple[int, str | None, bool, int | None]], *,
                 claim_next: bool = False) -> None:
         self._next = []
         with Session(self.engine) as s, s.begin():
-            # Mails the relay took: one UPDATE for the rows and one for their articles (Core).
-            sent = [oid for oid, error, _ in outcomes if error is None]
+            # Mails the relay took: one UPDATE for the rows and one for their articles,
+            # through the driver (_SQL).
+            sent = [oid for oid, error, _, _ in outcomes if error is None]
             if sent:
-                c = s.connection()
-                c.execute(update(_OUTBOX).where(_OUTBOX.c.id.in_(sent)).values(
-                    attempts=_OUTBOX.c.attempts + 1, lease_until=None, state="sent",
-                    sent_at=now()))
-                c.execute(update(_ARTICLES).where(_ARTICLES.c.id.in_(
-                    select(_OUTBOX.c.article_id).where(_OUTBOX.c.id.in_(sent))
-                )).values(delivery_state="sent"))
-            for oid, error, permanent in outcomes:
+                articles = [a for oid, error, _, a in outcomes if error is None and a is not None]
+                cur = s.connection().connection.driver_connection.cursor()
+                try:
+                    if self._pg:
+                        cur.execute(_SQL.pg_sent, (now(), sent))
+                        if articles:
+                            cur.execute(_SQL.pg_article_sent, (articles,))
+                    else:
+                        cur.execute(_SQL.sqlite_sent(len(sent)), (_sqlite_time(now()), *sent))
+                        if articles:
+                            cur.execute(_SQL.sqlite_article_sent(len(articles)), articles)
+                finally:
+                    cur.close()
+            for oid, error, permanent, _ in outcomes:
                 if error is None:
                     continue
                 row = s.get(m.Outbox, oid)
@@ -316,6 +473,7 @@ class Sender:
             except Exception:
                 log.exception("sender pass failed")
                 n = 0
-            if n == 0:
-                wake.wait(self.cfg.poll_interval)
+            if n == 0 and not wake.wait(self.cfg.poll_interval):
+                self.close_relay()  # a whole poll interval without mail
+        self.close_relay()
         self.release_next()
