@@ -12,9 +12,8 @@ CPU a message on the two cores the gateway needs. This module has the cheaper ve
   ``pipeline=True``: RFC 2920 groups: ``MAIL``, ``RCPT``, ``DATA`` in one write, and the
   message content followed by the next message's group in the next one, so a message costs
   one write and two waits instead of four of each. RFC 2920 allows it only when the server
-  advertises ``PIPELINING``; aiosmtpd 1.4.6 (and so ``mailgw run``) does not, so against it
-  this is forced (``forced_pipelining`` tells), a measurement of what advertising it would
-  give, not how an MTA would talk to the gateway today.
+  advertises ``PIPELINING``: ``mailgw run`` does (decision 30; plain aiosmtpd 1.4.6 does
+  not, and against such a server it is forced: ``forced_pipelining`` tells).
 - ``LeanSink``: an ``asyncio.Protocol`` SMTP sink, no aiosmtpd: commands by a dict look-up,
   ``DATA`` found by one ``find`` of ``CRLF.CRLF`` per received chunk, only the header block
   searched for ``In-Reply-To``. Same EHLO extensions as aiosmtpd (the gateway's sender

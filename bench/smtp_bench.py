@@ -448,8 +448,7 @@ def main() -> None:
                          "aiosmtpd sink, SQLAlchemy watcher; comparable with earlier "
                          "RESULTS), lean (one asyncio loop, one command a reply, lean sink, "
                          "driver watcher; bench/lean_smtp.py) or pipelined (lean with "
-                         "RFC 2920 command groups, forced: mailgw does not advertise "
-                         "PIPELINING)")
+                         "RFC 2920 command groups; mailgw run advertises PIPELINING)")
     ap.add_argument("--json", action="store_true", help="print the medians as JSON")
     ap.add_argument("--stats", action="store_true",
                     help="time lock waits, commits, batches and wake-ups (bench/e2ehook)")
