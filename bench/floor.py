@@ -169,14 +169,18 @@ class Server:
         self.proc.wait(10)
 
 
-def smtplib_send(port: int, msgs: list[tuple[str, bytes]], connections: int) -> None:
+def smtplib_send(port: int, msgs: list[tuple[str, bytes]], connections: int,
+                 timeout: float = 60) -> None:
+    """Send ``msgs`` over ``connections`` smtplib sessions, one thread each (the default
+    load generator's client; also bench/profile_gateway.py). Raises SystemExit on any
+    refusal or error."""
     import smtplib
 
     errors: list[str] = []
 
     def client(chunk: list[tuple[str, bytes]]) -> None:
         try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as s:
                 s.ehlo()
                 for _, raw in chunk:
                     s.mail("bench@customer.test")

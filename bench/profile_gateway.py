@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import smtplib
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from floor import smtplib_send  # noqa: E402
 from gen_corpus import generate  # noqa: E402
 from smtp_bench import AckSink, bench_store, free_port, make_home, start_gateway  # noqa: E402
 
@@ -90,31 +89,12 @@ def run_once(corpus: list[tuple[str, bytes]], args) -> dict[str, float]:  # type
                 extra = ["--workers", str(args.workers)] if args.workers else []
                 proc = start_gateway(home, url, port, extra)
                 before, total0 = threads_cpu(proc.pid), process_cpu(proc.pid)
-                errors: list[str] = []
-
-                def client(chunk: list[tuple[str, bytes]]) -> None:
-                    try:
-                        with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
-                            s.ehlo()
-                            for _, raw in chunk:
-                                s.mail("bench@customer.test")
-                                s.rcpt("support@example.com")
-                                code, resp = s.data(raw)
-                                if code != 250:
-                                    errors.append(f"{code} {resp!r}")
-                    except Exception as exc:  # noqa: BLE001 - reported below
-                        errors.append(repr(exc))
-
                 t0 = time.perf_counter()
-                clients = [threading.Thread(target=client, args=(corpus[i::args.connections],))
-                           for i in range(args.connections)]
-                for t in clients:
-                    t.start()
-                for t in clients:
-                    t.join()
-                if errors:
+                try:
+                    smtplib_send(port, corpus, args.connections, timeout=120)
+                except SystemExit:
                     proc.terminate()
-                    raise SystemExit(f"{len(errors)} send errors, first: {errors[0]}")
+                    raise
                 engine = create_engine(url)
                 deadline = time.time() + 1800
                 while time.time() < deadline:

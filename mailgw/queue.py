@@ -168,14 +168,20 @@ class GroupCommitWriter:
                     self._take(group, small_only=True)
                     ids = put_in(conn, [env for env, _ in group])
         except Exception as exc:
-            if len(group) > 1:  # as in _commit: one by one, so only a bad one gets its 451
-                for one in group:
-                    self._commit([one], answers)
-                return
-            log.exception("inbound queue commit failed")
-            answers.append((group[0][1], None, exc))
+            self._failed(group, answers, exc)
             return
         answers += [(fut, inbound_id, None) for (_, fut), inbound_id in zip(group, ids, strict=True)]
+
+    def _failed(self, group: list, answers: list, exc: Exception) -> None:  # type: ignore[type-arg]
+        """A group's commit failed. One bad envelope (a value the database refuses) must not
+        fail the others: a group is committed again one by one, so only that message is
+        answered 451; a single message gets its 451 here."""
+        if len(group) > 1:
+            for one in group:
+                self._commit([one], answers)
+            return
+        log.exception("inbound queue commit failed")
+        answers.append((group[0][1], None, exc))
 
     _raw = None  # this thread's own store connection (_sqlite_commit, _pg_commit)
 
@@ -259,14 +265,7 @@ class GroupCommitWriter:
         try:
             ids = put_many(self.engine, [env for env, _ in group])
         except Exception as exc:
-            if len(group) > 1:
-                # One bad envelope (a value the database refuses) must not fail the others:
-                # commit them one by one, so only that message is answered 451.
-                for one in group:
-                    self._commit([one], answers)
-                return
-            log.exception("inbound queue commit failed")
-            answers.append((group[0][1], None, exc))
+            self._failed(group, answers, exc)
             return
         answers += [(fut, inbound_id, None) for (_, fut), inbound_id in zip(group, ids, strict=True)]
 
