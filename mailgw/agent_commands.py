@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mailgw import ticket_events
+from mailgw.batch import batch_of
 from mailgw.calendar import ALWAYS, Calendar
 from mailgw.numbers import subject_pattern
 from mailgw.settings import AGENT_COMMAND_ALIASES, AGENT_COMMANDS, Agent, Settings
@@ -461,6 +462,9 @@ def _apply(ctx: _Ctx, results: list[Result], article: m.Article | None) -> None:
             update(m.Article).where(m.Article.ticket_id == ticket.id)
             .values(ticket_id=target.id).execution_options(synchronize_session="fetch")
         ).rowcount
+        batch = batch_of(session)
+        if batch is not None:  # acknowledgements this worker batch has not written yet
+            moved += batch.move_articles(ticket.id, target.id)
         target.updated_at = at
         session.add(m.Event(type="ticket_merged", ticket_id=target.id, created_at=at,
                             data={"from": ticket.number, "from_id": ticket.id,

@@ -190,6 +190,7 @@ class Batch:
         self.threads: ThreadIndex | None = None
         self.events: list[dict[str, Any]] = []
         self.out_articles: list[dict[str, Any]] = []  # our acknowledgements: rows, not objects
+        self._moved: list[tuple[dict[str, Any], int]] = []  # (row, its ticket before a merge)
         self.attachments: list[dict[str, Any]] = []
         self.attachment_bytes = 0
         self.outbox: list[dict[str, Any]] = []
@@ -338,16 +339,32 @@ class Batch:
                                   "created_at": at})
         self.loops.add(recipient, ticket_id)
 
+    def move_articles(self, from_ticket: int, to_ticket: int) -> int:
+        """A merge (an agent's ``#merge``) moves the articles of ``from_ticket``: those this
+        batch has queued as rows and not written yet move too (the UPDATE of the stored
+        ones cannot see them). Undone if the message's SAVEPOINT is rolled back."""
+        moved = 0
+        for row in self.out_articles:
+            if row["ticket_id"] == from_ticket:
+                self._moved.append((row, from_ticket))
+                row["ticket_id"] = to_ticket
+                moved += 1
+        return moved
+
     def mark(self) -> tuple[Any, ...]:
         return (len(self.events), len(self.outbox), len(self.auto_replies),
                 Counter(self.loops.rcpt), Counter(self.loops.ticket), len(self.articles),
                 len(self.tickets), len(self.out_articles), len(self.attachments),
-                self.attachment_bytes, len(self.added_tickets), len(self.unwritten_tickets))
+                self.attachment_bytes, len(self.added_tickets), len(self.unwritten_tickets),
+                len(self._moved))
 
     def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget what was queued since ``mark`` (its SAVEPOINT was rolled back)."""
         (ne, no, na, rcpt, ticket, nart, ntick, nout, natt, self.attachment_bytes,
-         nadded, nunwritten) = mark
+         nadded, nunwritten, nmoved) = mark
+        for row, before in reversed(self._moved[nmoved:]):
+            row["ticket_id"] = before
+        del self._moved[nmoved:]
         del self.events[ne:], self.outbox[no:], self.auto_replies[na:]
         del self.out_articles[nout:], self.attachments[natt:]
         self.loops.rcpt, self.loops.ticket = rcpt, ticket
@@ -384,6 +401,7 @@ class Batch:
                 conn.execute(insert(table), rows)
                 rows.clear()
         self.attachment_bytes = 0
+        self._moved.clear()
 
 
 @event.listens_for(Session, "transient_to_pending")

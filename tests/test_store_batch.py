@@ -211,3 +211,26 @@ def test_a_merge_in_the_batch_sends_threading_back_to_the_store(home):
     ticket_id, by, reason = _ticket_of(h, ids[1])
     assert (ticket_id, by) == (b.id, "in_reply_to")
     assert reason == f"In-Reply-To <first@customer.test> is on ticket {b.number}"
+
+
+def test_a_merge_in_the_batch_moves_the_acknowledgement_the_batch_has_not_written(home):
+    # A follow-up on ticket A gets its acknowledgement (a row the batch writes at its end);
+    # an agent's #merge of A into B later in the same batch must move it with A's stored
+    # articles, as it would if the two mails came in two batches (review, 2026-11-27).
+    from tests.test_agent_mail import AGENT, agent_reply, outgoing, setup
+
+    h = setup(home)
+    h.put(mail("Printer on fire", sender="carol@customer.test", msgid="first@customer.test"))
+    h.drain()
+    h.put(mail("Scanner on fire", sender="carol@customer.test", msgid="second@customer.test"))
+    h.drain()
+    a, b = h.tickets()
+    note = outgoing(h, AGENT)[0]
+    assert note["X-Mailgw-Ticket"] == a.number
+    ids = [*h.put(mail("Re: Printer on fire", sender="carol@customer.test",
+                       msgid="third@customer.test", In_Reply_To="<first@customer.test>")),
+           *h.put(agent_reply(note, f"#merge Ticket#{b.number}\nSame fire."),
+                  rcpt=note["Reply-To"], mail_from=AGENT)]
+    assert h.worker.run_batch() == 2  # one batch
+    assert [h.inbound(i).state for i in ids] == ["done", "done"]
+    assert [x.id for x in h.articles() if x.ticket_id == a.id] == []
