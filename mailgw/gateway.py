@@ -295,9 +295,10 @@ class Gateway:
         finally:
             for server in servers:
                 server.close()
-            # Let messages already in DATA be committed and answered before we exit.
+            # Let messages already in DATA be received, committed and answered before we
+            # exit (at most 30 s: a client that stalls mid-DATA gets no 250 and sends again).
             for _ in range(300):
-                if not any(h.in_flight for h in handlers):
+                if not writer.receiving and not any(h.in_flight for h in handlers):
                     break
                 await asyncio.sleep(0.1)
             writer.close()

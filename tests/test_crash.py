@@ -117,3 +117,30 @@ def test_sigterm_under_load_exits_0_and_keeps_every_acknowledged_message(home, g
     ids, _, _ = _restart_and_drain(home, gateway)
     assert set(acked) <= set(ids)
     assert len(ids) == len(set(ids))
+
+
+def test_sigterm_while_a_client_is_in_data_answers_it_before_exiting(home, gateway):
+    """A session that has sent DATA and part of its message when SIGTERM comes is let finish:
+    its message is committed and answered 250 before the gateway exits (within 30 s)."""
+    import signal
+    import time
+
+    gateway.start()
+    s = smtplib.SMTP("127.0.0.1", gateway.port, timeout=30)
+    s.ehlo()
+    s.mail("user1@customer.test")
+    s.rcpt("support@example.com")
+    code, _ = s.docmd("DATA")
+    assert code == 354
+    body = _message(7).as_bytes().replace(b"\n", b"\r\n")
+    s.send(body[:40])  # part of the message, then the signal
+    time.sleep(0.3)  # the session is counted as receiving
+    gateway.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    s.send(body[40:] + b"\r\n.\r\n")
+    code, resp = s.getreply()
+    assert code == 250, resp
+    s.close()
+    assert gateway.proc.wait(30) == 0, gateway.output()
+    ids, inbound, _ = _restart_and_drain(home, gateway)
+    assert ids == [7] and inbound == 1
