@@ -188,10 +188,10 @@ def test_a_batch_writes_its_tickets_and_articles_with_one_statement_each(hx):
     assert all(t.number and t.state == "new" for t in tickets[1:])
 
 
-def test_a_merge_in_the_batch_sends_threading_back_to_the_store(home):
-    # An agent's #merge moves a ticket's articles (an UPDATE through the session): a later
-    # message of the same batch that refers to one of them is threaded as the store now
-    # says (the article is on the target ticket), not as the batch's index said before.
+def _merge_in_one_batch(home, merge_first: bool):  # type: ignore[no-untyped-def]
+    """Tickets A and B of one customer, then in ONE worker batch an agent's ``#merge`` of A
+    into B and a customer follow-up on A (threaded by In-Reply-To), in the order given.
+    Returns (harness, A, B, inbound id of the follow-up)."""
     from tests.test_agent_mail import AGENT, agent_reply, outgoing, setup
 
     h = setup(home)
@@ -202,13 +202,23 @@ def test_a_merge_in_the_batch_sends_threading_back_to_the_store(home):
     a, b = h.tickets()
     note = outgoing(h, AGENT)[0]
     assert note["X-Mailgw-Ticket"] == a.number
-    ids = [*h.put(agent_reply(note, f"#merge Ticket#{b.number}\nSame fire."),
-                  rcpt=note["Reply-To"], mail_from=AGENT),
-           *h.put(mail("Re: Printer on fire", sender="carol@customer.test",
-                       msgid="third@customer.test", In_Reply_To="<first@customer.test>"))]
+    merge = lambda: h.put(agent_reply(note, f"#merge Ticket#{b.number}\nSame fire."),  # noqa: E731
+                          rcpt=note["Reply-To"], mail_from=AGENT)
+    follow_up = lambda: h.put(mail(  # noqa: E731
+        "Re: Printer on fire", sender="carol@customer.test", msgid="third@customer.test",
+        In_Reply_To="<first@customer.test>"))
+    ids = [*merge(), *follow_up()] if merge_first else [*follow_up(), *merge()]
     assert h.worker.run_batch() == 2  # one batch
     assert [h.inbound(i).state for i in ids] == ["done", "done"]
-    ticket_id, by, reason = _ticket_of(h, ids[1])
+    return h, a, b, ids[1] if merge_first else ids[0]
+
+
+def test_a_merge_in_the_batch_sends_threading_back_to_the_store(home):
+    # An agent's #merge moves a ticket's articles (an UPDATE through the session): a later
+    # message of the same batch that refers to one of them is threaded as the store now
+    # says (the article is on the target ticket), not as the batch's index said before.
+    h, _, b, follow_up = _merge_in_one_batch(home, merge_first=True)
+    ticket_id, by, reason = _ticket_of(h, follow_up)
     assert (ticket_id, by) == (b.id, "in_reply_to")
     assert reason == f"In-Reply-To <first@customer.test> is on ticket {b.number}"
 
@@ -217,20 +227,5 @@ def test_a_merge_in_the_batch_moves_the_acknowledgement_the_batch_has_not_writte
     # A follow-up on ticket A gets its acknowledgement (a row the batch writes at its end);
     # an agent's #merge of A into B later in the same batch must move it with A's stored
     # articles, as it would if the two mails came in two batches (review, 2026-11-27).
-    from tests.test_agent_mail import AGENT, agent_reply, outgoing, setup
-
-    h = setup(home)
-    h.put(mail("Printer on fire", sender="carol@customer.test", msgid="first@customer.test"))
-    h.drain()
-    h.put(mail("Scanner on fire", sender="carol@customer.test", msgid="second@customer.test"))
-    h.drain()
-    a, b = h.tickets()
-    note = outgoing(h, AGENT)[0]
-    assert note["X-Mailgw-Ticket"] == a.number
-    ids = [*h.put(mail("Re: Printer on fire", sender="carol@customer.test",
-                       msgid="third@customer.test", In_Reply_To="<first@customer.test>")),
-           *h.put(agent_reply(note, f"#merge Ticket#{b.number}\nSame fire."),
-                  rcpt=note["Reply-To"], mail_from=AGENT)]
-    assert h.worker.run_batch() == 2  # one batch
-    assert [h.inbound(i).state for i in ids] == ["done", "done"]
+    h, a, _, _ = _merge_in_one_batch(home, merge_first=False)
     assert [x.id for x in h.articles() if x.ticket_id == a.id] == []
