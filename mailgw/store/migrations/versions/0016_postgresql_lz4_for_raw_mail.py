@@ -9,9 +9,11 @@ most of what the store writes (28 MB for the benchmark's 1,000 messages). Postgr
 compresses such values when it moves them out of line (TOAST) with pglz by default, in the
 server process, inside the commit the worker and the SMTP intake wait for: on the 2-core
 machine the server spent 1.1 ms of CPU a message end to end, and with lz4 0.8 (smtp_bench,
-2026-11-27; bench/RESULTS.md, issue 8 session 6). lz4 compresses a little less (mail is mostly
-base64 and text) at a fraction of the CPU, and decompresses faster when a worker reads the
-raw message back.
+2026-11-27; bench/RESULTS.md, issue 8 session 6). Inserting the benchmark corpus' raw
+messages alone: pglz 0.43-0.52 ms of server CPU a message for 3 % less space (28.4 MB of
+29.4: mail is mostly base64, which pglz barely shrinks), lz4 0.10-0.18 ms for 28.5 MB, no
+compression 0.06-0.16 ms. lz4 keeps most of what compression is worth on plain-text mail
+(the bulk of a store without attachments) at a fraction of pglz's CPU.
 
 The setting applies to values written from now on; values already stored keep pglz and are
 read as before (each value records its method). It needs PostgreSQL 14 or newer built with
