@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from mailgw.filters.loader import load_pipeline
 from mailgw.filters.reload import PipelineHolder
+from mailgw.gctune import settle
 from mailgw.intake.smtp import IntakeHandler, protocol_factory
 from mailgw.outbound.render import Renderer
 from mailgw.outbound.sender import Sender
@@ -236,6 +237,7 @@ class Gateway:
         if take_deferred():  # a SIGHUP while starting (mailgw/signals.py)
             self._reload()
         log.info("mailgw running roles %s", ", ".join(self.roles))
+        settle()
         print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
         while not self.stop.wait(3600):
             pass
@@ -289,6 +291,7 @@ class Gateway:
                 log.info("mailgw listening for %s on %s", name.upper(), addr)
             if take_deferred():  # a SIGHUP while starting (mailgw/signals.py)
                 self._reload()
+            settle()  # started: see mailgw/gctune.py
             print(f"mailgw: ready ({', '.join(self.roles)})", flush=True)
             await stopped.wait()
             log.info("mailgw stopping")

@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
 
 from mailgw.batch import Batch
+from mailgw.gctune import settle
 from mailgw.mail.parse import parse_message
 from mailgw.process import Context, Prepared, Quarantine, ack_recipient, prepare, process, sender_of
 from mailgw.queue import now
@@ -411,6 +412,7 @@ class Worker:
 
     def run(self, stop: threading.Event, wake: threading.Event, poll_interval: float) -> None:
         self._wake = wake
+        settle()  # started and configured: what the process holds now lives as long as it
         while not stop.is_set():
             # Clear before looking, so a commit that lands while we work wakes the next wait.
             wake.clear()

@@ -39,8 +39,8 @@ def test_postgresql_raw_mail_is_compressed_with_lz4(store_url):
     import pytest
     from sqlalchemy import insert, text
 
-    from mailgw.store.models import Inbound
     from mailgw.queue import now
+    from mailgw.store.models import Inbound
 
     if not store_url.startswith("postgresql"):
         pytest.skip("PostgreSQL only: SQLite stores blobs uncompressed")
