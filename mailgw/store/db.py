@@ -35,12 +35,12 @@ def is_sqlite(engine: Engine) -> bool:
 
 # WAL checkpoints in a gateway (decision 33): the writers' own automatic checkpoint is moved
 # this far out, as a bound should the checkpointer thread fall behind (pages of 4 KiB)...
-GATEWAY_AUTOCHECKPOINT = 16384
+GATEWAY_AUTOCHECKPOINT = 32768
 # ... and WalCheckpointer copies the WAL into the database every CHECKPOINT_INTERVAL seconds,
 # and restarts the WAL from its start once it has grown past RESTART_PAGES.
 CHECKPOINT_INTERVAL = 0.25
 RESTART_PAGES = 8192
-RESTART_WAIT = 0.05  # seconds a RESTART may wait for the write lock and for readers
+RESTART_WAIT = 0.25  # seconds a RESTART may wait for the write lock and for readers
 # A WAL file that grew past this (a run of large messages) is truncated back to it when the
 # WAL next starts over.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -131,9 +131,9 @@ class WalCheckpointer:
 
         log = logging.getLogger(__name__)
         raw = self.engine.raw_connection()
+        conn = raw.driver_connection
         raw.detach()  # its own busy timeout: not back to the pool
         try:
-            conn = raw.driver_connection
             conn.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
             while not stop.wait(self.interval):
                 try:
