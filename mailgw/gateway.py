@@ -36,7 +36,7 @@ from mailgw.process import Context
 from mailgw.queue import GroupCommitWriter
 from mailgw.settings import ConfigError, Home, Listener, Settings, display_path
 from mailgw.signals import take_deferred
-from mailgw.store.db import GATEWAY_AUTOCHECKPOINT, WalCheckpointer, make_engine, migrate
+from mailgw.store.db import make_engine, migrate
 from mailgw.worker import Worker, pending_count, release_dead_claims
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ class Gateway:
             self.filters = PipelineHolder(
                 self.home.filters_dir(self.settings), self.settings, self.home.templates,
                 interval=self.settings.filters_reload_interval)
-        # SQLite: the WAL is checkpointed by a thread of the gateway process, not by the
-        # connections that commit (decision 33); its worker processes' too.
-        engine = make_engine(self.home.store_url(self.settings),
-                             wal_autocheckpoint=GATEWAY_AUTOCHECKPOINT)
+        engine = make_engine(self.home.store_url(self.settings))
         migrate(engine)
         ctx = self._ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
@@ -143,9 +140,6 @@ class Gateway:
                               "interval", minutes=1, id="pending-reminder", coalesce=True,
                               max_instances=1, next_run_time=datetime.now(UTC))
             scheduler.start()
-        if engine.dialect.name == "sqlite" and not self.supervised:
-            threads.append(threading.Thread(target=WalCheckpointer(engine).run,
-                                            name="wal-checkpoint", args=(self.stop,)))
         for t in threads:
             t.start()
         if "imap" in self.roles and self.settings.mailboxes:

@@ -163,22 +163,6 @@ if _DIR:
             import gc
 
             gc.freeze()
-        if name == "wal-checkpoint" and "mailgw.store.db" in sys.modules:
-            cls = sys.modules["mailgw.store.db"].WalCheckpointer
-            if not getattr(cls, "_e2e", False):
-                cls._e2e = True
-                _time_method(cls, "checkpoint", "wal-checkpoint pass")
-                orig_ckpt = cls.checkpoint
-
-                def checkpoint(self, conn):
-                    before = self.restarts
-                    row = orig_ckpt(self, conn)
-                    _add("wal-checkpoint pages in WAL at pass (total: pages/1000)", row[1] / 1000)
-                    if self.restarts > before:
-                        _add("wal-checkpoint RESTART" + (" busy" if row[0] else ""), 0.0)
-                    return row
-
-                cls.checkpoint = checkpoint
         if name == "sender" and "mailgw.outbound.sender" in sys.modules:
             cls = sys.modules["mailgw.outbound.sender"].Sender
             if not getattr(cls, "_e2e", False):
