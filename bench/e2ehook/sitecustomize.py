@@ -10,7 +10,12 @@ writes to ``DIR/<pid>.json`` at exit:
   by thread name; ``sqlite3.connect`` is given a connection class whose cursors time them;
 - the worker thread: batches run, messages handled, time inside ``run_batch`` and time
   waiting for a wake-up, and the number of passes that found nothing to claim;
-- the sender thread: passes, mails sent, time inside ``run_once`` and waiting.
+- the sender thread: passes, mails sent, time inside ``run_once`` and waiting;
+- (session 6) each process's ``/proc/self/io`` at exit, the WAL file's largest size (the
+  gateway samples it every 5 ms), and the worker's ``_waiting``, ``_gather``, ``_claim_in``.
+
+Experiments (session 6): ``MAILGW_E2E_PRAGMAS="a=1;b=2"`` runs those PRAGMAs on every SQLite
+connection; ``MAILGW_E2E_GC=freeze`` calls ``gc.freeze()`` when a worker thread starts.
 
 With ``MAILGW_E2E_FLOCK=1`` (``smtp_bench.py --flock``), an experiment: SQLite writers queue
 on ``flock`` of ``<db>-wlock`` before ``BEGIN IMMEDIATE`` (released at commit or rollback), so
