@@ -330,3 +330,44 @@ def test_configured_loop_header_marks_mail_automatic(hx):
     assert hx.outbox() == []
     [sup] = hx.events("auto_response_suppressed")
     assert "X-Helpdesk-Loop: support@other.test" in sup.data["reason"]
+
+
+def test_a_lease_that_ran_out_is_taken_over(hx, monkeypatch):
+    """A message whose worker hung (its lease ran out; a worker of another host, so nobody
+    frees it at once) is processed by another worker: at once by one that starts, and by a
+    running one within EXPIRED_EVERY. On SQLite a running worker's looks in between take
+    unleased rows only: reading a lease's expiry there reads the whole message (the lease is
+    stored after the raw bytes), and the other workers' leased batches were read at every
+    look (issue 8, session 6)."""
+    import time
+    from datetime import timedelta
+
+    from mailgw import worker as wmod
+    from mailgw.queue import now
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(wmod.time, "monotonic", lambda: clock[0])
+    # Given a running worker that has looked for work once
+    running = wmod.Worker(hx.engine, hx.worker.context, batch_size=64, max_attempts=3)
+    assert running.run_batch() == 0
+    # And a message leased by a hung worker of another host, its lease run out
+    [hung] = hx.put(mail("hung", msgid="hung@c"))
+    with hx.engine.begin() as c:
+        c.execute(update(m.Inbound).where(m.Inbound.id == hung).values(
+            claimed_by="elsewhere.example:1", claimed_until=now() - timedelta(seconds=1),
+            attempts=1))
+    if hx.engine.dialect.name == "sqlite":
+        # Then the running worker's next look, right after, does not take it yet
+        assert running.run_batch() == 0
+        assert hx.inbound(hung).state == "pending"
+    # But a worker that starts takes it at once
+    starting = wmod.Worker(hx.engine, hx.worker.context, batch_size=64, max_attempts=3)
+    assert starting._claim() == [hung]
+    with hx.engine.begin() as c:  # (its lease run out again, as if it had not)
+        c.execute(update(m.Inbound).where(m.Inbound.id == hung).values(
+            claimed_by="elsewhere.example:1", claimed_until=now() - timedelta(seconds=1),
+            attempts=1))
+    # And the running one once EXPIRED_EVERY has passed
+    clock[0] += wmod.EXPIRED_EVERY + 0.1
+    assert running.run_batch() == 1
+    assert hx.inbound(hung).state == "done"

@@ -10,7 +10,12 @@ writes to ``DIR/<pid>.json`` at exit:
   by thread name; ``sqlite3.connect`` is given a connection class whose cursors time them;
 - the worker thread: batches run, messages handled, time inside ``run_batch`` and time
   waiting for a wake-up, and the number of passes that found nothing to claim;
-- the sender thread: passes, mails sent, time inside ``run_once`` and waiting.
+- the sender thread: passes, mails sent, time inside ``run_once`` and waiting;
+- (session 6) each process's ``/proc/self/io`` at exit, the WAL file's largest size (the
+  gateway samples it every 5 ms), and the worker's ``_waiting``, ``_gather``, ``_claim_in``.
+
+Experiments (session 6): ``MAILGW_E2E_PRAGMAS="a=1;b=2"`` runs those PRAGMAs on every SQLite
+connection; ``MAILGW_E2E_GC=freeze`` calls ``gc.freeze()`` when a worker thread starts.
 
 With ``MAILGW_E2E_FLOCK=1`` (``smtp_bench.py --flock``), an experiment: SQLite writers queue
 on ``flock`` of ``<db>-wlock`` before ``BEGIN IMMEDIATE`` (released at commit or rollback), so
@@ -116,10 +121,18 @@ if _DIR:
                 self._release()
 
     _connect = sqlite3.connect
+    # Experiment (issue 8, session 6): MAILGW_E2E_PRAGMAS="mmap_size=268435456;..." is run
+    # as PRAGMAs on every SQLite connection these processes open, to compare settings
+    # without a change to mailgw.
+    _PRAGMAS = [p.strip() for p in os.environ.get("MAILGW_E2E_PRAGMAS", "").split(";")
+                if p.strip()]
 
     def connect(*args, **kw):
         kw.setdefault("factory", _Connection)
-        return _connect(*args, **kw)
+        conn = _connect(*args, **kw)
+        for p in _PRAGMAS:
+            conn.execute(f"PRAGMA {p}").fetchall()
+        return conn
 
     sqlite3.connect = connect
     sqlite3.dbapi2.connect = connect  # what SQLAlchemy's pysqlite dialect calls
@@ -145,9 +158,16 @@ if _DIR:
                     return n
 
                 cls.run_batch = run_batch
-                for meth in ("_claim", "_parse", "_store", "release_next", "_release"):
+                for meth in ("_claim", "_parse", "_store", "release_next", "_release",
+                             "_waiting", "_gather", "_claim_in"):
                     _time_method(cls, meth, f"worker {meth}")
                 _wrap_wait("worker")
+        if name == "worker" and os.environ.get("MAILGW_E2E_GC") == "freeze":
+            # Experiment (session 6): the objects that exist when the worker starts (modules,
+            # mappers, settings, filters) are left out of the cyclic collector's passes.
+            import gc
+
+            gc.freeze()
         if name == "sender" and "mailgw.outbound.sender" in sys.modules:
             cls = sys.modules["mailgw.outbound.sender"].Sender
             if not getattr(cls, "_e2e", False):
@@ -208,11 +228,50 @@ if _DIR:
 
     threading.Thread.run = run
 
+    def _wal_sampler():
+        # The WAL file's largest size during the run (session 6: checkpoints), sampled
+        # every 5 ms by the gateway process (not its workers).
+        import sys
+
+        url = os.environ.get("MAILGW_STORE_URL", "")
+        if not url.startswith("sqlite:///"):
+            return
+        wal = url[len("sqlite:///"):] + "-wal"
+        biggest = _wal_max
+
+        def sample():
+            time.sleep(0.2)  # sys.argv is not set yet while sitecustomize runs
+            if "--supervised" in getattr(sys, "argv", ()):
+                return
+            while True:
+                try:
+                    biggest[0] = max(biggest[0], os.stat(wal).st_size)
+                except OSError:
+                    pass
+                time.sleep(0.005)
+
+        threading.Thread(target=sample, name="e2e-wal-sampler", daemon=True).start()
+
+    _wal_max = [0]
+    _wal_sampler()
+
     @atexit.register
     def _dump():
         import sys
 
         role = "worker-process" if "--supervised" in sys.argv else "gateway"
+        if _wal_max[0]:
+            _add("wal file max size (total: MB/1000)", _wal_max[0] / 1e9)
+        # The process's I/O (session 6): bytes and read/write calls, the WAL's and the
+        # database file's included (rchar/wchar: every read()/write(), page cache hits too).
+        try:
+            with open("/proc/self/io") as f:
+                for line in f:
+                    k, v = line.split(":")
+                    if k in ("rchar", "wchar", "syscr", "syscw", "write_bytes"):
+                        _add(f"io {k} (n: processes, total: value/1000)", int(v) / 1e6)
+        except OSError:
+            pass
         try:
             with open(os.path.join(_DIR, f"{role}-{os.getpid()}.json"), "w") as f:
                 json.dump(_stats, f)
