@@ -11,7 +11,7 @@ import json
 import logging
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from mailgw.mail import sanitize
