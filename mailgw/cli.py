@@ -246,13 +246,17 @@ def tickets_list(obj: Obj, as_json: bool, state: str | None, queue: str | None,
 
 @tickets.command("show")
 @click.argument("number")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON (each article's sanitised HTML body under \"html\").")
+@click.option("--html", "show_html", is_flag=True,
+              help="Also print each article's sanitised HTML body.")
 @click.pass_obj
-def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
+def tickets_show(obj: Obj, number: str, as_json: bool, show_html: bool) -> None:
     """Show one ticket with its articles and how each was threaded."""
     from sqlalchemy import select
 
-    from mailgw.store.db import read_session
+    from mailgw.mail.sanitize import article_html
+    from mailgw.store.db import read_session, session_factory
     from mailgw.store.models import Article, Attachment, Ticket
 
     settings = obj.settings()
@@ -263,6 +267,7 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
             click.echo(f"no ticket {number}", err=True)
             sys.exit(1)
         articles = []
+        unsanitised = []  # articles whose HTML is still only in their raw mail (decision 32)
         for a in s.scalars(select(Article).where(Article.ticket_id == t.id).order_by(Article.id)):
             atts = s.execute(select(Attachment.filename, Attachment.content_type, Attachment.size)
                              .where(Attachment.article_id == a.id)).all()
@@ -278,7 +283,11 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
                 "delivery_error": a.delivery_error,
                 "attachments": [{"filename": f, "content_type": c, "size": n} for f, c, n in atts],
                 "internal": a.internal, "agent": a.agent,  # agent mail (docs/agent-mail.md)
+                # Appended (decision 32): the sanitised HTML body, or None.
+                "html": article_html(s, a) if a.body_html is not None else None,
             })
+            if a.body_html is None and a.has_html:
+                unsanitised.append(articles[-1])
         data = {
             "number": t.number, "title": t.title, "queue": t.queue, "state": t.state,
             "priority": t.priority, "customer": t.customer, "owner": t.owner,
@@ -291,6 +300,13 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
             # What happens at pending_until: "reopen" (reminder) or "close" (#pending … close).
             "pending_action": (t.pending_action or "reopen") if t.pending_until else None,
         }
+    if unsanitised and (as_json or show_html):
+        # First shown: sanitised from the raw mail and cached in body_html, in a transaction
+        # that may write (on SQLite it holds the write lock while the mail is parsed).
+        with session_factory(obj.engine()).begin() as w:
+            for art in unsanitised:
+                stored = w.get(Article, art["id"])
+                art["html"] = article_html(w, stored) if stored is not None else None
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -320,6 +336,9 @@ def tickets_show(obj: Obj, number: str, as_json: bool) -> None:
         for att in a["attachments"]:
             click.echo(f"   attachment: {att['filename']} ({att['content_type']}, {att['size']} B)")
         click.echo("   " + "\n   ".join((a["text"] or "").strip().splitlines()[:40]))
+        if show_html:
+            html = (a["html"] or "").strip()
+            click.echo("   html:" + ("\n   | ".join(["", *html.splitlines()]) if html else " none"))
 
 
 @tickets.command("state")

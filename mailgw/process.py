@@ -71,7 +71,7 @@ def prepare(mail: ParsedMail, raw: bytes | None, mail_from: str | None,
     Both are functions of the message, its envelope and the settings only."""
     return Prepared(mail, classify(mail, mail_from, raw=raw, rcpt_tos=rcpt_tos,
                                    ours=ours_for(settings)),
-                    reply_parts(mail.text, mail.html))
+                    reply_parts(mail.text, mail.raw_html))
 
 
 def _prepared(session: Session, row: m.Inbound, mail: ParsedMail) -> Prepared | None:
@@ -81,9 +81,9 @@ def _prepared(session: Session, row: m.Inbound, mail: ParsedMail) -> Prepared | 
 
 
 def parts_of(session: Session, row: m.Inbound, mail: ParsedMail) -> ReplyParts:
-    """``reply_parts(mail.text, mail.html)``, computed beforehand in the worker's batch."""
+    """``reply_parts(mail.text, mail.raw_html)``, computed beforehand in the worker's batch."""
     prep = _prepared(session, row, mail)
-    return prep.parts if prep is not None else reply_parts(mail.text, mail.html)
+    return prep.parts if prep is not None else reply_parts(mail.text, mail.raw_html)
 
 
 def _clean(text: str | None, limit: int | None = None) -> str:
@@ -328,7 +328,7 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         subject=_clean(mail.subject), message_id=_clean(mail.message_id, 998) or None,
         in_reply_to=_clean(" ".join(mail.in_reply_to)) or None,
         references=_clean(" ".join(mail.references)) or None,
-        body_text=_clean(mail.text), body_html=_clean(mail.html) or None,
+        body_text=_clean(mail.text), body_html=None, has_html=bool(mail.raw_html),
         threaded_by=by, thread_reason=_clean(reason), is_automatic=auto is not None,
         automatic_reason=auto, created_at=now(),
         mail_class=cls.kind if cls is not None else None,

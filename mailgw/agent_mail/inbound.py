@@ -134,7 +134,7 @@ def handle_agent_mail(session: Session, row: m.Inbound, mail: ParsedMail, cls: C
     if cls.automatic:
         # An out-of-office or other automatic answer to a notification: kept for the record,
         # never sent on, never read for commands.
-        parts = reply_parts(mail.text, mail.html)
+        parts = reply_parts(mail.text, mail.raw_html)
         article = _agent_article(session, row, ticket, mail, agent, parts, tok, internal=True,
                                  automatic=cls.reason or cls.kind, cls=cls, at=at)
         _event(session, "agent_auto_reply_stored", row, ticket, article, agent=agent.name,
@@ -184,7 +184,7 @@ def _trusted(session: Session, row: m.Inbound, mail: ParsedMail, settings: Setti
                agent_message_id=mail.message_id)
         row.state, row.processed_at, row.ticket_id, row.error = "done", at, ticket.id, None
         return True
-    parts = reply_parts(mail.text, mail.html)
+    parts = reply_parts(mail.text, mail.raw_html)
     parsed, commands_module = _parse_commands(parts.visible)
     note = tok.kind == "c" or parsed.note
     text = parsed.rest.strip("\n")
@@ -467,7 +467,7 @@ def _agent_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         in_reply_to=_clean(" ".join(mail.in_reply_to)) or None,
         references=_clean(" ".join(mail.references)) or None,
         body_text=_clean(text if text is not None else mail.text),
-        body_html=None if outgoing else _clean(mail.html) or None,
+        body_html=None, has_html=outgoing is None and bool(mail.raw_html),  # decision 32
         threaded_by="agent_token", thread_reason=_clean(f"{how}; {reason}" if reason else how),
         is_automatic=automatic is not None, automatic_reason=automatic, created_at=at,
         mail_class=cls.kind if cls is not None else None,

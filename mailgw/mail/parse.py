@@ -495,7 +495,7 @@ def _attachment(part: Message, ctype: str, filename: str | None, defects: list[s
 
 
 def _body_and_attachments(msg: Message, defects: list[str]):
-    """(text, html, attachments) per the ParsedMail contract.
+    """(text, raw_html, attachments) per the ParsedMail contract.
 
     The body is the first inline, unnamed text/plain part and the first such text/html
     part; an empty one gives way to a later one with content. Every other leaf is an
@@ -518,11 +518,13 @@ def _body_and_attachments(msg: Message, defects: list[str]):
             part._payload = part._mailgw_data = None
     text = _first_with_content(candidates["text/plain"], "text/plain", defects)
     raw_html = _first_with_content(candidates["text/html"], "text/html", defects)
-    # Imported here: bleach is heavy, and `mailgw deliver` needs only looks_like_mail.
-    from mailgw.mail.sanitize import html_to_text, sanitize_html
-
-    html = sanitize_html(raw_html) if candidates["text/html"] else None
+    # Not sanitised here (decision 32): ParsedMail.html does it when asked, article_html
+    # when an article is shown. The text is made from the HTML as it came.
+    html = raw_html if candidates["text/html"] else None
     if not text.strip() and raw_html:  # no plain part, or an empty one next to real HTML
+        # Imported here: `mailgw deliver` needs only looks_like_mail from this module.
+        from mailgw.mail.sanitize import html_to_text
+
         text = html_to_text(raw_html)
     return text, html, attachments
 
@@ -560,7 +562,7 @@ def _build(msg: Message, defects: list[str], body) -> ParsedMail:
         reply_to=_address_list(headers.raw.get("reply-to", []), defects),
         date=_parse_date(headers.first("date"), defects),
         text=text,
-        html=html,
+        raw_html=html,
         attachments=attachments,
         headers=headers.decoded,
         defects=list(dict.fromkeys(defects)),
@@ -577,7 +579,7 @@ def _minimal(raw: bytes, defects: list[str]) -> ParsedMail:
     return ParsedMail(
         message_id=None, in_reply_to=[], references=[], subject="", from_addr="",
         from_name="", to=[], cc=[], reply_to=[], date=None,
-        text=_clean(raw.decode("utf-8", "replace"), defects), html=None, attachments=[],
+        text=_clean(raw.decode("utf-8", "replace"), defects), raw_html=None, attachments=[],
         headers={}, defects=defects,
     )  # fmt: skip
 

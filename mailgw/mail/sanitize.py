@@ -4,6 +4,10 @@
 and removes everything that can run code, load remote content, submit data or restyle the
 agent's screen. It is an allow-list (bleach): what is not listed below is removed.
 ``html_to_text`` renders HTML as plain text for the text body, search and replies.
+
+``article_html`` is the one way to an article's HTML for showing or sending it (decision
+32): ingest keeps the HTML part only in the raw mail (``inbound.raw``) and marks the article
+``has_html``; the first reader sanitises it from there and caches it in ``body_html``.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import logging
 import re
 import threading
 from html.parser import HTMLParser
+from typing import TYPE_CHECKING
 
-from bleach import html5lib_shim
-from bleach.sanitizer import BleachSanitizerFilter
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
-__all__ = ["html_to_text", "sanitize_html"]
+    from mailgw.store.models import Article
+
+__all__ = ["article_html", "html_to_text", "sanitize_html"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,11 @@ class _Sanitizer:
     """
 
     def __init__(self) -> None:
+        # Imported here: ingest needs html_to_text only, and bleach's import is heavy.
+        from bleach import html5lib_shim
+        from bleach.sanitizer import BleachSanitizerFilter
+
+        self.filter = BleachSanitizerFilter
         self.parser = html5lib_shim.BleachHTMLParser(
             tags=ALLOWED_TAGS | DROPPED_WITH_CONTENT,
             strip=True,
@@ -109,7 +121,7 @@ class _Sanitizer:
     def clean(self, text: str) -> str:
         fragment = self.parser.parseFragment(text)
         _drop_elements(fragment, DROPPED_WITH_CONTENT)
-        stream = BleachSanitizerFilter(
+        stream = self.filter(
             source=self.walker(fragment),
             allowed_tags=ALLOWED_TAGS,
             attributes=ALLOWED_ATTRIBUTES,
@@ -152,6 +164,49 @@ def sanitize_html(html: str) -> str:
         log.warning("HTML sanitiser failed; showing the text escaped instead", exc_info=True)
         _local.sanitizer = None
         return "<pre>" + htmllib.escape(html_to_text(html)) + "</pre>"
+
+
+# --- article_html -------------------------------------------------------------------------
+
+
+def article_html(session: Session, article: Article) -> str | None:
+    """An article's sanitised HTML body, or None when it has none (decision 32).
+
+    ``body_html`` is a cache: what it holds is sanitised and returned. Otherwise, for an
+    article marked ``has_html``, the raw mail it came from (``inbound.raw``, kept for good)
+    is parsed again and its HTML part sanitised, as ingest did before decision 32, and the
+    result is written to ``body_html`` through ``session`` (an UPDATE of an empty cache
+    only; the caller commits). An HTML part that sanitises to nothing is cached as "" and
+    read as None. The raw mail gone, or not parsed: None, logged, nothing written.
+    """
+    if article.body_html is not None:
+        return article.body_html or None
+    if not article.has_html or article.inbound_id is None:
+        return None
+    from sqlalchemy import select, update
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    from mailgw.mail.parse import parse_message
+    from mailgw.store.models import Article, Inbound
+
+    raw = session.scalar(select(Inbound.raw).where(Inbound.id == article.inbound_id))
+    if raw is None:
+        log.warning("article %s: its raw mail (inbound %s) is gone; no HTML to show",
+                    article.id, article.inbound_id)
+        return None
+    try:
+        html = parse_message(raw).html
+    except Exception:  # ParseError: ingest parsed these bytes, so they were changed since
+        log.warning("article %s: its raw mail (inbound %s) does not parse; no HTML to show",
+                    article.id, article.inbound_id, exc_info=True)
+        return None
+    html = (html or "").replace("\x00", "")  # as stored before: PostgreSQL text has no NUL
+    session.execute(update(Article)
+                    .where(Article.id == article.id, Article.body_html.is_(None))
+                    .values(body_html=html)
+                    .execution_options(synchronize_session=False))
+    set_committed_value(article, "body_html", html)
+    return html or None
 
 
 # --- html_to_text -------------------------------------------------------------------------

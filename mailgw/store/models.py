@@ -164,7 +164,12 @@ class Article(Base):
     in_reply_to: Mapped[str | None] = mapped_column(Text)
     references: Mapped[str | None] = mapped_column(Text)
     body_text: Mapped[str] = mapped_column(Text, default="")
+    # Sanitised HTML, or NULL: since decision 32 a cache that mailgw.mail.sanitize's
+    # article_html fills from the raw mail when the HTML is first needed; ``has_html`` says
+    # the message has an HTML body (articles stored before migration 0018 have their HTML in
+    # body_html already and has_html false).
     body_html: Mapped[str | None] = mapped_column(Text)
+    has_html: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     threaded_by: Mapped[str] = mapped_column(String(32))
     thread_reason: Mapped[str] = mapped_column(Text, default="")
     is_automatic: Mapped[bool] = mapped_column(Boolean, default=False)
