@@ -36,7 +36,7 @@ COLUMNS = ("received_at", "source", "source_ref", "mail_from", "rcpt_tos", "queu
 # with its continuation lines. Only the first HEAD_LIMIT bytes are looked at.
 HEAD_LIMIT = 256 * 1024
 _HEAD_END = re.compile(rb"\n\r?\n")
-_MESSAGE_ID_FIELD = re.compile(rb"^message-id[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+_MESSAGE_ID_FIELD = re.compile(rb"^message-id:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
                                re.IGNORECASE | re.MULTILINE)
 _BRACKETED_ID = re.compile(r"<([^<>]*)>")
 _ID_SEPARATORS = re.compile(r"[\s<>,;()\"']+")
