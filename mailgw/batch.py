@@ -214,7 +214,8 @@ class Batch:
         session.info["batch"] = self
 
     def prefetch(self, session: Session, mails: Iterable[ParsedMail | Exception | None],
-                 numbers: TicketNumbers, rows: list[m.Inbound] | None = None) -> None:
+                 numbers: TicketNumbers, rows: list[m.Inbound] | None = None,
+                 orphan_wait: timedelta = timedelta(0)) -> None:
         """Before the batch's first message: what threading its messages will ask, in a few
         queries for the whole batch (``mailgw.threader.prefetch``; on PostgreSQL the tickets
         they lead to are locked in id order), and those tickets' loop-protection counts.
@@ -228,9 +229,10 @@ class Batch:
         self.threads = index = prefetch(session, parsed, numbers, lock=self.pg,
                                         in_flight=None if rows is None else [r.id for r in rows])
         if rows is not None:
-            self.held, self.hold_notes = held_back(index, [
-                (row.id, row.held_since, mail if isinstance(mail, ParsedMail) else None)
-                for row, mail in zip(rows, mails, strict=True)], self.at)
+            self.held, self.hold_notes = held_back(session, index, [
+                (row.id, row.held_since, row.received_at,
+                 mail if isinstance(mail, ParsedMail) else None)
+                for row, mail in zip(rows, mails, strict=True)], self.at, orphan_wait)
             if self.held:
                 parsed = [mail for row, mail in zip(rows, mails, strict=True)
                           if isinstance(mail, ParsedMail) and row.id not in self.held]

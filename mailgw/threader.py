@@ -141,34 +141,47 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
 HOLD_MAX = timedelta(seconds=10)
 HOLD_DELAY = timedelta(milliseconds=50)
 HOLD_DELAY_MAX = timedelta(seconds=1)
+# A reply that refers to nothing the store holds, no article and no inbound row, waits until
+# it is ``orphan_wait`` old (worker.orphan_reply_wait): its original may have been sent at
+# the same moment on another connection and be committed a moment later (held_back).
 
 
-def held_back(index: ThreadIndex, batch: Sequence[tuple[int, datetime | None, ParsedMail | None]],
-              at: datetime) -> tuple[dict[int, timedelta], dict[int, str]]:
-    """The messages of a worker's batch to hold back: ``(inbound id, held_since, parsed
-    mail)`` -> ``({inbound id: delay}, {inbound id: note})``.
+def held_back(session: Session, index: ThreadIndex,
+              batch: Sequence[tuple[int, datetime | None, datetime | None, ParsedMail | None]],
+              at: datetime, orphan_wait: timedelta = timedelta(0)
+              ) -> tuple[dict[int, timedelta], dict[int, str]]:
+    """The messages of a worker's batch to hold back: ``(inbound id, held_since,
+    received_at, parsed mail)`` -> ``({inbound id: delay}, {inbound id: note})``.
 
     A message is held when none of the Message-IDs it refers to is on a stored article or is
     one of the batch's messages, but one is the Message-ID of a message still in the queue
     outside the batch (``ThreadIndex.in_flight``: claimed by another worker whose
-    transaction has not committed, not claimed yet, or held itself): stored now, the reply
-    would open a ticket of its own. It is given back unprocessed (no attempt counted) and
-    claimed again after the returned delay, by when its original has most likely been
-    stored. Bounded: a message first held ``HOLD_MAX`` ago is processed as it is (a stuck,
-    slow or never-finished original does not hold it for ever; two messages that refer to
-    each other are held at most that long, and once claimed into one batch together they
-    are stored there, ``parents_first``); the note says why it opened a ticket. An original
-    already quarantined or done is not in the queue: no hold."""
-    if not index.in_flight:
-        return {}, {}
+    transaction has not committed, not claimed yet, or held itself), or of a message of the
+    batch that is held: stored now, the reply would open a ticket of its own. It is given
+    back unprocessed (no attempt counted) and claimed again after the returned delay, by
+    when its original has most likely been stored. Bounded: a message first held
+    ``HOLD_MAX`` ago is processed as it is (a stuck, slow or never-finished original does
+    not hold it for ever; two messages that refer to each other are held at most that long,
+    and once claimed into one batch together they are stored there, ``parents_first``); the
+    note says why it opened a ticket. An original already quarantined or done is not in the
+    queue: no hold.
+
+    A reply none of whose Message-IDs the store has at all (no article, no inbound row: an
+    original sent at the same moment over another connection may not be committed yet) is
+    held until it is ``orphan_wait`` old, once; one inbound look-up for the batch, made
+    only when it has such a young reply."""
     delays: dict[int, timedelta] = {}
     notes: dict[int, str] = {}
-    mids = {iid: mail.message_id for iid, _, mail in batch if mail is not None and mail.message_id}
+    mids = {iid: mail.message_id for iid, _, _, mail in batch
+            if mail is not None and mail.message_id}
+    asked: set[str] = set()
+    known: dict[str, bool] = {}  # Message-ID with an inbound row -> worth waiting for
     changed = True
     while changed:  # a reply to a message of the batch that is held is held too
         changed = False
         own = {mid: iid for iid, mid in mids.items() if iid not in delays}
-        for iid, held_since, mail in batch:
+        young: list[tuple[int, list[str], datetime]] = []
+        for iid, held_since, received_at, mail in batch:
             if mail is None or iid in delays or iid in notes:
                 continue
             refs = message_refs(mail)
@@ -177,6 +190,9 @@ def held_back(index: ThreadIndex, batch: Sequence[tuple[int, datetime | None, Pa
             waiting = sorted({w for r in refs for w in index.in_flight.get(r, ())}
                              | {o for o, mid in mids.items() if o in delays and mid in refs})
             if not waiting:
+                received_at = aware(received_at)
+                if received_at is not None and at - received_at < orphan_wait:
+                    young.append((iid, refs, received_at))
                 continue
             held_since = aware(held_since)
             held = at - held_since if held_since is not None else timedelta(0)
@@ -187,6 +203,24 @@ def held_back(index: ThreadIndex, batch: Sequence[tuple[int, datetime | None, Pa
                 continue
             delays[iid] = min(HOLD_DELAY_MAX, max(HOLD_DELAY, held / 2))
             changed = True
+        ask = sorted({r for _, refs, _ in young for r in refs} - asked)
+        if ask:
+            asked.update(ask)
+            for mid, state, ticket_id in session.execute(
+                    select(Inbound.message_id, Inbound.state, Inbound.ticket_id)
+                    .where(Inbound.message_id.in_(ask))):
+                # pending, or stored on a ticket since the batch's look-ups (PostgreSQL: an
+                # original committed in between): worth a look again; else (quarantined,
+                # stored without a ticket) it is there and makes no ticket to thread into
+                known[mid] = known.get(mid, False) or state == "pending" or ticket_id is not None
+        for iid, refs, received_at in young:
+            seen = [known[r] for r in refs if r in known]
+            if not seen:
+                delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
+                changed = True
+            elif any(seen):
+                delays[iid] = HOLD_DELAY
+                changed = True
     return delays, notes
 
 

@@ -364,7 +364,8 @@ class Worker:
             try:
                 batch.loops.prefetch(session, _ack_recipients(rows, parsed))
                 batch.prefetch(session, [parsed.get(r.id) for r in rows],
-                               ctx.settings.ticket_numbers, rows=rows)
+                               ctx.settings.ticket_numbers, rows=rows,
+                               orphan_wait=timedelta(seconds=ctx.settings.worker.orphan_reply_wait))
                 if batch.held:
                     rows = self._hold(rows, batch)
                 rows = _parents_first(rows, parsed)
