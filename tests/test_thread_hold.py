@@ -242,6 +242,53 @@ def test_a_reply_to_a_message_that_is_done_without_a_ticket_is_not_held(hx):
     assert hx.inbound(reply).state == "done"
 
 
+def _harness(home, wait: float) -> Harness:  # type: ignore[no-untyped-def]
+    home.update_config(worker={"orphan_reply_wait": wait})
+    return Harness(home)
+
+
+def test_a_reply_received_before_its_original_was_stored_at_all_waits_for_it(home):
+    # 8 SMTP sessions: the reply was committed, its original not yet (no row at all).
+    h = _harness(home, 0.5)
+    try:
+        [reply] = h.put(_reply())
+        assert h.worker.run_batch() == 1
+        row = h.inbound(reply)
+        assert (row.state, row.attempts) == ("pending", 0) and row.held_since is not None
+        [parent] = h.put(_original())
+        h.drain()  # the original at once, the reply once its wait is over
+        [ticket] = h.tickets()
+        assert h.inbound(reply).ticket_id == h.inbound(parent).ticket_id == ticket.id
+        assert ticket.title == "Printer on fire"
+    finally:
+        h.close()
+
+
+def test_a_reply_to_a_message_never_received_opens_its_ticket_after_the_wait(home):
+    h = _harness(home, 0.3)
+    try:
+        [reply] = h.put(_reply())
+        started = time.monotonic()
+        h.drain()
+        assert time.monotonic() - started >= 0.2  # held once, for the rest of its wait
+        row = h.inbound(reply)
+        assert (row.state, row.attempts) == ("done", 1) and row.ticket_id is not None
+        [received] = [e for e in h.events("article_received") if e.inbound_id == reply]
+        assert received.data["threaded_by"] == "new_ticket"
+    finally:
+        h.close()
+
+
+def test_without_the_orphan_wait_such_a_reply_opens_its_ticket_at_once(home):
+    h = _harness(home, 0)
+    try:
+        [reply] = h.put(_reply())
+        assert h.worker.run_batch() == 1
+        assert h.inbound(reply).state == "done" and h.inbound(reply).held_since is None
+    finally:
+        h.close()
+
+
 # --- Intake: message_id ------------------------------------------------------------------
 
 
@@ -337,7 +384,7 @@ def test_migration_0017_fills_the_pending_rows_and_goes_down_and_up_again(store_
         c.execute(sa.insert(inbound), [
             {"received_at": now(), "source": "smtp", "rcpt_tos": ["s@example.com"],
              "size": len(raw), "sha256": str(i) * 64, "raw": raw, "state": state, "attempts": 0}
-            for i, (raw, state) in enumerate(zip(raws, ["pending", "done", "pending"]))])
+            for i, (raw, state) in enumerate(zip(raws, ["pending", "done", "pending"], strict=True))])
     command.upgrade(cfg, "0017")
     assert current_revision(engine) == "0017"
     with engine.connect() as c:
