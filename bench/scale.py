@@ -46,7 +46,7 @@ ARTICLE_COLS = ("id", "ticket_id", "inbound_id", "direction", "sender_type", "fr
                 "references", "body_text", "threaded_by", "thread_reason", "is_automatic",
                 "created_at")
 INBOUND_COLS = ("id", "received_at", "source", "rcpt_tos", "size", "sha256", "raw", "state",
-                "attempts", "processed_at", "ticket_id", "article_id")
+                "attempts", "processed_at", "ticket_id", "article_id", "message_id")
 EVENT_COLS = ("id", "ticket_id", "article_id", "inbound_id", "type", "data", "created_at")
 OUTBOX_COLS = ("id", "ticket_id", "article_id", "mail_from", "rcpt_tos", "message_id", "raw",
                "state", "attempts", "next_attempt_at", "created_at", "sent_at")
@@ -84,7 +84,8 @@ def rows(cfg, start: int, stop: int, base: dict[str, int]):  # type: ignore[no-u
                          f"old.{i}@customer.test", "Thank you", "auto_response",
                          "acknowledgement", True, at))
         inbound.append((ib, at, "smtp", '["support@example.com"]', 100,
-                        hashlib.sha256(b"old%d" % i).hexdigest(), b"x", "done", 1, at, i, a1))
+                        hashlib.sha256(b"old%d" % i).hexdigest(), b"x", "done", 1, at, i, a1,
+                        f"old.{i}@customer.test"))
         events.append((ev + 1, i, None, ib, "ticket_created", '{"queue": "support"}', at))
         events.append((ev + 2, i, a1, ib, "article_received", '{"source": "smtp"}', at))
         events.append((ev + 3, i, a2, ib, "auto_response_queued", '{"template": "ack_new"}', at))

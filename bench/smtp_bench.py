@@ -362,6 +362,9 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
                 tickets = c.scalar(select(func.count()).select_from(m.Ticket))
                 quarantined = c.scalar(select(func.count()).select_from(m.Inbound)
                                        .where(m.Inbound.state == "quarantined"))
+                # messages held back at least once for their original (decision 31)
+                held = c.scalar(select(func.count()).select_from(m.Inbound)
+                                .where(m.Inbound.held_since.is_not(None)))
                 shares = [k for _, k in c.execute(select(m.Inbound.claimed_by, func.count())
                                                    .group_by(m.Inbound.claimed_by))]
             deadline = time.time() + 600
@@ -410,6 +413,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
         "sink_acks_per_s": (len(acked) - 1) / (max(acked.values()) - min(acked.values()))
         if len(acked) > 1 else 0.0,
         "tickets": tickets, "acks": acks, "acks_at_sink": len(acked), "quarantined": quarantined,
+        "held": held,
     }
 
 

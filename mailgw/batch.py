@@ -173,6 +173,7 @@ class LoopCounts:
 class Batch:
     def __init__(self, session: Session, *, loop_window_hours: float, at: datetime):
         self.pg = session.get_bind().dialect.name == "postgresql"
+        self.at = at
         self._next: dict[str, int] = {}
         self._pool: dict[str, list[int]] = {name: [] for name in _BLOCK}
         self.new_tickets: set[int] = set()
@@ -199,6 +200,11 @@ class Batch:
         # What mailgw.process.prepare computed for the batch's messages before the write
         # transaction, by inbound id (the worker's parse step).
         self.prepared: dict[int, Any] = {}
+        # Messages held back for an original still in the queue (inbound id -> delay before
+        # they are claimed again), and why those held too long were not (mailgw.threader
+        # held_back); set by prefetch.
+        self.held: dict[int, timedelta] = {}
+        self.hold_notes: dict[int, str] = {}
         if not self.pg:
             tables = [model.__table__ for model in _MODELS]
             tops = session.connection().execute(select(*(
@@ -208,30 +214,44 @@ class Batch:
         session.info["batch"] = self
 
     def prefetch(self, session: Session, mails: Iterable[ParsedMail | Exception | None],
-                 numbers: TicketNumbers) -> None:
+                 numbers: TicketNumbers, rows: list[m.Inbound] | None = None,
+                 orphan_wait: timedelta = timedelta(0)) -> None:
         """Before the batch's first message: what threading its messages will ask, in a few
         queries for the whole batch (``mailgw.threader.prefetch``; on PostgreSQL the tickets
-        they lead to are locked in id order), and those tickets' loop-protection counts."""
-        from mailgw.threader import message_refs, prefetch
+        they lead to are locked in id order), and those tickets' loop-protection counts.
+        ``rows`` (the worker; ``mails`` are theirs, in order): which of them to hold back for
+        an original still in the queue (``held``, ``hold_notes``; mailgw.threader.held_back)."""
+        from mailgw.threader import held_back, message_refs, prefetch
         from mailgw.types import ParsedMail
 
+        mails = list(mails)
         parsed = [p for p in mails if isinstance(p, ParsedMail)]
-        self.threads = index = prefetch(session, parsed, numbers, lock=self.pg)
+        self.threads = index = prefetch(session, parsed, numbers, lock=self.pg,
+                                        in_flight=None if rows is None else [r.id for r in rows])
+        if rows is not None:
+            self.held, self.hold_notes = held_back(session, index, [
+                (row.id, row.held_since, row.received_at,
+                 mail if isinstance(mail, ParsedMail) else None)
+                for row, mail in zip(rows, mails, strict=True)], self.at, orphan_wait)
+            if self.held:
+                parsed = [mail for row, mail in zip(rows, mails, strict=True)
+                          if isinstance(mail, ParsedMail) and row.id not in self.held]
         self.loops.prefetch_tickets(session, index.tickets)
         if not self.pg or not parsed:
             return
         # The ids the batch will likely use, in one round trip. Tickets: one per message that
-        # refers to no stored article, no earlier message of the batch and no stored ticket
-        # number (a ticket id is its number: a message that then makes no ticket, such as a
-        # bounce or an agent's answer, leaves a number unused).
-        new, seen = 0, set()
+        # refers to no stored article, no other message of the batch (the worker stores a
+        # batch's originals before their replies) and no stored ticket number (a ticket id
+        # is its number: a message that then makes no ticket, such as a bounce or an agent's
+        # answer, leaves a number unused).
+        new = 0
+        seen = {mail.message_id for mail in parsed if mail.message_id}
         for mail in parsed:
             refs = message_refs(mail)
-            if not any(r in index.refs or r in seen for r in refs) and not any(
+            if not any(r in index.refs or (r in seen and r != mail.message_id)
+                       for r in refs) and not any(
                     index.numbers.get(n) is not None for n in _numbers(mail, numbers)):
                 new += 1
-            if mail.message_id:
-                seen.add(mail.message_id)
         self.reserve(session, {"tickets": new, **{t: k * len(parsed)
                                                   for t, k in _PER_MESSAGE.items()}})
 

@@ -175,6 +175,11 @@ def process(session: Session, row: m.Inbound, ctx: Context,
 
     match = _find_ticket(session, mail, settings, sender)
     ticket, by, reason = match.ticket, match.by, match.reason
+    if ticket is None:
+        batch = batch_of(session)
+        note = batch.hold_notes.get(row.id) if batch is not None else None
+        if note:  # held back for its original as long as a reply is (worker.py)
+            reason += f"; {note}"
     reopened = rejected = False
     if ticket is not None and ticket.state == "closed" and auto:
         # An out-of-office or other automatic answer is kept on the ticket but neither

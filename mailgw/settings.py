@@ -243,6 +243,10 @@ class Worker(_Strict):
     batch_size: int = Field(default=64, ge=1, le=5000)
     poll_interval: float = Field(default=0.5, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # Seconds a reply that refers to no message the store has (no article, no inbound row)
+    # waits from its arrival before it opens a ticket: its original may have been sent at
+    # the same moment on another connection (docs/architecture.md decision 31); 0: no wait.
+    orphan_reply_wait: float = Field(default=2.0, ge=0, le=60)
 
 
 class Sender(_Strict):

@@ -10,8 +10,9 @@ Order, each step stronger than the next:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
@@ -19,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from mailgw.numbers import subject_pattern
 from mailgw.settings import TicketNumbers
-from mailgw.store.models import Article, Ticket
-from mailgw.types import ParsedMail
+from mailgw.store.models import Article, Inbound, Ticket
+from mailgw.types import ParsedMail, aware
 
 if TYPE_CHECKING:
     from mailgw.batch import Batch
@@ -63,15 +64,25 @@ class ThreadIndex:
     tickets: set[int] = field(default_factory=set)  # loaded (and locked) stored tickets
     # The loaded objects: the session's identity map holds them weakly only.
     loaded: list[Ticket] = field(default_factory=list)
+    # Message-ID -> inbound ids of messages with that id still in the queue (pending: not
+    # claimed, claimed by another worker, or held back), outside the batch; asked before the
+    # articles, so a message seen here still pending cannot have been missed by both
+    # (``held_back``). Only asked for the worker's batch (``in_flight`` given to prefetch).
+    in_flight: dict[str, list[int]] = field(default_factory=dict)
 
 
 def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, *,
-             lock: bool) -> ThreadIndex:
+             lock: bool, in_flight: Collection[int] | None = None) -> ThreadIndex:
     """Ask the store once for what threading ``mails`` needs (see ``ThreadIndex``). ``lock``
     (PostgreSQL): the tickets are loaded ``FOR NO KEY UPDATE`` in id order, so two workers
     whose batches touch the same tickets take their row locks in the same order; the second
     waits for the first's commit instead of deadlocking with it (bench/RESULTS.md, issue 8
-    session 5), and then reads the tickets as the first left them."""
+    session 5), and then reads the tickets as the first left them.
+
+    ``in_flight`` (the worker: the batch's inbound ids): also which of the referred
+    Message-IDs belong to messages still in the queue outside the batch (``held_back``).
+    Asked before the articles: a message committed in between is then found on its ticket,
+    one still pending was seen pending (PostgreSQL reads each statement's own snapshot)."""
     index = ThreadIndex()
     refs: dict[str, None] = {}
     numbers: dict[str, None] = {}
@@ -82,6 +93,13 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             numbers[m.group(1)] = None
     index.asked_refs = set(refs)
     ids: set[int] = set()
+    if refs and in_flight is not None:
+        batch_ids = set(in_flight)
+        for iid, mid in session.execute(
+                select(Inbound.id, Inbound.message_id)
+                .where(Inbound.message_id.in_(sorted(refs)), Inbound.state == "pending")):
+            if iid not in batch_ids:
+                index.in_flight.setdefault(mid, []).append(iid)
     if refs:
         for mid, tid in session.execute(
                 select(Article.message_id, Article.ticket_id)
@@ -116,6 +134,137 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             select(a.c.id, a.c.ticket_id, a.c.message_id).where(a.c.id.in_(first))):
         index.roots[tid] = (aid, mid)
     return index
+
+
+# A reply held back for its original (``held_back``): at most HOLD_MAX from its first hold,
+# retried after HOLD_DELAY, growing with the time held up to HOLD_DELAY_MAX.
+HOLD_MAX = timedelta(seconds=10)
+HOLD_DELAY = timedelta(milliseconds=50)
+HOLD_DELAY_MAX = timedelta(seconds=1)
+# A reply that refers to nothing the store holds, no article and no inbound row, waits until
+# it is ``orphan_wait`` old (worker.orphan_reply_wait): its original may have been sent at
+# the same moment on another connection and be committed a moment later (held_back).
+
+
+def held_back(session: Session, index: ThreadIndex,
+              batch: Sequence[tuple[int, datetime | None, datetime | None, ParsedMail | None]],
+              at: datetime, orphan_wait: timedelta = timedelta(0)
+              ) -> tuple[dict[int, timedelta], dict[int, str]]:
+    """The messages of a worker's batch to hold back: ``(inbound id, held_since,
+    received_at, parsed mail)`` -> ``({inbound id: delay}, {inbound id: note})``.
+
+    A message is held when none of the Message-IDs it refers to is on a stored article or is
+    one of the batch's messages, but one is the Message-ID of a message still in the queue
+    outside the batch (``ThreadIndex.in_flight``: claimed by another worker whose
+    transaction has not committed, not claimed yet, or held itself), or of a message of the
+    batch that is held: stored now, the reply would open a ticket of its own. It is given
+    back unprocessed (no attempt counted) and claimed again after the returned delay, by
+    when its original has most likely been stored. Bounded: a message first held
+    ``HOLD_MAX`` ago is processed as it is (a stuck, slow or never-finished original does
+    not hold it for ever; two messages that refer to each other are held at most that long,
+    and once claimed into one batch together they are stored there, ``parents_first``); the
+    note says why it opened a ticket. An original already quarantined or done is not in the
+    queue: no hold.
+
+    A reply none of whose Message-IDs the store has at all (no article, no inbound row: an
+    original sent at the same moment over another connection may not be committed yet) is
+    held until it is ``orphan_wait`` old, once; one inbound look-up for the batch, made
+    only when it has such a young reply."""
+    delays: dict[int, timedelta] = {}
+    notes: dict[int, str] = {}
+    mids = {iid: mail.message_id for iid, _, _, mail in batch
+            if mail is not None and mail.message_id}
+    asked: set[str] = set()
+    known: dict[str, bool] = {}  # Message-ID with an inbound row -> worth waiting for
+    changed = True
+    while changed:  # a reply to a message of the batch that is held is held too
+        changed = False
+        own = {mid: iid for iid, mid in mids.items() if iid not in delays}
+        young: list[tuple[int, list[str], datetime]] = []
+        for iid, held_since, received_at, mail in batch:
+            if mail is None or iid in delays or iid in notes:
+                continue
+            refs = message_refs(mail)
+            if not refs or any(r in index.refs or own.get(r, iid) != iid for r in refs):
+                continue
+            waiting = sorted({w for r in refs for w in index.in_flight.get(r, ())}
+                             | {o for o, mid in mids.items() if o in delays and mid in refs})
+            if not waiting:
+                received_at = aware(received_at)
+                if received_at is not None and at - received_at < orphan_wait:
+                    young.append((iid, refs, received_at))
+                continue
+            held_since = aware(held_since)
+            held = at - held_since if held_since is not None else timedelta(0)
+            if held >= HOLD_MAX:
+                notes[iid] = (f"inbound {', '.join(map(str, waiting))} with the message it "
+                              f"refers to was still in the queue after "
+                              f"{held.total_seconds():.0f} s")
+                continue
+            delays[iid] = min(HOLD_DELAY_MAX, max(HOLD_DELAY, held / 2))
+            changed = True
+        ask = sorted({r for _, refs, _ in young for r in refs} - asked)
+        if ask:
+            asked.update(ask)
+            for mid, state, ticket_id in session.execute(
+                    select(Inbound.message_id, Inbound.state, Inbound.ticket_id)
+                    .where(Inbound.message_id.in_(ask))):
+                # pending, or stored on a ticket since the batch's look-ups (PostgreSQL: an
+                # original committed in between): worth a look again; else (quarantined,
+                # stored without a ticket) it is there and makes no ticket to thread into
+                known[mid] = known.get(mid, False) or state == "pending" or ticket_id is not None
+        for iid, refs, received_at in young:
+            seen = [known[r] for r in refs if r in known]
+            if not seen:
+                delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
+                changed = True
+            elif any(seen):
+                delays[iid] = HOLD_DELAY
+                changed = True
+    return delays, notes
+
+
+def parents_first(items: Sequence[tuple[int, ParsedMail | None]]) -> list[int]:
+    """The order to store a batch in: by inbound id, except that a message referring to
+    another message of the batch comes after it (a reply received before its original,
+    claimed into the same batch, then threads into the original's ticket instead of opening
+    one). Of messages that refer to each other in a cycle, one goes first."""
+    by_mid: dict[str, int] = {}
+    for iid, mail in items:
+        if mail is not None and mail.message_id:
+            by_mid.setdefault(mail.message_id, iid)
+    if not by_mid:
+        return [iid for iid, _ in items]
+    parents: dict[int, list[int]] = {}
+    for iid, mail in items:
+        if mail is not None and (mail.in_reply_to or mail.references):
+            found = [by_mid[r] for r in message_refs(mail) if r in by_mid and by_mid[r] != iid]
+            if found:
+                parents[iid] = found
+    if not parents:
+        return [iid for iid, _ in items]
+    order: list[int] = []
+    state: dict[int, int] = {}  # 1: being placed, 2: placed
+
+    def place(iid: int) -> None:
+        stack = [(iid, iter(parents.get(iid, ())))]
+        state[iid] = 1
+        while stack:
+            node, todo = stack[-1]
+            for parent in todo:
+                if parent not in state:  # 1 (a cycle): leave it where it is
+                    state[parent] = 1
+                    stack.append((parent, iter(parents.get(parent, ()))))
+                    break
+            else:
+                stack.pop()
+                state[node] = 2
+                order.append(node)
+
+    for iid, _ in items:
+        if iid not in state:
+            place(iid)
+    return order
 
 
 def find_ticket(session: Session, mail: ParsedMail, cfg: TicketNumbers,

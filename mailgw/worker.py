@@ -123,6 +123,8 @@ class Worker:
         self._wake: threading.Event | None = None  # set by run(): new rows were committed
         self._expired_due = 0.0  # time.monotonic() of the next look for ran-out leases
         self._expired = True  # this claim looks for them (see _claimable)
+        # When the first row this worker held back (_hold) is claimable again (monotonic).
+        self._retry_at: float | None = None
         _return_large_blocks()
         release_dead_claims(engine)
 
@@ -157,9 +159,15 @@ class Worker:
         its fsync) to find nothing.
         """
         stamp = now()
+        # A row this worker held back (_hold) is leased until its delay ends: the look that
+        # takes it must be one that takes leases that ran out.
+        held_due = self._held_due()
+        if held_due:
+            self._retry_at = None
         if not self._pg:
-            self._expired = time.monotonic() >= self._expired_due
-            if self._expired:
+            due = time.monotonic() >= self._expired_due
+            self._expired = due or held_due
+            if due:
                 self._expired_due = time.monotonic() + EXPIRED_EVERY
             waiting = self._waiting(stamp)
             if not waiting:
@@ -383,8 +391,12 @@ class Worker:
             batch.prepared = prepared if prepared is not None else {}
             try:
                 batch.loops.prefetch(session, _ack_recipients(rows, parsed))
-                batch.prefetch(session, (parsed.get(r.id) for r in rows),
-                               ctx.settings.ticket_numbers)
+                batch.prefetch(session, [parsed.get(r.id) for r in rows],
+                               ctx.settings.ticket_numbers, rows=rows,
+                               orphan_wait=timedelta(seconds=ctx.settings.worker.orphan_reply_wait))
+                if batch.held:
+                    rows = self._hold(rows, batch)
+                rows = _parents_first(rows, parsed)
                 for row in rows:
                     self._current = row.id
                     if isolate:
@@ -398,15 +410,39 @@ class Worker:
                 # The batch's rows go in together now: a database error here is the batch's
                 # (rolled back and retried one message at a time, where it shows at its own).
                 self._current = rows[0].id if len(rows) == 1 else None
-                batch.write(session)
+                batch.write(session)  # the held rows' updates too
             finally:
                 batch.close(session)
             # Unleased rows only (SQLite); when a look for leases that ran out is due, the
             # next claim is left to _claim, which makes it.
             self._expired = False
-            claimed = ([] if not self._pg and time.monotonic() >= self._expired_due
+            claimed = ([] if not self._pg and (time.monotonic() >= self._expired_due
+                                               or self._held_due())
                        else self._claim_in(session, now(), first=False) or [])
         self._next = claimed
+
+    def _hold(self, rows: list[m.Inbound], batch: Batch) -> list[m.Inbound]:
+        """Give back, unprocessed, the rows the batch holds for an original still in the
+        queue (``mailgw.threader.held_back``): their attempt is not counted and they are
+        claimable again after their delay; ``held_since`` records the first hold (the bound).
+        Written with the batch (its flush), so a rolled-back batch holds nothing. Returns the
+        rows to store."""
+        stamp = now()
+        keep = []
+        for row in rows:
+            delay = batch.held.get(row.id)
+            if delay is None:
+                keep.append(row)
+                continue
+            row.attempts = max(0, row.attempts - 1)
+            row.claimed_until, row.claimed_by = stamp + delay, None
+            if row.held_since is None:
+                row.held_since = stamp
+            log.debug("inbound %s held back %.2f s: the message it replies to is still in "
+                      "the queue", row.id, delay.total_seconds())
+            retry = time.monotonic() + delay.total_seconds()
+            self._retry_at = retry if self._retry_at is None else min(self._retry_at, retry)
+        return keep
 
     def _process_one(self, session: Session, row: m.Inbound, ctx: Context,
                      parsed: ParsedMail | Exception | None, copies: _Redeliveries,
@@ -448,8 +484,22 @@ class Worker:
                 log.exception("worker batch failed")
                 n = 0
             if n == 0:
-                wake.wait(poll_interval)
+                wake.wait(self._wait(poll_interval))
         self.release_next()
+
+    def _held_due(self) -> bool:
+        """A row this worker held back is claimable again."""
+        return self._retry_at is not None and time.monotonic() >= self._retry_at
+
+    def _wait(self, poll_interval: float) -> float:
+        """How long to wait for a wake-up with nothing to do: the poll interval, or less when a
+        row this worker held back becomes claimable sooner (no commit would wake us for it)."""
+        if self._retry_at is None:
+            return poll_interval
+        left = self._retry_at - time.monotonic()
+        if left <= 0:  # due (while we looked): look again now (_claim clears it)
+            return 0
+        return min(poll_interval, left + 0.001)
 
     def release_next(self) -> None:
         """Free the rows claimed for a next batch that will not be run (stopping). Their
@@ -461,6 +511,19 @@ class Worker:
                           .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
                                  m.Inbound.claimed_by == self.me)
                           .values(claimed_until=None, claimed_by=None))
+
+
+def _parents_first(rows: list[m.Inbound],
+                   parsed: dict[int, ParsedMail | Exception | None]) -> list[m.Inbound]:
+    """The batch's rows in the order to store them (``mailgw.threader.parents_first``)."""
+    from mailgw.threader import parents_first
+
+    if len(rows) < 2:
+        return rows
+    by_id = {row.id: row for row in rows}
+    order = parents_first([(row.id, mail if isinstance(mail := parsed.get(row.id), ParsedMail)
+                            else None) for row in rows])
+    return [by_id[i] for i in order]
 
 
 def _transient(exc: DBAPIError) -> bool:

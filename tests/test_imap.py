@@ -68,6 +68,8 @@ def test_inbox_mail_becomes_tickets_moved_to_processed_and_ledgered(home, imap_u
         assert [i.raw for i in inbound] == raws  # the exact bytes, as fetched
         assert all(i.source == "imap" and i.source_ref.startswith(f"{p.mb.name}/INBOX/")
                    for i in inbound)
+        # (the Message-ID read at intake: a reply waits for its original, decision 31)
+        assert [i.message_id for i in inbound] == [f"p{k}@customer.test" for k in range(3)]
     # And a second poll finds nothing new
     assert poll(p) == 0
     assert len(h.tickets()) == 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from urllib.parse import unquote, urlsplit
 
 from mailgw.types import Envelope
@@ -29,7 +30,16 @@ PIECE = 1 << 20  # bytes per incremental blob write
 _READ = 1 << 20  # bytes per read of standard input
 
 COLUMNS = ("received_at", "source", "source_ref", "mail_from", "rcpt_tos", "queue", "size",
-           "sha256", "raw", "state", "attempts")
+           "sha256", "raw", "state", "attempts", "message_id")
+
+# message_id_of: the header block ends at the first empty line; a Message-ID field there,
+# with its continuation lines. Only the first HEAD_LIMIT bytes are looked at.
+HEAD_LIMIT = 256 * 1024
+_HEAD_END = re.compile(rb"\n\r?\n")
+_MESSAGE_ID_FIELD = re.compile(rb"^message-id:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                               re.IGNORECASE | re.MULTILINE)
+_BRACKETED_ID = re.compile(r"<([^<>]*)>")
+_ID_SEPARATORS = re.compile(r"[\s<>,;()\"']+")
 
 
 class RawBuffer(bytearray):
@@ -90,6 +100,36 @@ def _write_pieces(blob, raw: RawBuffer) -> None:  # type: ignore[no-untyped-def]
             blob.write(view[start:start + PIECE])
 
 
+def message_id_of(raw: bytes | bytearray) -> str | None:
+    """The bare Message-ID of a message, read from its header block without parsing it: what
+    ``mailgw.mail.parse`` gives as ``ParsedMail.message_id`` (the first Message-ID field, its
+    first bracketed id with the spaces taken out, else a token with an "@", else the value
+    without brackets if it is one word; tests/test_thread_hold.py compares the two on the
+    corpora). None when there is none, or it could never be referred to (a NUL, longer than
+    998 characters: ``mailgw.threader.message_refs`` drops such references). A few
+    microseconds: the intake stores it so the worker can hold a reply back while its
+    original is still in the queue (docs/architecture.md, decision 31)."""
+    end = _HEAD_END.search(raw, 0, HEAD_LIMIT)
+    found = _MESSAGE_ID_FIELD.search(raw, 0, end.start() + 1 if end else min(len(raw), HEAD_LIMIT))
+    if found is None:
+        return None
+    value = found.group(1)
+    text = (value.decode("ascii") if value.isascii()
+            else value.decode("utf-8", "replace")).replace("\r", "").replace("\n", "").strip()
+    if not text:
+        return None
+    ids = ["".join(i.split()) for i in _BRACKETED_ID.findall(text)]
+    mid = next((i for i in ids if i), None)
+    if mid is None:
+        mid = next((t for t in _ID_SEPARATORS.split(text) if "@" in t.strip("@")), None)
+    if mid is None:
+        token = text.strip("<> \t")
+        mid = token if token and not any(c.isspace() for c in token) else None
+    if mid is None or "\x00" in mid or len(mid) > 998:
+        return None
+    return mid
+
+
 def inbound_row(env: Envelope) -> dict:
     """The inbound row for an envelope (shared with ``mailgw.queue``)."""
     _check(env.raw)
@@ -105,6 +145,7 @@ def inbound_row(env: Envelope) -> dict:
         "raw": env.raw,
         "state": "pending",
         "attempts": 0,
+        "message_id": message_id_of(env.raw),
     }
 
 

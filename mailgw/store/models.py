@@ -81,6 +81,11 @@ class Inbound(Base):
     processed_at: Mapped[datetime | None]
     ticket_id: Mapped[int | None] = mapped_column(BigId)
     article_id: Mapped[int | None] = mapped_column(BigId)
+    # The bare Message-ID from the header block, read at intake (mailgw.intake.pipe
+    # message_id_of): a reply whose original is still in this queue waits for it (worker.py,
+    # docs/architecture.md decision 31). When the worker first held this row back so.
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    held_since: Mapped[datetime | None]
 
     __table_args__ = (
         # Workers claim the oldest pending rows; a partial index keeps that lookup as small as

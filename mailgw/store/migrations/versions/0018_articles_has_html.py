@@ -7,7 +7,7 @@ false: no rows are rewritten (an UPDATE of every article with HTML would rewrite
 large store, and their index entries on PostgreSQL, at the gateway's start).
 
 Revision ID: 0018
-Revises: 0016
+Revises: 0017
 Create Date: 2026-11-27 08:40:00
 """
 from alembic import op
@@ -15,8 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0018'
-# At merge: the revision before this one on main (0017, the "thread" branch's).
-down_revision = '0016'
+down_revision = '0017'
 branch_labels = None
 depends_on = None
 
