@@ -222,3 +222,74 @@ def test_parts_split_parameters_as_message_does_and_again_when_a_header_changes(
     assert ours.get_content_charset() == theirs.get_content_charset() == "iso-8859-2"
     assert ours.get_boundary() == "changed"
     assert ours.as_bytes() == theirs.as_bytes()
+
+
+# --- Header look-ups, indexed ---------------------------------------------------------------
+
+
+def _random_headers(rng: random.Random) -> list[tuple[str, str]]:
+    names = ["Content-Type", "content-type", "CONTENT-TYPE", "Content-Disposition", "Subject",
+             "X-Mixed", "x-mixed", "Content-Transfer-Encoding", "From"]
+    values = ["text/plain", "TEXT/HTML; charset=utf-8", "multipart/mixed; boundary=x", "text",
+              "a/b/c", "", " Text/Plain ", "attachment; filename=\"a.txt\"", "r\udce9sum\udce9",
+              "image/png; name*=utf-8''%C3%A9.png", "message/rfc822", "caf\u00e9"]
+    return [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 6))]
+
+
+def _reads(msg) -> list:  # type: ignore[no-untyped-def]
+    names = ["content-type", "Content-Type", "x-mixed", "subject", "missing", "FROM"]
+    out: list = []
+    for name in names:
+        value = msg.get(name, "failobj")
+        out.append((type(value).__name__, str(value)))
+        out.append((name in msg, str(msg[name])))
+    for get in (msg.get_content_type, msg.get_content_maintype, msg.get_content_subtype,
+                msg.get_default_type, msg.get_content_charset, msg.get_filename,
+                msg.get_content_disposition, msg.get_boundary):
+        out.append(get())
+    return out
+
+
+def test_parts_read_headers_as_message_does_through_every_change():
+    """_Part's index of headers and content types answers as Message's scans do, after
+    each of the stdlib's ways of changing the header list."""
+    from email.header import Header
+    from email.message import Message
+
+    rng = random.Random(822)
+    changes = [
+        lambda m, r: m.set_raw(r.choice(["Content-Type", "X-Mixed"]), r.choice(["text/html", "x"])),
+        lambda m, r: m.__setitem__("content-type", r.choice(["image/gif", "text/plain; charset=l1"])),
+        lambda m, r: m.__delitem__(r.choice(["content-type", "x-mixed", "subject"])),
+        lambda m, r: m.replace_header("Content-Type", r.choice(["text/plain", "caf\u00e9/x"]))
+        if "content-type" in m else None,
+        # An equal value of another type (Header == str): the list compares equal.
+        lambda m, r: m.replace_header("Subject", Header(str(m["Subject"])))
+        if "subject" in m else None,
+        lambda m, r: m.set_param("charset", r.choice(["utf-8", "koi8-r"])),
+        lambda m, r: m.set_type(r.choice(["text/html", "application/pdf"])),
+        lambda m, r: m.set_default_type(r.choice(["text/plain", "message/rfc822"])),
+        lambda m, r: m.add_header("Content-Disposition", "attachment", filename="b.txt"),
+        lambda m, r: m.set_boundary("bnd") if m.get_boundary() is not None else None,
+        lambda m, r: m.del_param("charset"),
+    ]
+    for _ in range(3000):
+        headers = _random_headers(rng)
+        ours, theirs = parse._Part(policy=parse._PARTS), Message(policy=policy.compat32)
+        for name, value in headers:
+            ours.set_raw(name, value)
+            theirs.set_raw(name, value)
+        assert _reads(ours) == _reads(theirs), headers
+        for _ in range(4):
+            change = rng.choice(changes)
+            seed = rng.random()
+            outcome = []
+            for msg in (ours, theirs):
+                try:
+                    change(msg, random.Random(seed))
+                    outcome.append(None)
+                except Exception as exc:  # the same error from both
+                    outcome.append(type(exc))
+            assert outcome[0] == outcome[1], headers
+            assert _reads(ours) == _reads(theirs), (headers, ours._headers)
+            assert ours._headers == theirs._headers

@@ -702,17 +702,21 @@ class _RunBuffer(BufferedSubFile):
         for i, seg in enumerate(segments):
             if isinstance(seg, str):
                 data: str | memoryview = seg
-                chars = len(seg) - seg.count("\n") - seg.count("\r")
-                padded = "=" in seg
             else:
                 start, end = seg
                 data = view[start:end]
-                chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
-                padded = raw.find(b"=", start, end) >= 0
             # Whole 4-character groups without padding decode on their own to what they
-            # contribute to the whole; only the last piece may end the data.
-            if i < last and (chars % 4 or padded):
-                return None
+            # contribute to the whole; only the last piece may end the data (so its
+            # characters are not counted: most parts are one run).
+            if i < last:
+                if isinstance(seg, str):
+                    chars = len(seg) - seg.count("\n") - seg.count("\r")
+                    padded = "=" in seg
+                else:
+                    chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
+                    padded = raw.find(b"=", start, end) >= 0
+                if chars % 4 or padded:
+                    return None
             try:
                 out.write(binascii.a2b_base64(data))
             except (binascii.Error, ValueError):
@@ -746,13 +750,62 @@ class _RunBuffer(BufferedSubFile):
 
 
 class _Part(Message):
-    """A ``Message`` that splits a header's parameters once per value.
+    """A ``Message`` that looks its headers up once, and splits a parameter header once.
+
+    ``Message.get`` (and ``in``, ``get_content_type``, every parameter read) scans the
+    whole header list lower-casing each name; the parser and ``parse_message`` ask a part
+    for its content type about six times and for a dozen headers in all. Here the first
+    look-up builds an index (lower-cased name: the first field of that name) and the
+    content types worked out, kept with a copy of the header list they came from: a
+    header list that no longer equals that copy (a field added, removed or replaced, by
+    any path, ``replace_header`` even to an equal value) gets a new index. A value is returned as ``Message.get`` returns it: through
+    the policy's ``header_fetch_parse``, which for compat32 gives a pure-ASCII string
+    back as it is.
 
     Reading a part's charset, file name and boundary (``get_content_charset``,
     ``get_filename``, ``get_boundary``) splits and RFC 2231-decodes the same Content-Type
-    header each time; a part is read several times while the tree is walked. The result is
-    kept per header name and value, so a changed header is split again; a copy is handed
-    out (it is a list)."""
+    header each time; that result is kept per header name and value, so a changed header
+    is split again; a copy is handed out (it is a list)."""
+
+    _mailgw_index: tuple[list, dict[str, tuple[str, object]], dict[str, str]] | None = None
+
+    def _state(self) -> tuple[list, dict[str, tuple[str, object]], dict[str, str]]:
+        headers = self._headers
+        state = self._mailgw_index
+        # list == list: the lengths, then each item by identity first (a C loop).
+        if state is not None and state[0] == headers:
+            return state
+        index: dict[str, tuple[str, object]] = {}
+        for name, value in headers:
+            index.setdefault(name.lower(), (name, value))
+        state = self._mailgw_index = (headers.copy(), index, {})
+        return state
+
+    def get(self, name, failobj=None):  # type: ignore[no-untyped-def]
+        found = self._state()[1].get(name.lower())
+        if found is None:
+            return failobj
+        key, value = found
+        if value.__class__ is str and value.isascii() and self.policy.__class__ is policy.Compat32:
+            return value  # compat32's _sanitize_header: no surrogates, the string itself
+        return self.policy.header_fetch_parse(key, value)
+
+    def __contains__(self, name):  # type: ignore[no-untyped-def]
+        return name.lower() in self._state()[1]
+
+    def replace_header(self, _name, _value):  # type: ignore[no-untyped-def]
+        # The one stdlib method that changes the list in place, maybe to an equal value
+        # of another type (a Header for a str): the next look-up indexes again.
+        super().replace_header(_name, _value)
+        self._mailgw_index = None
+
+    def get_content_type(self) -> str:
+        types = self._state()[2]
+        default = self._default_type  # the answer without a Content-Type header
+        ctype = types.get(default)
+        if ctype is None:
+            ctype = types[default] = super().get_content_type()
+        return ctype
 
     def _get_params_preserve(self, failobj, header):  # type: ignore[no-untyped-def]
         value = self.get(header)
