@@ -293,3 +293,15 @@ def test_parts_read_headers_as_message_does_through_every_change():
             assert outcome[0] == outcome[1], headers
             assert _reads(ours) == _reads(theirs), (headers, ours._headers)
             assert ours._headers == theirs._headers
+
+
+def test_runs_are_found_where_the_multiline_pattern_finds_them():
+    """_runs finds the runs of base64-like lines that "^" with re.MULTILINE finds."""
+    reference = re.compile("^" + parse._BODY_RUN.pattern, re.MULTILINE)
+    rng = random.Random(2045)
+    pieces = ["QUJD" * 5, "QUJD" * 19 + "QQ==", "abc", "x" * 15, "x" * 16, "a+b/c=" * 4, "-" * 20,
+              "Content-Type: text/plain", " " + "A" * 20, "A" * 20 + " ", "", "\x00", "é" * 17]
+    endings = ["\n", "\r\n", "\r", "", "\n\n"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) + rng.choice(endings) for _ in range(rng.randint(0, 8)))
+        assert list(parse._runs(text)) == [m.span() for m in reference.finditer(text)], text

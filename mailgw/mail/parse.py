@@ -587,7 +587,25 @@ _FEED_CHUNK = 1 << 20
 # header field (no colon, no leading space), nor a MIME delimiter (those start with "--"),
 # nor the blank line that ends a header block.
 # Lines start after "\n" (a line ending in a lone "\r" just does not start a run).
-_BODY_RUN = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
+_BODY_RUN = re.compile(r"(?:[A-Za-z0-9+/=]{16,}\r?\n)+")  # matched at a line start
+# The runs after the first line: a line start is just after a "\n" (what "^" means with
+# re.MULTILINE), and a pattern that starts with that literal is searched for quickly
+# (a "^" pattern is tried at every character).
+_NEXT_RUN = re.compile(r"\n((?:[A-Za-z0-9+/=]{16,}\r?\n)+)")
+
+
+def _runs(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of base64-like lines in ``text``: what
+    ``re.compile("^" + _BODY_RUN.pattern, re.MULTILINE).finditer`` finds, faster."""
+    first = _BODY_RUN.match(text)
+    pos = 0
+    if first:
+        pos = first.end()
+        yield 0, pos
+    for match in _NEXT_RUN.finditer(text, pos):
+        yield match.span(1)
+
+
 # Runs at least this long stay in the raw bytes; the parser sees a placeholder line.
 _RUN_MIN = 64 * 1024
 _PLACEHOLDER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
@@ -652,11 +670,11 @@ class _RunBuffer(BufferedSubFile):
         parser, each run of base64-like lines as one."""
         out: list[str] = []
         pos = 0
-        for match in _BODY_RUN.finditer(text):
-            if match.start() > pos:  # the lines between runs, split as the stdlib splits them
-                out.extend(StringIO(text[pos : match.start()], newline="").readlines())
-            out.append(self._run(match.group(), self.pos + match.start()))
-            pos = match.end()
+        for start, end in _runs(text):
+            if start > pos:  # the lines between runs, split as the stdlib splits them
+                out.extend(StringIO(text[pos:start], newline="").readlines())
+            out.append(self._run(text[start:end], self.pos + start))
+            pos = end
         if not out:
             out = lines if lines is not None else StringIO(text, newline="").readlines()
         elif pos < len(text):
