@@ -204,12 +204,18 @@ _MAX_HEADER = 32 * 1024
 class _Headers:
     """Each header once unfolded (``raw``, for structured parsing) and fully decoded."""
 
+    raw: dict[str, list[str]]
+    decoded: dict[str, list[str]]
+
     def __init__(self, msg: Message, hint: str | None, defects: list[str]) -> None:
-        self.raw: dict[str, list[str]] = {}
-        self.decoded: dict[str, list[str]] = {}
+        self.raw = raw = {}
+        self.decoded = decoded = {}
+        # The tests that skip a step are the ones the step starts with (_unescape: ASCII;
+        # _decode_rfc2047: "=?"; _clean: NUL): most values need none of the steps.
         for name, value in msg.raw_items():
             key = name.strip().lower()
-            value = _unescape(value, hint)
+            if not value.isascii():
+                value = _unescape(value, hint)
             if "\n" in value or "\r" in value:  # the common header is one line: skip the regex
                 value = _FOLD.sub(" ", value)
             value = value.strip()
@@ -218,9 +224,16 @@ class _Headers:
                 # an attack or a broken mailer. The raw message keeps the whole value.
                 defects.append(f"{key} header of {len(value)} characters truncated")
                 value = value[-_MAX_HEADER:] if key in ("references", "in-reply-to") else value[:_MAX_HEADER]
-            self.raw.setdefault(key, []).append(value)
-            decoded = _clean(_decode_rfc2047(value, defects), defects)
-            self.decoded.setdefault(key, []).append(decoded)
+            text = _decode_rfc2047(value, defects) if "=?" in value else value
+            if "\x00" in text:
+                text = _clean(text, defects)
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+                decoded[key] = [text]
+            else:
+                values.append(value)
+                decoded[key].append(text)
 
     def first(self, name: str) -> str | None:
         values = self.raw.get(name)
