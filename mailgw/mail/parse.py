@@ -795,8 +795,8 @@ class _Part(Message):
 
     Reading a part's charset, file name and boundary (``get_content_charset``,
     ``get_filename``, ``get_boundary``) splits and RFC 2231-decodes the same Content-Type
-    header each time; that result is kept per header name and value, so a changed header
-    is split again; a copy is handed out (it is a list)."""
+    header each time; that result is kept per header value (``_PARAMS``, shared by all
+    parts), so a changed header is split again; a copy is handed out (it is a list)."""
 
     _mailgw_index: tuple[list, dict[str, tuple[str, object]], dict[str, str]] | None = None
 
@@ -842,11 +842,22 @@ class _Part(Message):
         value = self.get(header)
         if not isinstance(value, str):  # absent, or a Header object (8-bit bytes): as is
             return super()._get_params_preserve(failobj, header)
-        cache = self.__dict__.setdefault("_mailgw_params", {})
-        params = cache.get((header, value))
+        params = _PARAMS.get(value)
         if params is None:
-            params = cache[header, value] = super()._get_params_preserve(failobj, header)
+            params = super()._get_params_preserve(failobj, header)
+            if len(value) <= _PARAMS_VALUE_MAX:
+                if len(_PARAMS) >= _PARAMS_MAX:
+                    _PARAMS.clear()
+                _PARAMS[value] = params
         return list(params)
+
+
+# The split parameters by header value (a function of the value alone): most parts of most
+# mail carry one of a few Content-Type values ('text/plain; charset="utf-8"'). Bounded:
+# emptied when full; long values (hostile, or unique) are not kept.
+_PARAMS: dict[str, list] = {}
+_PARAMS_MAX = 4096
+_PARAMS_VALUE_MAX = 200
 
 
 # compat32 whose parts are _Part: the same parsing, headers and serialisation.
