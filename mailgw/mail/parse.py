@@ -845,7 +845,7 @@ class _Part(Message):
         params = _PARAMS.get(value)
         if params is None:
             params = super()._get_params_preserve(failobj, header)
-            if len(value) <= _PARAMS_VALUE_MAX:
+            if len(value) <= _PARAMS_VALUE_MAX and "boundary" not in value.lower():
                 if len(_PARAMS) >= _PARAMS_MAX:
                     _PARAMS.clear()
                 _PARAMS[value] = params
@@ -854,7 +854,8 @@ class _Part(Message):
 
 # The split parameters by header value (a function of the value alone): most parts of most
 # mail carry one of a few Content-Type values ('text/plain; charset="utf-8"'). Bounded:
-# emptied when full; long values (hostile, or unique) are not kept.
+# emptied when full; long values (hostile) and those with a boundary (unique to a
+# message) are not kept.
 _PARAMS: dict[str, list] = {}
 _PARAMS_MAX = 4096
 _PARAMS_VALUE_MAX = 200
