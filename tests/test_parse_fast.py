@@ -305,3 +305,42 @@ def test_runs_are_found_where_the_multiline_pattern_finds_them():
     for _ in range(20000):
         text = "".join(rng.choice(pieces) + rng.choice(endings) for _ in range(rng.randint(0, 8)))
         assert list(parse._runs(text)) == [m.span() for m in reference.finditer(text)], text
+
+
+def test_the_buffer_reads_lines_as_the_stdlib_buffer_does():
+    """_RunBuffer.readline (which skips the matchers for a line no boundary can match)
+    against email.feedparser.BufferedSubFile, under random stacks of false-EOF matchers:
+    boundaries (as the feed parser compiles them), the blank-line matcher, a plain pattern."""
+    from email import feedparser as stdlib
+
+    rng = random.Random(2046)
+    lines = ["--a\n", "--a--\n", "--ab\r\n", "--b\n", "-a\n", "text\n", "\n", "\r\n", "a--\n",
+             "--\n", "QUJDRA==\n", " --a\n", "--a  \n"]
+    for _ in range(3000):
+        data = "".join(rng.choice(lines) for _ in range(rng.randint(0, 12)))
+        ours, theirs = parse._RunBuffer(data.encode(), 0), stdlib.BufferedSubFile()
+        for buffer in (ours, theirs):
+            buffer.push(data)
+            buffer.close()
+        for _ in range(20):
+            action = rng.random()
+            if action < 0.15:
+                boundary = rng.choice(["a", "ab", "b"])
+                pattern = ("(?P<sep>" + re.escape("--" + boundary)
+                           + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$")
+                pred = feed.compile_pattern(pattern).match
+                if rng.random() < 0.2:
+                    pred = stdlib.NLCRE.match
+                elif rng.random() < 0.1:
+                    pred = re.compile(pattern).match
+                ours.push_eof_matcher(pred)
+                theirs.push_eof_matcher(pred)
+            elif action < 0.25 and theirs._eofstack:
+                ours.pop_eof_matcher()
+                theirs.pop_eof_matcher()
+            else:
+                line = ours.readline()
+                assert line == theirs.readline(), data
+                if line and rng.random() < 0.2:
+                    ours.unreadline(line)
+                    theirs.unreadline(line)

@@ -49,7 +49,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from io import BytesIO, StringIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
-from mailgw.mail.feed import BufferedSubFile, BytesFeedParser
+from mailgw.mail.feed import BoundaryMatcher, BufferedSubFile, BytesFeedParser
 from mailgw.types import Attachment, ParsedMail, ParseError
 
 __all__ = ["looks_like_mail", "parse_message"]
@@ -625,6 +625,19 @@ _PLACEHOLDER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n]*")
 
 
+def _separators(matchers: list) -> tuple[str, ...] | None:  # type: ignore[type-arg]
+    """The separators of the parser's false-EOF matchers, when all are a ``BoundaryMatcher``'s
+    ``match`` (a line that starts with none of them matches none); else None."""
+    starts = []
+    for pred in matchers:
+        matcher = getattr(pred, "__self__", None)
+        if not (isinstance(matcher, BoundaryMatcher)
+                and getattr(pred, "__func__", None) is BoundaryMatcher.match):
+            return None  # a blank-line matcher (message/delivery-status), or a pattern
+        starts.append(matcher.separator)
+    return tuple(starts)
+
+
 class _RunBuffer(BufferedSubFile):
     """The stdlib parser's line buffer, with each run of base64-like lines handed out as
     one line, and long runs left in the raw bytes.
@@ -648,6 +661,27 @@ class _RunBuffer(BufferedSubFile):
         self.pos = start  # offset in raw of the next character handed to pushlines
         self.nonce = ""  # made with the first placeholder: most messages have none
         self.runs: list[tuple[int, int]] = []
+        self._starts: tuple[str, ...] | None = ()  # see readline
+
+    def push_eof_matcher(self, pred) -> None:  # type: ignore[no-untyped-def]
+        super().push_eof_matcher(pred)
+        self._starts = _separators(self._eofstack)
+
+    def pop_eof_matcher(self):  # type: ignore[no-untyped-def]
+        pred = super().pop_eof_matcher()
+        self._starts = _separators(self._eofstack)
+        return pred
+
+    def readline(self):  # type: ignore[no-untyped-def]
+        """``BufferedSubFile.readline``; a line that starts with none of the boundary
+        separators the parser waits for (most lines) is handed out without asking each
+        matcher (``_starts``: the separators, when every matcher is a boundary's)."""
+        lines = self._lines
+        if lines:
+            starts = self._starts
+            if starts is not None and not lines[0].startswith(starts):
+                return lines.popleft()
+        return super().readline()
 
     def push(self, data: str) -> None:
         """``BufferedSubFile.push`` without splitting the data into lines first (``_push``
