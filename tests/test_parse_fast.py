@@ -132,6 +132,7 @@ def test_the_boundary_matcher_matches_as_the_regex_does() -> None:
         ours = feed.compile_pattern(_stdlib_pattern(boundary))
         assert isinstance(ours, feed.BoundaryMatcher)
         sep = "--" + boundary
+        assert ours.separator == sep
         lines = [sep + rnd.choice(tails) + rnd.choice(tails) for _ in range(6)]
         lines += [sep[:-1], "x" + sep, sep.upper(), "", "--", sep + sep,
                   "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 20)))]
