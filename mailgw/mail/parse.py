@@ -600,16 +600,18 @@ _FEED_CHUNK = 1 << 20
 # header field (no colon, no leading space), nor a MIME delimiter (those start with "--"),
 # nor the blank line that ends a header block.
 # Lines start after "\n" (a line ending in a lone "\r" just does not start a run).
-_BODY_RUN = re.compile(r"(?:[A-Za-z0-9+/=]{16,}\r?\n)+")  # matched at a line start
+# Possessive (no backtracking points kept per line): neither "\r" nor "\n" is in the class,
+# so giving characters or lines back could never make another match.
+_BODY_RUN = re.compile(r"(?:[A-Za-z0-9+/=]{16,}+\r?+\n)++")  # matched at a line start
 # The runs after the first line: a line start is just after a "\n" (what "^" means with
 # re.MULTILINE), and a pattern that starts with that literal is searched for quickly
 # (a "^" pattern is tried at every character).
-_NEXT_RUN = re.compile(r"\n((?:[A-Za-z0-9+/=]{16,}\r?\n)+)")
+_NEXT_RUN = re.compile(r"\n((?:[A-Za-z0-9+/=]{16,}+\r?+\n)++)")
 
 
 def _runs(text: str) -> Iterator[tuple[int, int]]:
     """(start, end) of each run of base64-like lines in ``text``: what
-    ``re.compile("^" + _BODY_RUN.pattern, re.MULTILINE).finditer`` finds, faster."""
+    ``re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE).finditer`` finds, faster."""
     first = _BODY_RUN.match(text)
     pos = 0
     if first:
