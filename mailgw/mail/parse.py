@@ -465,17 +465,30 @@ def _payload_bytes(part: Message, ctype: str, defects: list[str]) -> bytes:
     if data is not None:  # decoded while parsing (_RunBuffer.settle)
         return data
     payload = part._payload
-    if (isinstance(payload, str) and payload.isascii()
-            and str(part.get("content-transfer-encoding", "")).lower() == "base64"):
-        try:
-            # Where this succeeds the stdlib's decode_b returns the same bytes (it ignores
-            # line breaks and, failing validation, other non-alphabet characters too);
-            # bad padding raises here and takes the stdlib's lenient path below.
-            return binascii.a2b_base64(payload)
-        except (binascii.Error, ValueError):
-            pass
+    if isinstance(payload, str) and payload.isascii():
+        cte = str(part.get("content-transfer-encoding", "")).lower()
+        if cte == "base64":
+            try:
+                # Where this succeeds the stdlib's decode_b returns the same bytes (it
+                # ignores line breaks and, failing validation, other non-alphabet
+                # characters too); bad padding raises here and takes the stdlib's
+                # lenient path below.
+                return binascii.a2b_base64(payload)
+            except (binascii.Error, ValueError):
+                pass
+        # What get_payload(decode=True) does with an ASCII string payload (no surrogates:
+        # its encode cannot fail): quoted-printable is quopri.decodestring, i.e. a2b_qp;
+        # any other encoding but uuencode's names gives the ASCII bytes.
+        elif cte == "quoted-printable":
+            return binascii.a2b_qp(payload.encode("ascii"))
+        elif cte not in _UUENCODE:
+            return payload.encode("ascii")
     data = part.get_payload(decode=True)
     return data if isinstance(data, bytes) else b""
+
+
+# The transfer encodings get_payload(decode=True) reads as uuencode.
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
 
 
 def _part_text(part: Message, ctype: str, defects: list[str]) -> str:
