@@ -10,7 +10,11 @@ The messages: the generated benchmark corpus (``bench/gen_corpus.py``, ``--count
 seed, ``--seeds``) and every message of the shared corpus (``../shared/corpus``, as
 ``tests/corpus.py`` lists them) unless ``--no-shared``.
 
-``--time`` measures, in this process, CPU ms per message of ``parse_message`` and of the
+``--prepared`` adds to each line a hash of ``reply_parts`` and of ``classify`` of the
+result (what ``mailgw.process.prepare`` computes; a made-up envelope).
+
+``--time`` measures, in this process, CPU ms per message of ``parse_message``, of
+``reply_parts`` + ``classify`` (``prepare``) and of the
 acknowledgement (``Renderer.render`` of ``ack_new``/``ack_followup`` and
 ``build_message`` with the headers ``mailgw.process`` gives it) over the generated corpus,
 in ``--rounds`` rounds (the median is printed).
@@ -40,8 +44,32 @@ FIELDS = ("message_id", "in_reply_to", "references", "subject", "from_addr", "fr
           "to", "cc", "reply_to", "date", "text", "html", "attachments", "headers", "defects")
 
 
-def digest(raw: bytes) -> str:
-    """The fields of ``parse_message(raw)``, each hashed, as one line's value."""
+def _hash(value: object) -> str:
+    # repr keeps types apart (list/tuple, str/None) and is stable for these values.
+    return hashlib.sha256(repr(value).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# What mailgw.process.prepare computes from a parsed message (--prepared): the envelope
+# is made up, the same for every version compared.
+PREPARED = ("reply_parts", "class")
+
+
+def prepared(parsed, raw: bytes) -> tuple[object, object]:  # type: ignore[no-untyped-def]
+    """``reply_parts`` and ``classify`` of a parsed message, as ``process.prepare`` calls
+    them (envelope sender: its From; recipient: support@example.com; our address and
+    loop header: support@example.com, X-Mailgw-Loop)."""
+    from mailgw.mail.classify import Ours, classify
+    from mailgw.mail.reply import reply_parts
+
+    ours = Ours(addresses=frozenset({"support@example.com"}), loop_header="X-Mailgw-Loop")
+    return (reply_parts(parsed.text, parsed.html),
+            classify(parsed, parsed.from_addr or None, raw=raw,
+                     rcpt_tos=("support@example.com",), ours=ours))
+
+
+def digest(raw: bytes, with_prepared: bool = False) -> str:
+    """The fields of ``parse_message(raw)``, each hashed, as one line's value; with
+    ``with_prepared`` also ``reply_parts`` and ``classify`` of the result."""
     from mailgw.mail.parse import parse_message
 
     try:
@@ -50,9 +78,10 @@ def digest(raw: bytes) -> str:
         return f"raised {type(exc).__name__}: {exc}"
     out = [type(parsed).__name__]
     for name in FIELDS:
-        value = getattr(parsed, name)
-        # repr keeps types apart (list/tuple, str/None) and is stable for these values.
-        out.append(f"{name}={hashlib.sha256(repr(value).encode('utf-8', 'surrogatepass')).hexdigest()[:16]}")
+        out.append(f"{name}={_hash(getattr(parsed, name))}")
+    if with_prepared:
+        for name, value in zip(PREPARED, prepared(parsed, raw), strict=True):
+            out.append(f"{name}={_hash(value)}")
     return " ".join(out)
 
 
@@ -88,13 +117,14 @@ def shared() -> Iterator[tuple[str, bytes]]:
         yield from iter_corpus_messages()
 
 
-def dump(path: Path, seeds: list[int], count: int, with_shared: bool) -> int:
+def dump(path: Path, seeds: list[int], count: int, with_shared: bool,
+         with_prepared: bool = False) -> int:
     n = 0
     with path.open("w") as f:
         sources = [generated(seeds, count)] + ([shared()] if with_shared else [])
         for source in sources:
             for name, raw in source:
-                f.write(f"{name} {digest(raw)}\n")
+                f.write(f"{name} {digest(raw, with_prepared)}\n")
                 n += 1
     return n
 
@@ -159,9 +189,13 @@ def time_it(seeds: list[int], count: int, rounds: int) -> None:
         for raw in messages:
             parse_message(raw)
 
-    results: dict[str, list[float]] = {"parse": [], "ack": []}
+    def prepare_all() -> None:
+        for p, raw in zip(parsed, messages, strict=True):
+            prepared(p, raw)
+
+    results: dict[str, list[float]] = {"parse": [], "prepare": [], "ack": []}
     for _ in range(rounds):
-        for label, fn in (("parse", parse_all), ("ack", ack_all)):
+        for label, fn in (("parse", parse_all), ("prepare", prepare_all), ("ack", ack_all)):
             start = time.process_time()
             fn()
             results[label].append((time.process_time() - start) / len(messages) * 1000)
@@ -183,6 +217,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-shared", action="store_true")
+    ap.add_argument("--prepared", action="store_true",
+                    help="--dump: also reply_parts and classify of each message")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     import mailgw
@@ -196,7 +232,7 @@ def main() -> None:
                 f.write(f"{name} {fingerprint(raw)}\n")
     if args.dump:
         start = time.monotonic()
-        n = dump(args.dump, seeds, args.count, not args.no_shared)
+        n = dump(args.dump, seeds, args.count, not args.no_shared, args.prepared)
         print(f"{n} messages in {time.monotonic() - start:.1f} s -> {args.dump}")
     if args.time:
         time_it(seeds[:1], args.count, args.rounds)

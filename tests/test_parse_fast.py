@@ -132,6 +132,7 @@ def test_the_boundary_matcher_matches_as_the_regex_does() -> None:
         ours = feed.compile_pattern(_stdlib_pattern(boundary))
         assert isinstance(ours, feed.BoundaryMatcher)
         sep = "--" + boundary
+        assert ours.separator == sep
         lines = [sep + rnd.choice(tails) + rnd.choice(tails) for _ in range(6)]
         lines += [sep[:-1], "x" + sep, sep.upper(), "", "--", sep + sep,
                   "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 20)))]
@@ -222,3 +223,152 @@ def test_parts_split_parameters_as_message_does_and_again_when_a_header_changes(
     assert ours.get_content_charset() == theirs.get_content_charset() == "iso-8859-2"
     assert ours.get_boundary() == "changed"
     assert ours.as_bytes() == theirs.as_bytes()
+
+
+# --- Header look-ups, indexed ---------------------------------------------------------------
+
+
+def _random_headers(rng: random.Random) -> list[tuple[str, str]]:
+    names = ["Content-Type", "content-type", "CONTENT-TYPE", "Content-Disposition", "Subject",
+             "X-Mixed", "x-mixed", "Content-Transfer-Encoding", "From"]
+    values = ["text/plain", "TEXT/HTML; charset=utf-8", "multipart/mixed; boundary=x", "text",
+              "a/b/c", "", " Text/Plain ", "attachment; filename=\"a.txt\"", "r\udce9sum\udce9",
+              "image/png; name*=utf-8''%C3%A9.png", "message/rfc822", "caf\u00e9"]
+    return [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 6))]
+
+
+def _reads(msg) -> list:  # type: ignore[no-untyped-def]
+    names = ["content-type", "Content-Type", "x-mixed", "subject", "missing", "FROM"]
+    out: list = []
+    for name in names:
+        value = msg.get(name, "failobj")
+        out.append((type(value).__name__, str(value)))
+        out.append((name in msg, str(msg[name])))
+    for get in (msg.get_content_type, msg.get_content_maintype, msg.get_content_subtype,
+                msg.get_default_type, msg.get_content_charset, msg.get_filename,
+                msg.get_content_disposition, msg.get_boundary):
+        out.append(get())
+    return out
+
+
+def test_parts_read_headers_as_message_does_through_every_change():
+    """_Part's index of headers and content types answers as Message's scans do, after
+    each of the stdlib's ways of changing the header list."""
+    from email.header import Header
+    from email.message import Message
+
+    rng = random.Random(822)
+    changes = [
+        lambda m, r: m.set_raw(r.choice(["Content-Type", "X-Mixed"]), r.choice(["text/html", "x"])),
+        lambda m, r: m.__setitem__("content-type", r.choice(["image/gif", "text/plain; charset=l1"])),
+        lambda m, r: m.__delitem__(r.choice(["content-type", "x-mixed", "subject"])),
+        lambda m, r: m.replace_header("Content-Type", r.choice(["text/plain", "caf\u00e9/x"]))
+        if "content-type" in m else None,
+        # An equal value of another type (Header == str): the list compares equal.
+        lambda m, r: m.replace_header("Subject", Header(str(m["Subject"])))
+        if "subject" in m else None,
+        lambda m, r: m.set_param("charset", r.choice(["utf-8", "koi8-r"])),
+        lambda m, r: m.set_type(r.choice(["text/html", "application/pdf"])),
+        lambda m, r: m.set_default_type(r.choice(["text/plain", "message/rfc822"])),
+        lambda m, r: m.add_header("Content-Disposition", "attachment", filename="b.txt"),
+        lambda m, r: m.set_boundary("bnd") if m.get_boundary() is not None else None,
+        lambda m, r: m.del_param("charset"),
+    ]
+    for _ in range(3000):
+        headers = _random_headers(rng)
+        ours, theirs = parse._Part(policy=parse._PARTS), Message(policy=policy.compat32)
+        for name, value in headers:
+            ours.set_raw(name, value)
+            theirs.set_raw(name, value)
+        assert _reads(ours) == _reads(theirs), headers
+        for _ in range(4):
+            change = rng.choice(changes)
+            seed = rng.random()
+            outcome = []
+            for msg in (ours, theirs):
+                try:
+                    change(msg, random.Random(seed))
+                    outcome.append(None)
+                except Exception as exc:  # the same error from both
+                    outcome.append(type(exc))
+            assert outcome[0] == outcome[1], headers
+            assert _reads(ours) == _reads(theirs), (headers, ours._headers)
+            assert ours._headers == theirs._headers
+
+
+def test_runs_are_found_where_the_multiline_pattern_finds_them():
+    """_runs finds the runs of base64-like lines that the pattern it replaces finds (main
+    before issue 8 session 6: "^" with re.MULTILINE, greedy, not possessive)."""
+    reference = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
+    rng = random.Random(2045)
+    pieces = ["QUJD" * 5, "QUJD" * 19 + "QQ==", "abc", "x" * 15, "x" * 16, "a+b/c=" * 4, "-" * 20,
+              "Content-Type: text/plain", " " + "A" * 20, "A" * 20 + " ", "", "\x00", "é" * 17]
+    endings = ["\n", "\r\n", "\r", "", "\n\n"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) + rng.choice(endings) for _ in range(rng.randint(0, 8)))
+        assert list(parse._runs(text)) == [m.span() for m in reference.finditer(text)], text
+
+
+def test_the_buffer_reads_lines_as_the_stdlib_buffer_does():
+    """_RunBuffer.readline (which skips the matchers for a line no boundary can match)
+    against email.feedparser.BufferedSubFile, under random stacks of false-EOF matchers:
+    boundaries (as the feed parser compiles them), the blank-line matcher, a plain pattern."""
+    from email import feedparser as stdlib
+
+    rng = random.Random(2046)
+    lines = ["--a\n", "--a--\n", "--ab\r\n", "--b\n", "-a\n", "text\n", "\n", "\r\n", "a--\n",
+             "--\n", "QUJDRA==\n", " --a\n", "--a  \n"]
+    for _ in range(3000):
+        data = "".join(rng.choice(lines) for _ in range(rng.randint(0, 12)))
+        ours, theirs = parse._RunBuffer(data.encode(), 0), stdlib.BufferedSubFile()
+        for buffer in (ours, theirs):
+            buffer.push(data)
+            buffer.close()
+        for _ in range(20):
+            action = rng.random()
+            if action < 0.15:
+                boundary = rng.choice(["a", "ab", "b"])
+                pattern = ("(?P<sep>" + re.escape("--" + boundary)
+                           + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$")
+                pred = feed.compile_pattern(pattern).match
+                if rng.random() < 0.2:
+                    pred = stdlib.NLCRE.match
+                elif rng.random() < 0.1:
+                    pred = re.compile(pattern).match
+                ours.push_eof_matcher(pred)
+                theirs.push_eof_matcher(pred)
+            elif action < 0.25 and theirs._eofstack:
+                ours.pop_eof_matcher()
+                theirs.pop_eof_matcher()
+            else:
+                line = ours.readline()
+                assert line == theirs.readline(), data
+                if line and rng.random() < 0.2:
+                    ours.unreadline(line)
+                    theirs.unreadline(line)
+
+
+def test_payload_bytes_are_what_get_payload_decodes():
+    """_payload_bytes' shortcuts for ASCII payloads (base64, quoted-printable, the rest)
+    against Message.get_payload(decode=True), on random payloads and encodings."""
+    from email.message import Message
+
+    rng = random.Random(2045)
+    pieces = ["abc", "=3D", "=\r\n", "=\n", "=", "=ZZ", "_", " ", "\t", "\r\n", "\n", "QUJD",
+              "QQ==", "!", "é", "\udce9", "begin 644 x\n", "=C3=A9"]
+    ctes = [None, "7bit", "8bit", "binary", "Quoted-Printable", "quoted-printable", "base64",
+            "BASE64", "x-uuencode", "uue", "bogus", ""]
+    for _ in range(5000):
+        payload = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        part = Message()
+        cte = rng.choice(ctes)
+        if cte is not None:
+            part["Content-Transfer-Encoding"] = cte
+        part.set_payload(payload)
+        try:
+            expected = part.get_payload(decode=True)
+        except UnicodeError as exc:  # "é" next to an escaped byte: not from a parse
+            with pytest.raises(type(exc)):
+                parse._payload_bytes(part, "text/plain", [])
+            continue
+        assert parse._payload_bytes(part, "text/plain", []) == expected, (cte, payload)

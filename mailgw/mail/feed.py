@@ -60,7 +60,11 @@ def compile_pattern(pattern: str, flags: int = 0):  # type: ignore[no-untyped-de
     if (not flags and isinstance(pattern, str) and pattern.startswith(_HEAD)
             and pattern.endswith(_TAIL)):
         escaped = pattern[len(_HEAD) : -len(_TAIL)]
-        separator = _ESCAPED.sub(r"\1", escaped)
+        # Boundaries have no backslash (RFC 2046 bchars): dropping re.escape's backslashes
+        # is the common way back (a substitution calls a function per escaped character).
+        separator = escaped.replace("\\", "")
+        if re.escape(separator) != escaped:
+            separator = _ESCAPED.sub(r"\1", escaped)
         if re.escape(separator) == escaped:  # exactly re.escape's output: a literal
             return BoundaryMatcher(separator)
     return re.compile(pattern, flags)

@@ -49,7 +49,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from io import BytesIO, StringIO
 
 from mailgw.mail.charsets import LATIN1_SUPERSET, codec_for, decode
-from mailgw.mail.feed import BufferedSubFile, BytesFeedParser
+from mailgw.mail.feed import BoundaryMatcher, BufferedSubFile, BytesFeedParser
 from mailgw.types import Attachment, ParsedMail, ParseError
 
 __all__ = ["looks_like_mail", "parse_message"]
@@ -204,12 +204,18 @@ _MAX_HEADER = 32 * 1024
 class _Headers:
     """Each header once unfolded (``raw``, for structured parsing) and fully decoded."""
 
+    raw: dict[str, list[str]]
+    decoded: dict[str, list[str]]
+
     def __init__(self, msg: Message, hint: str | None, defects: list[str]) -> None:
-        self.raw: dict[str, list[str]] = {}
-        self.decoded: dict[str, list[str]] = {}
+        self.raw = raw = {}
+        self.decoded = decoded = {}
+        # The tests that skip a step are the ones the step starts with (_unescape: ASCII;
+        # _decode_rfc2047: "=?"; _clean: NUL): most values need none of the steps.
         for name, value in msg.raw_items():
             key = name.strip().lower()
-            value = _unescape(value, hint)
+            if not value.isascii():
+                value = _unescape(value, hint)
             if "\n" in value or "\r" in value:  # the common header is one line: skip the regex
                 value = _FOLD.sub(" ", value)
             value = value.strip()
@@ -218,9 +224,16 @@ class _Headers:
                 # an attack or a broken mailer. The raw message keeps the whole value.
                 defects.append(f"{key} header of {len(value)} characters truncated")
                 value = value[-_MAX_HEADER:] if key in ("references", "in-reply-to") else value[:_MAX_HEADER]
-            self.raw.setdefault(key, []).append(value)
-            decoded = _clean(_decode_rfc2047(value, defects), defects)
-            self.decoded.setdefault(key, []).append(decoded)
+            text = _decode_rfc2047(value, defects) if "=?" in value else value
+            if "\x00" in text:
+                text = _clean(text, defects)
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+                decoded[key] = [text]
+            else:
+                values.append(value)
+                decoded[key].append(text)
 
     def first(self, name: str) -> str | None:
         values = self.raw.get(name)
@@ -452,17 +465,30 @@ def _payload_bytes(part: Message, ctype: str, defects: list[str]) -> bytes:
     if data is not None:  # decoded while parsing (_RunBuffer.settle)
         return data
     payload = part._payload
-    if (isinstance(payload, str) and payload.isascii()
-            and str(part.get("content-transfer-encoding", "")).lower() == "base64"):
-        try:
-            # Where this succeeds the stdlib's decode_b returns the same bytes (it ignores
-            # line breaks and, failing validation, other non-alphabet characters too);
-            # bad padding raises here and takes the stdlib's lenient path below.
-            return binascii.a2b_base64(payload)
-        except (binascii.Error, ValueError):
-            pass
+    if isinstance(payload, str) and payload.isascii():
+        cte = str(part.get("content-transfer-encoding", "")).lower()
+        if cte == "base64":
+            try:
+                # Where this succeeds the stdlib's decode_b returns the same bytes (it
+                # ignores line breaks and, failing validation, other non-alphabet
+                # characters too); bad padding raises here and takes the stdlib's
+                # lenient path below.
+                return binascii.a2b_base64(payload)
+            except (binascii.Error, ValueError):
+                pass
+        # What get_payload(decode=True) does with an ASCII string payload (no surrogates:
+        # its encode cannot fail): quoted-printable is quopri.decodestring, i.e. a2b_qp;
+        # any other encoding but uuencode's names gives the ASCII bytes.
+        elif cte == "quoted-printable":
+            return binascii.a2b_qp(payload.encode("ascii"))
+        elif cte not in _UUENCODE:
+            return payload.encode("ascii")
     data = part.get_payload(decode=True)
     return data if isinstance(data, bytes) else b""
+
+
+# The transfer encodings get_payload(decode=True) reads as uuencode.
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
 
 
 def _part_text(part: Message, ctype: str, defects: list[str]) -> str:
@@ -589,11 +615,44 @@ _FEED_CHUNK = 1 << 20
 # header field (no colon, no leading space), nor a MIME delimiter (those start with "--"),
 # nor the blank line that ends a header block.
 # Lines start after "\n" (a line ending in a lone "\r" just does not start a run).
-_BODY_RUN = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
+# Possessive (no backtracking points kept per line): neither "\r" nor "\n" is in the class,
+# so giving characters or lines back could never make another match.
+_BODY_RUN = re.compile(r"(?:[A-Za-z0-9+/=]{16,}+\r?+\n)++")  # matched at a line start
+# The runs after the first line: a line start is just after a "\n" (what "^" means with
+# re.MULTILINE), and a pattern that starts with that literal is searched for quickly
+# (a "^" pattern is tried at every character).
+_NEXT_RUN = re.compile(r"\n((?:[A-Za-z0-9+/=]{16,}+\r?+\n)++)")
+
+
+def _runs(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of base64-like lines in ``text``: what
+    ``re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE).finditer`` finds, faster."""
+    first = _BODY_RUN.match(text)
+    pos = 0
+    if first:
+        pos = first.end()
+        yield 0, pos
+    for match in _NEXT_RUN.finditer(text, pos):
+        yield match.span(1)
+
+
 # Runs at least this long stay in the raw bytes; the parser sees a placeholder line.
 _RUN_MIN = 64 * 1024
 _PLACEHOLDER = re.compile("\x00([0-9a-f]{16}):([0-9]+)\x00")
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n]*")
+
+
+def _separators(matchers: list) -> tuple[str, ...] | None:  # type: ignore[type-arg]
+    """The separators of the parser's false-EOF matchers, when all are a ``BoundaryMatcher``'s
+    ``match`` (a line that starts with none of them matches none); else None."""
+    starts = []
+    for pred in matchers:
+        matcher = getattr(pred, "__self__", None)
+        if not (isinstance(matcher, BoundaryMatcher)
+                and getattr(pred, "__func__", None) is BoundaryMatcher.match):
+            return None  # a blank-line matcher (message/delivery-status), or a pattern
+        starts.append(matcher.separator)
+    return tuple(starts)
 
 
 class _RunBuffer(BufferedSubFile):
@@ -619,6 +678,27 @@ class _RunBuffer(BufferedSubFile):
         self.pos = start  # offset in raw of the next character handed to pushlines
         self.nonce = ""  # made with the first placeholder: most messages have none
         self.runs: list[tuple[int, int]] = []
+        self._starts: tuple[str, ...] | None = ()  # see readline
+
+    def push_eof_matcher(self, pred) -> None:  # type: ignore[no-untyped-def]
+        super().push_eof_matcher(pred)
+        self._starts = _separators(self._eofstack)
+
+    def pop_eof_matcher(self):  # type: ignore[no-untyped-def]
+        pred = super().pop_eof_matcher()
+        self._starts = _separators(self._eofstack)
+        return pred
+
+    def readline(self):  # type: ignore[no-untyped-def]
+        """``BufferedSubFile.readline``; a line that starts with none of the boundary
+        separators the parser waits for (most lines) is handed out without asking each
+        matcher (``_starts``: the separators, when every matcher is a boundary's)."""
+        lines = self._lines
+        if lines:
+            starts = self._starts
+            if starts is not None and not lines[0].startswith(starts):
+                return lines.popleft()
+        return super().readline()
 
     def push(self, data: str) -> None:
         """``BufferedSubFile.push`` without splitting the data into lines first (``_push``
@@ -654,11 +734,11 @@ class _RunBuffer(BufferedSubFile):
         parser, each run of base64-like lines as one."""
         out: list[str] = []
         pos = 0
-        for match in _BODY_RUN.finditer(text):
-            if match.start() > pos:  # the lines between runs, split as the stdlib splits them
-                out.extend(StringIO(text[pos : match.start()], newline="").readlines())
-            out.append(self._run(match.group(), self.pos + match.start()))
-            pos = match.end()
+        for start, end in _runs(text):
+            if start > pos:  # the lines between runs, split as the stdlib splits them
+                out.extend(StringIO(text[pos:start], newline="").readlines())
+            out.append(self._run(text[start:end], self.pos + start))
+            pos = end
         if not out:
             out = lines if lines is not None else StringIO(text, newline="").readlines()
         elif pos < len(text):
@@ -704,17 +784,21 @@ class _RunBuffer(BufferedSubFile):
         for i, seg in enumerate(segments):
             if isinstance(seg, str):
                 data: str | memoryview = seg
-                chars = len(seg) - seg.count("\n") - seg.count("\r")
-                padded = "=" in seg
             else:
                 start, end = seg
                 data = view[start:end]
-                chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
-                padded = raw.find(b"=", start, end) >= 0
             # Whole 4-character groups without padding decode on their own to what they
-            # contribute to the whole; only the last piece may end the data.
-            if i < last and (chars % 4 or padded):
-                return None
+            # contribute to the whole; only the last piece may end the data (so its
+            # characters are not counted: most parts are one run).
+            if i < last:
+                if isinstance(seg, str):
+                    chars = len(seg) - seg.count("\n") - seg.count("\r")
+                    padded = "=" in seg
+                else:
+                    chars = end - start - raw.count(b"\n", start, end) - raw.count(b"\r", start, end)
+                    padded = raw.find(b"=", start, end) >= 0
+                if chars % 4 or padded:
+                    return None
             try:
                 out.write(binascii.a2b_base64(data))
             except (binascii.Error, ValueError):
@@ -748,23 +832,84 @@ class _RunBuffer(BufferedSubFile):
 
 
 class _Part(Message):
-    """A ``Message`` that splits a header's parameters once per value.
+    """A ``Message`` that looks its headers up once, and splits a parameter header once.
+
+    ``Message.get`` (and ``in``, ``get_content_type``, every parameter read) scans the
+    whole header list lower-casing each name; the parser and ``parse_message`` ask a part
+    for its content type about six times and for a dozen headers in all. Here the first
+    look-up builds an index (lower-cased name: the first field of that name) and the
+    content types worked out, kept with a copy of the header list they came from: a
+    header list that no longer equals that copy (a field added, removed or replaced, by
+    any path, ``replace_header`` even to an equal value) gets a new index. A value is returned as ``Message.get`` returns it: through
+    the policy's ``header_fetch_parse``, which for compat32 gives a pure-ASCII string
+    back as it is.
 
     Reading a part's charset, file name and boundary (``get_content_charset``,
     ``get_filename``, ``get_boundary``) splits and RFC 2231-decodes the same Content-Type
-    header each time; a part is read several times while the tree is walked. The result is
-    kept per header name and value, so a changed header is split again; a copy is handed
-    out (it is a list)."""
+    header each time; that result is kept per header value (``_PARAMS``, shared by all
+    parts), so a changed header is split again; a copy is handed out (it is a list)."""
+
+    _mailgw_index: tuple[list, dict[str, tuple[str, object]], dict[str, str]] | None = None
+
+    def _state(self) -> tuple[list, dict[str, tuple[str, object]], dict[str, str]]:
+        headers = self._headers
+        state = self._mailgw_index
+        # list == list: the lengths, then each item by identity first (a C loop).
+        if state is not None and state[0] == headers:
+            return state
+        index: dict[str, tuple[str, object]] = {}
+        for name, value in headers:
+            index.setdefault(name.lower(), (name, value))
+        state = self._mailgw_index = (headers.copy(), index, {})
+        return state
+
+    def get(self, name, failobj=None):  # type: ignore[no-untyped-def]
+        found = self._state()[1].get(name.lower())
+        if found is None:
+            return failobj
+        key, value = found
+        if value.__class__ is str and value.isascii() and self.policy.__class__ is policy.Compat32:
+            return value  # compat32's _sanitize_header: no surrogates, the string itself
+        return self.policy.header_fetch_parse(key, value)
+
+    def __contains__(self, name):  # type: ignore[no-untyped-def]
+        return name.lower() in self._state()[1]
+
+    def replace_header(self, _name, _value):  # type: ignore[no-untyped-def]
+        # The one stdlib method that changes the list in place, maybe to an equal value
+        # of another type (a Header for a str): the next look-up indexes again.
+        super().replace_header(_name, _value)
+        self._mailgw_index = None
+
+    def get_content_type(self) -> str:
+        types = self._state()[2]
+        default = self._default_type  # the answer without a Content-Type header
+        ctype = types.get(default)
+        if ctype is None:
+            ctype = types[default] = super().get_content_type()
+        return ctype
 
     def _get_params_preserve(self, failobj, header):  # type: ignore[no-untyped-def]
         value = self.get(header)
         if not isinstance(value, str):  # absent, or a Header object (8-bit bytes): as is
             return super()._get_params_preserve(failobj, header)
-        cache = self.__dict__.setdefault("_mailgw_params", {})
-        params = cache.get((header, value))
+        params = _PARAMS.get(value)
         if params is None:
-            params = cache[header, value] = super()._get_params_preserve(failobj, header)
+            params = super()._get_params_preserve(failobj, header)
+            if len(value) <= _PARAMS_VALUE_MAX and "boundary" not in value.lower():
+                if len(_PARAMS) >= _PARAMS_MAX:
+                    _PARAMS.clear()
+                _PARAMS[value] = params
         return list(params)
+
+
+# The split parameters by header value (a function of the value alone): most parts of most
+# mail carry one of a few Content-Type values ('text/plain; charset="utf-8"'). Bounded:
+# emptied when full; long values (hostile) and those with a boundary (unique to a
+# message) are not kept.
+_PARAMS: dict[str, list] = {}
+_PARAMS_MAX = 4096
+_PARAMS_VALUE_MAX = 200
 
 
 # compat32 whose parts are _Part: the same parsing, headers and serialisation.

@@ -12,17 +12,20 @@ import base64
 import re
 import secrets
 import time
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import base64mime as _base64mime
-from email.charset import QP, Charset
+from email import quoprimime as _quoprimime
+from email.charset import QP, SHORTEST, Charset
 from email.charset import RFC2047_CHROME_LEN as _RFC2047_CHROME_LEN
 from email.header import Header
 from email.message import Message
 from email.policy import compat32
 from email.quoprimime import _QUOPRI_HEADER_MAP
 from email.utils import format_datetime, formataddr
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -367,40 +370,68 @@ class _Utf8HeaderCharset(Charset):
 
     The stdlib's joins and re-encodes the whole line so far for every character to learn
     its encoded length (quadratic; two thirds of building an acknowledgement with a
-    non-ASCII subject, bench/RESULTS.md issue 8 session 5). Here the length grows by each
-    character's share: base64's is a function of the byte count, quoted-printable's a sum
-    over the bytes. The lines, where they break and the encoder chosen are the same
-    (tests/test_render_fast.py compares the folded headers on random values)."""
+    non-ASCII subject, bench/RESULTS.md issue 8 session 5). Here each character's share of
+    the encoded length is listed once (base64: its UTF-8 bytes, the line's length a
+    function of their count; quoted-printable: the sum of its bytes' encoded lengths), and
+    each line's end is found by bisection in the running sums: a line ends before the first
+    character that makes it too long, and holds at least the character it starts with
+    (the stdlib's loop only breaks a line before the character that overflows it); on the
+    first line that may be none (the stdlib's ``None``: start on the next line). The
+    encoder is chosen as the stdlib's ``_get_encoder`` chooses it (the shorter; the
+    quoted-printable length counted with ``bytes.translate``). The lines, where they break
+    and the encoder chosen are the same (tests/test_render_fast.py compares the folded
+    headers on random values)."""
 
     def header_encode_lines(self, string, maxlengths):  # type: ignore[no-untyped-def]
         codec = self.output_codec or "us-ascii"
-        encoder_module = self._get_encoder(string.encode(codec))
+        if codec != "utf-8":  # the shares below are UTF-8's
+            return super().header_encode_lines(string, maxlengths)
+        data = string.encode(codec)
+        if self.header_encoding == SHORTEST:  # _get_encoder, without its per-byte sum
+            qp_length = len(data) + 2 * len(data.translate(None, _QP_PLAIN))
+            encoder_module = _base64mime if _base64mime.header_length(data) < qp_length else _quoprimime
+        else:
+            encoder_module = self._get_encoder(data)
         encode = encoder_module.header_encode
         extra = len(self.get_output_charset()) + _RFC2047_CHROME_LEN
         base64 = encoder_module is _base64mime
+        if not string:
+            return [encode(data, charset=codec)]
+        if base64:  # UTF-8 bytes per character
+            shares = [1 if c < "\x80" else 2 if c < "\u0800" else 3 if c < "\U00010000" else 4
+                      for c in string]
+        else:  # every byte of a non-ASCII character is "=XX"
+            shares = [_QP_LENGTH[ord(c)] if c < "\x80" else 6 if c < "\u0800" else
+                      9 if c < "\U00010000" else 12 for c in string]
+        sums = list(accumulate(shares, initial=0))  # sums[i]: the share of string[:i]
+        n = len(string)
         lines: list[str | None] = []
+        start = 0
+        forced = False  # the line holds string[start] whether it fits or not
         maxlen = next(maxlengths) - extra
-        start = size = 0  # the current line: string[start:i], size its bytes (base64) or
-        for i, character in enumerate(string):  # its encoded length (quoted-printable)
-            data = character.encode(codec)
-            grown = size + (len(data) if base64 else sum(_QP_LENGTH[b] for b in data))
-            length = (grown + 2) // 3 * 4 if base64 else grown
-            if length > maxlen:
-                if not lines and start == i:
-                    lines.append(None)
-                else:
-                    lines.append(encode(string[start:i].encode(codec), charset=codec))
-                start = i
-                size = len(data) if base64 else sum(_QP_LENGTH[b] for b in data)
-                maxlen = next(maxlengths) - extra
+        while True:
+            # The most a line may take: base64's length is (bytes + 2) // 3 * 4.
+            most = maxlen // 4 * 3 if base64 else maxlen
+            end = bisect_right(sums, sums[start] + most) - 1  # string[start:end] fits
+            if forced:
+                end = max(end, start + 1)
+            if end >= n:
+                break
+            if end <= start:  # the first line, too short for the first character
+                lines.append(None)
             else:
-                size = grown
+                lines.append(encode(string[start:end].encode(codec), charset=codec))
+                start = end
+            forced = True
+            maxlen = next(maxlengths) - extra
         lines.append(encode(string[start:].encode(codec), charset=codec))
         return lines
 
 
 _UTF8_HEADER = _Utf8HeaderCharset("utf-8")
 _QP_LENGTH = [len(_QUOPRI_HEADER_MAP[b]) for b in range(256)]
+# The bytes quoted-printable header encoding writes as one character (a space as "_").
+_QP_PLAIN = bytes(b for b in range(256) if _QP_LENGTH[b] == 1)
 # Headers set_charset adds itself only when absent: extra headers naming one take the
 # Message path.
 _MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
