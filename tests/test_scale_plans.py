@@ -47,7 +47,8 @@ def _preload(engine, cfg, count: int) -> None:  # type: ignore[no-untyped-def]
     inbound = [{"id": 50_000 + i, "received_at": T0 + timedelta(seconds=i), "source": "smtp",
                 "mail_from": f"old{i}@customer.test", "rcpt_tos": ["support@example.com"],
                 "size": 10, "sha256": f"{i:064x}", "raw": b"old", "state": "done",
-                "attempts": 1, "ticket_id": 10_000 + i} for i in range(1, count + 1)]
+                "attempts": 1, "ticket_id": 10_000 + i, "message_id": f"old.{i}@customer.test"}
+               for i in range(1, count + 1)]
     with engine.begin() as c:
         c.execute(insert(m.Ticket), tickets)
         c.execute(insert(m.Article), articles)
@@ -110,6 +111,10 @@ def test_every_select_of_the_worker_uses_an_index(home):
             mail(f"Re: [Ticket#{first}] old 7", sender="stranger@else.test",
                  msgid="r3@customer.test"),
             mail("Another new one", sender="new2@customer.test", msgid="n2@customer.test"),
+            # A reply to a message never received: held back once, looked for in the queue
+            # (decision 31), then a new ticket.
+            mail("Re: lost", sender="lost@customer.test", msgid="r4@customer.test",
+                 In_Reply_To="<never@customer.test>"),
         )
         h.drain()
     finally:
@@ -119,6 +124,7 @@ def test_every_select_of_the_worker_uses_an_index(home):
     assert by_thread["r1@customer.test"] == "in_reply_to"
     assert by_thread["r2@customer.test"] == "subject_number"
     assert by_thread["r3@customer.test"] == "new_ticket"
+    assert by_thread["r4@customer.test"] == "new_ticket"
 
     statements = {s for s, _ in seen}
     # Not vacuous: the lookups that matter were issued and are checked below.
@@ -126,7 +132,8 @@ def test_every_select_of_the_worker_uses_an_index(home):
     # the tickets, their first articles and their loop counts for the whole batch.
     for needle in ("articles.message_id IN", "tickets.number IN", "articles.from_addr =",
                    "FROM auto_replies", "inbound.sha256 IN", "inbound.state =",
-                   "min(articles.id)", "auto_replies.ticket_id IN", "tickets.id IN"):
+                   "min(articles.id)", "auto_replies.ticket_id IN", "tickets.id IN",
+                   "inbound.message_id IN", "inbound.ticket_id"):
         assert any(needle in s for s in statements), needle
 
     bad, checked = {}, 0
@@ -227,4 +234,53 @@ def test_the_look_for_pending_rows_uses_an_index_in_a_store_of_done_mail(home):
     [(statement, params)] = [(s, p) for s, p in seen if "FROM inbound" in s]
     with h.engine.connect() as conn:
         assert _full_scans(conn, statement, params, set()) == []
+    h.close()
+
+
+def test_the_look_for_a_replys_original_in_the_queue_uses_an_index_in_a_store_of_done_mail(home):
+    """As above, for the batch's look for the originals its replies wait for (decision 31:
+    ``inbound.message_id IN (...) AND state = 'pending'``, and for a young reply without any
+    known reference ``inbound.message_id IN (...)``): SQLite statistics of a million done
+    messages, one per Message-ID."""
+    from mailgw.intake.pipe import message_id_of
+    from mailgw.mail.parse import parse_message
+    from mailgw.store.db import read_session
+    from mailgw.threader import ThreadIndex, held_back, prefetch
+
+    h = Harness(home)
+    if h.engine.dialect.name != "sqlite":
+        h.close()
+        pytest.skip("SQLite's planner and its sqlite_stat1")
+    with h.engine.begin() as c:
+        c.exec_driver_sql("ANALYZE")
+        c.exec_driver_sql("DELETE FROM sqlite_stat1 WHERE tbl = 'inbound'")
+        c.exec_driver_sql("INSERT INTO sqlite_stat1 VALUES ('inbound', 'ix_inbound_state', "
+                          "'1000000 1000000'), ('inbound', 'ix_inbound_sha256', '1000000 1'), "
+                          "('inbound', 'ix_inbound_message_id', '1000000 1')")
+    h.engine.dispose()  # new connections read the statistics
+    raw = mail("Re: x", msgid="r@customer.test", In_Reply_To="<o@customer.test>")
+    assert message_id_of(raw) == "r@customer.test"
+    reply = parse_message(raw)
+    seen: list[tuple[str, object]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement, parameters))
+
+    event.listen(h.engine, "before_cursor_execute", record)
+    try:
+        with read_session(h.engine) as s:
+            index = prefetch(s, [reply], h.settings.ticket_numbers, lock=False, in_flight=[1])
+            held, _ = held_back(s, index, [(1, None, datetime.now(UTC), reply)],
+                                datetime.now(UTC), timedelta(seconds=2))
+    finally:
+        event.remove(h.engine, "before_cursor_execute", record)
+    assert isinstance(index, ThreadIndex) and set(held) == {1}  # an orphan, young: held
+    looks = [(st, p) for st, p in seen if "FROM inbound" in st]
+    assert len(looks) == 2
+    with h.engine.connect() as conn:
+        for statement, params in looks:
+            assert _full_scans(conn, statement, params, set()) == [], statement
+            plan = " ".join(r[-1] for r in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, params))
+            assert "ix_inbound_message_id" in plan, plan
     h.close()
