@@ -175,12 +175,15 @@ def held_back(session: Session, index: ThreadIndex,
     mids = {iid: mail.message_id for iid, _, _, mail in batch
             if mail is not None and mail.message_id}
     asked: set[str] = set()
-    known: dict[str, bool] = {}  # Message-ID with an inbound row -> worth waiting for
+    # Message-ID with an inbound row outside the batch -> "pending" (worth waiting for),
+    # "ticket" (stored on a ticket: worth one more look) or "" (it makes no ticket)
+    known: dict[str, str] = {}
+    ids = [iid for iid, _, _, _ in batch]
     changed = True
     while changed:  # a reply to a message of the batch that is held is held too
         changed = False
         own = {mid: iid for iid, mid in mids.items() if iid not in delays}
-        young: list[tuple[int, list[str], datetime]] = []
+        young: list[tuple[int, list[str], datetime, datetime | None]] = []
         for iid, held_since, received_at, mail in batch:
             if mail is None or iid in delays or iid in notes:
                 continue
@@ -192,7 +195,7 @@ def held_back(session: Session, index: ThreadIndex,
             if not waiting:
                 received_at = aware(received_at)
                 if received_at is not None and at - received_at < orphan_wait:
-                    young.append((iid, refs, received_at))
+                    young.append((iid, refs, received_at, held_since))
                 continue
             held_since = aware(held_since)
             held = at - held_since if held_since is not None else timedelta(0)
@@ -203,22 +206,28 @@ def held_back(session: Session, index: ThreadIndex,
                 continue
             delays[iid] = min(HOLD_DELAY_MAX, max(HOLD_DELAY, held / 2))
             changed = True
-        ask = sorted({r for _, refs, _ in young for r in refs} - asked)
+        ask = sorted({r for _, refs, _, _ in young for r in refs} - asked)
         if ask:
             asked.update(ask)
             for mid, state, ticket_id in session.execute(
                     select(Inbound.message_id, Inbound.state, Inbound.ticket_id)
-                    .where(Inbound.message_id.in_(ask))):
-                # pending, or stored on a ticket since the batch's look-ups (PostgreSQL: an
-                # original committed in between): worth a look again; else (quarantined,
-                # stored without a ticket) it is there and makes no ticket to thread into
-                known[mid] = known.get(mid, False) or state == "pending" or ticket_id is not None
-        for iid, refs, received_at in young:
-            seen = [known[r] for r in refs if r in known]
+                    .where(Inbound.message_id.in_(ask), Inbound.id.not_in(ids))):
+                # Pending: worth waiting for. Stored on a ticket: perhaps since the batch's
+                # look-ups (PostgreSQL: an original committed in between), worth one more
+                # look; but an agent's answer by mail is stored on its ticket under our own
+                # Message-ID, so looking again would never find it. Else (quarantined,
+                # stored without a ticket) it is there and makes no ticket to thread into.
+                # The batch's own rows are left out: a message that names itself, or one
+                # of the batch that did not parse, holds nobody.
+                kind = "pending" if state == "pending" else "ticket" if ticket_id else ""
+                if known.get(mid) != "pending":
+                    known[mid] = kind if kind or mid not in known else known[mid]
+        for iid, refs, received_at, held_since in young:
+            seen = {known[r] for r in refs if r in known}
             if not seen:
                 delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
                 changed = True
-            elif any(seen):
+            elif "pending" in seen or ("ticket" in seen and held_since is None):
                 delays[iid] = HOLD_DELAY
                 changed = True
     return delays, notes

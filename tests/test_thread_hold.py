@@ -12,6 +12,7 @@ from __future__ import annotations
 import smtplib
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -403,3 +404,51 @@ def test_migration_0017_fills_the_pending_rows_and_goes_down_and_up_again(store_
         assert c.exec_driver_sql("SELECT message_id FROM inbound ORDER BY id").scalars().all() \
             == ["reply@customer.test", None, None]
     engine.dispose()
+
+
+def _count_holds(monkeypatch) -> Counter:  # type: ignore[no-untyped-def]
+    holds: Counter = Counter()
+    real = worker_mod.Worker._hold
+
+    def _hold(self, rows, batch):  # type: ignore[no-untyped-def]
+        for row in rows:
+            if row.id in batch.held:
+                holds[row.id] += 1
+        return real(self, rows, batch)
+
+    monkeypatch.setattr(worker_mod.Worker, "_hold", _hold)
+    return holds
+
+
+def test_a_message_that_names_itself_as_its_original_is_held_once_at_most(hx, monkeypatch):
+    # Review finding: its own pending row was taken for an original in the queue and held
+    # it again every 50 ms for the whole orphan wait (26-27 holds).
+    holds = _count_holds(monkeypatch)
+    [iid] = hx.put(mail("Alert", msgid="self@mon.test", In_Reply_To="<self@mon.test>"))
+    hx.drain()
+    assert hx.inbound(iid).state == "done"
+    assert holds[iid] <= 1
+
+
+def test_a_follow_up_to_an_agents_mailed_answer_is_held_once_at_most(home, monkeypatch):
+    # Review finding: the agent's answer is stored on its ticket under our own Message-ID,
+    # so its inbound row (done, on a ticket) named a Message-ID no article has: "stored
+    # since the look-up, look again" held the follow-up every 50 ms (19-25 holds).
+    from email import message_from_bytes
+
+    from tests.test_agent_mail import AGENT, agent_reply, customer_opens_ticket, outgoing, setup
+
+    h = setup(home)
+    customer_opens_ticket(h)
+    [note] = outgoing(h, AGENT)
+    answer = agent_reply(note, "We are on our way.")
+    answer_mid = message_from_bytes(answer)["Message-ID"]
+    h.put(answer, rcpt=note["Reply-To"], mail_from=AGENT)
+    h.drain()
+    holds = _count_holds(monkeypatch)
+    [iid] = h.put(mail("Re: Re: printer", "One more thing", sender="dave@customer.test",
+                       msgid="followup@customer.test", In_Reply_To=answer_mid,
+                       References=answer_mid))
+    h.drain()
+    assert h.inbound(iid).state == "done"
+    assert holds[iid] <= 1
