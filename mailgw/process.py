@@ -23,6 +23,7 @@ from mailgw.filters.apply import apply_decision, drop_message, run_filters
 from mailgw.filters.engine import Pipeline
 from mailgw.machine_mail import handle_machine_mail, ours_for
 from mailgw.mail.classify import Classification, classify, unanswerable
+from mailgw.mail.ids import clip_id
 from mailgw.mail.parse import parse_message
 from mailgw.mail.reply import ReplyParts, reply_parts
 from mailgw.numbers import format_number, subject_pattern, tag_subject
@@ -330,7 +331,7 @@ def _store_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         ticket_id=ticket.id, inbound_id=row.id, direction="in", sender_type="customer",
         from_addr=_clean(sender, 320), from_name=_clean(mail.from_name, 500),
         to_addrs=_clean(", ".join(mail.to)), cc_addrs=_clean(", ".join(mail.cc)),
-        subject=_clean(mail.subject), message_id=_clean(mail.message_id, 998) or None,
+        subject=_clean(mail.subject), message_id=clip_id(mail.message_id),
         in_reply_to=_clean(" ".join(mail.in_reply_to)) or None,
         references=_clean(" ".join(mail.references)) or None,
         body_text=_clean(mail.text), body_html=None, has_html=bool(mail.raw_html),

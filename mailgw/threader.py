@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from mailgw.mail.ids import id_fits
 from mailgw.numbers import subject_pattern
 from mailgw.settings import TicketNumbers
 from mailgw.store.models import Article, Inbound, Ticket
@@ -41,7 +42,7 @@ def message_refs(mail: ParsedMail) -> list[str]:
     """The Message-IDs a message refers to, in the order they are tried."""
     # Ids come from strangers: no NUL (PostgreSQL refuses it), no absurd lengths.
     refs = list(dict.fromkeys(mail.in_reply_to + list(reversed(mail.references))))
-    return [r for r in refs if r and "\x00" not in r and len(r) <= 998][:MAX_REFERENCES]
+    return [r for r in refs if r and id_fits(r)][:MAX_REFERENCES]
 
 
 @dataclass

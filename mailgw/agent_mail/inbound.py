@@ -44,6 +44,7 @@ from mailgw.agent_mail.notify import queue_agent_mail, thread_root
 from mailgw.agent_mail.tokens import Token, TokenError, find_token_address, verify_token
 from mailgw.agent_mail.trust import agent_for_address, auth_problem
 from mailgw.mail.classify import Classification, unanswerable
+from mailgw.mail.ids import clip_id
 from mailgw.mail.reply import ReplyParts, reply_parts
 from mailgw.numbers import tag_subject
 from mailgw.outbound.render import Renderer, build_message
@@ -463,7 +464,7 @@ def _agent_article(session: Session, row: m.Inbound, ticket: m.Ticket, mail: Par
         internal=internal, direction="in", from_addr=_clean(mail.from_addr, 320),
         from_name=_clean(mail.from_name, 500), to_addrs=_clean(", ".join(mail.to)),
         cc_addrs=_clean(", ".join(mail.cc)), subject=_clean(mail.subject),
-        message_id=_clean(mail.message_id, 998) or None,
+        message_id=clip_id(mail.message_id),
         in_reply_to=_clean(" ".join(mail.in_reply_to)) or None,
         references=_clean(" ".join(mail.references)) or None,
         body_text=_clean(text if text is not None else mail.text),

@@ -22,6 +22,7 @@ import json
 import re
 from urllib.parse import unquote, urlsplit
 
+from mailgw.mail.ids import id_fits
 from mailgw.types import Envelope
 
 # A message this large is held in a RawBuffer and written to SQLite piece by piece.
@@ -105,8 +106,9 @@ def message_id_of(raw: bytes | bytearray) -> str | None:
     ``mailgw.mail.parse`` gives as ``ParsedMail.message_id`` (the first Message-ID field, its
     first bracketed id with the spaces taken out, else a token with an "@", else the value
     without brackets if it is one word; tests/test_thread_hold.py compares the two on the
-    corpora). None when there is none, or it could never be referred to (a NUL, longer than
-    998 characters: ``mailgw.threader.message_refs`` drops such references). A few
+    corpora). None when there is none, or it could never be referred to (a NUL, or longer
+    than 998 bytes: ``mailgw.mail.ids``; ``mailgw.threader.message_refs`` drops such
+    references). A few
     microseconds: the intake stores it so the worker can hold a reply back while its
     original is still in the queue (docs/architecture.md, decision 31)."""
     end = _HEAD_END.search(raw, 0, HEAD_LIMIT)
@@ -125,7 +127,7 @@ def message_id_of(raw: bytes | bytearray) -> str | None:
     if mid is None:
         token = text.strip("<> \t")
         mid = token if token and not any(c.isspace() for c in token) else None
-    if mid is None or "\x00" in mid or len(mid) > 998:
+    if mid is None or not id_fits(mid):
         return None
     return mid
 
