@@ -372,3 +372,25 @@ def test_payload_bytes_are_what_get_payload_decodes():
                 parse._payload_bytes(part, "text/plain", [])
             continue
         assert parse._payload_bytes(part, "text/plain", []) == expected, (cte, payload)
+
+
+@pytest.mark.parametrize("side", ["preamble", "epilogue"])
+def test_a_base64_run_in_an_enclosed_multiparts_preamble_or_epilogue_comes_back(side, monkeypatch):
+    # Review finding (session 6): a run of base64-like lines handed to the feed parser as a
+    # placeholder was put back into payloads only; an enclosed message is serialised with
+    # its preamble and epilogue, so the attached .eml carried the NUL placeholder instead
+    # of the text. Compared with the same parse without the run shortcut.
+    run = base64.encodebytes(bytes(range(256)) * 300).decode()  # ~104 KB of base64 lines
+    inner_body = ("--IN\nContent-Type: text/plain\n\nhi\n--IN--\n" + run if side == "epilogue"
+                  else run + "--IN\nContent-Type: text/plain\n\nhi\n--IN--\n")
+    raw = ("From: a@example.com\nSubject: fwd\nContent-Type: multipart/mixed; boundary=OUT\n\n"
+           "--OUT\nContent-Type: text/plain\n\nsee attached\n"
+           "--OUT\nContent-Type: message/rfc822\n\n"
+           "From: b@example.com\nSubject: inner\n"
+           "Content-Type: multipart/mixed; boundary=IN\n\n" + inner_body + "--OUT--\n").encode()
+    [attached] = parse.parse_message(raw).attachments
+    assert b"\x00" not in attached.data
+    monkeypatch.setattr(parse, "_RUN_MIN", 1 << 40)  # no placeholders at all
+    [plain] = parse.parse_message(raw).attachments
+    assert attached.data == plain.data
+    assert run[:76].encode() in plain.data

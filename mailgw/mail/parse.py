@@ -814,6 +814,13 @@ class _RunBuffer(BufferedSubFile):
         stack = [(msg, False)]
         while stack:
             part, enclosed = stack.pop()
+            # A multipart's preamble and epilogue are text the feed parser kept as it came
+            # (a zip's base64 after the closing boundary, say): an enclosed message is
+            # serialised with them, so their runs go back too (review, session 6).
+            for side in ("preamble", "epilogue"):
+                text = getattr(part, side, None)
+                if isinstance(text, str) and "\x00" in text:
+                    setattr(part, side, _PLACEHOLDER.sub(self._text, text))
             payload = part._payload
             if isinstance(payload, list):
                 inner = enclosed or part.get_content_maintype() == "message"
