@@ -254,8 +254,9 @@ def tickets_list(obj: Obj, as_json: bool, state: str | None, queue: str | None,
 def tickets_show(obj: Obj, number: str, as_json: bool, show_html: bool) -> None:
     """Show one ticket with its articles and how each was threaded."""
     from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from mailgw.mail.sanitize import article_html
+    from mailgw.mail.sanitize import cache_article_html, sanitised_from_raw
     from mailgw.store.db import read_session, session_factory
     from mailgw.store.models import Article, Attachment, Ticket
 
@@ -284,10 +285,14 @@ def tickets_show(obj: Obj, number: str, as_json: bool, show_html: bool) -> None:
                 "attachments": [{"filename": f, "content_type": c, "size": n} for f, c, n in atts],
                 "internal": a.internal, "agent": a.agent,  # agent mail (docs/agent-mail.md)
                 # Appended (decision 32): the sanitised HTML body, or None.
-                "html": article_html(s, a) if a.body_html is not None else None,
+                "html": a.body_html or None,
             })
-            if a.body_html is None and a.has_html:
-                unsanitised.append(articles[-1])
+            if a.body_html is None and a.has_html and (as_json or show_html):
+                # First shown: sanitised from the raw mail here, in the read transaction.
+                html = sanitised_from_raw(s, a)
+                if html is not None:
+                    articles[-1]["html"] = html or None
+                    unsanitised.append((a.id, html))
         data = {
             "number": t.number, "title": t.title, "queue": t.queue, "state": t.state,
             "priority": t.priority, "customer": t.customer, "owner": t.owner,
@@ -300,13 +305,17 @@ def tickets_show(obj: Obj, number: str, as_json: bool, show_html: bool) -> None:
             # What happens at pending_until: "reopen" (reminder) or "close" (#pending … close).
             "pending_action": (t.pending_action or "reopen") if t.pending_until else None,
         }
-    if unsanitised and (as_json or show_html):
-        # First shown: sanitised from the raw mail and cached in body_html, in a transaction
-        # that may write (on SQLite it holds the write lock while the mail is parsed).
-        with session_factory(obj.engine()).begin() as w:
-            for art in unsanitised:
-                stored = w.get(Article, art["id"])
-                art["html"] = article_html(w, stored) if stored is not None else None
+    # ... and cached in body_html, an article a short write transaction (SQLite's one write
+    # lock is not held while mail is parsed). Best effort: a store this command may only
+    # read (a read-only role), or one busy past its timeout, shows the HTML all the same.
+    for article_id, html in unsanitised:
+        try:
+            with session_factory(obj.engine()).begin() as w:
+                cache_article_html(w, article_id, html)
+        except SQLAlchemyError as exc:
+            click.echo(f"note: sanitised HTML not cached (article {article_id}): "
+                       f"{str(exc).splitlines()[0]}", err=True)
+            break
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

@@ -240,3 +240,46 @@ def test_agent_note_in_html_is_shown_sanitised(home):
         assert notification["Reply-To"]  # the customer's article's notification went out
     finally:
         h.close()
+
+
+def test_tickets_show_json_works_for_a_role_that_may_only_read(hx):
+    # Review finding: the first view wrote the cache in the transaction that sanitised, and
+    # a store the command may only read (a SELECT-only PostgreSQL role) made `tickets show
+    # --json` exit 1. Now the HTML is sanitised in the read transaction and the cache
+    # written afterwards, best effort. (It also keeps SQLite's write lock free while mail
+    # is parsed: the write is one short UPDATE an article.)
+    import uuid
+
+    import psycopg
+
+    if not hx.home.store_url.startswith("postgresql"):
+        pytest.skip("roles are PostgreSQL's")
+    hx.put(html_mail())
+    hx.drain()
+    article = _customer_article(hx)
+    [ticket] = hx.tickets()
+    schema = hx.home.store_url.split("search_path%3D")[1]
+    role = f"ro_{uuid.uuid4().hex[:10]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/test"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    try:
+        env = {**hx.home.env(), "MAILGW_STORE_URL": hx.home.store_url.replace("postgres@",
+                                                                               f"{role}@")}
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "mailgw", "tickets", "show", ticket.number,
+                               "--json"], env=env, capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        [shown] = [a for a in json.loads(proc.stdout)["articles"] if a["id"] == article.id]
+        assert "room 4" in shown["html"] and "script" not in shown["html"]
+        assert b"not cached" in proc.stderr
+        assert _customer_article(hx).body_html is None  # nothing written
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA {schema} FROM {role}")
+            conn.execute(f"REVOKE USAGE ON SCHEMA {schema} FROM {role}")
+            conn.execute(f"DROP ROLE {role}")

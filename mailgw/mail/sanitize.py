@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from mailgw.store.models import Article
 
-__all__ = ["article_html", "html_to_text", "sanitize_html"]
+__all__ = ["article_html", "cache_article_html", "html_to_text", "sanitised_from_raw", "sanitize_html"]
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +175,32 @@ def article_html(session: Session, article: Article) -> str | None:
     ``body_html`` is a cache: what it holds is sanitised and returned. Otherwise, for an
     article marked ``has_html``, the raw mail it came from (``inbound.raw``, kept for good)
     is parsed again and its HTML part sanitised, as ingest did before decision 32, and the
-    result is written to ``body_html`` through ``session`` (an UPDATE of an empty cache
-    only; the caller commits). An HTML part that sanitises to nothing is cached as "" and
-    read as None. The raw mail gone, or not parsed: None, logged, nothing written.
+    result is written to ``body_html`` through ``session`` (``cache_article_html``; the
+    caller commits). An HTML part that sanitises to nothing is cached as "" and read as
+    None. The raw mail gone, or not parsed: None, logged, nothing written.
     """
     if article.body_html is not None:
         return article.body_html or None
+    html = sanitised_from_raw(session, article)
+    if html is None:
+        return None
+    cache_article_html(session, article, html)
+    return html or None
+
+
+def sanitised_from_raw(session: Session, article: Article) -> str | None:
+    """What ``article_html`` caches for an article whose cache is empty, computed without
+    writing: its raw mail's HTML part sanitised ("" for an HTML part that sanitises to
+    nothing, or no HTML part); None when there is nothing to cache (no HTML, the raw mail
+    gone or not parsed: logged). A viewer computes this in its read transaction and writes
+    the cache in a short one of its own: on SQLite, sanitising inside the write transaction
+    held the one write lock for seconds on a large HTML mail (review, session 6)."""
     if not article.has_html or article.inbound_id is None:
         return None
-    from sqlalchemy import select, update
-    from sqlalchemy.orm.attributes import set_committed_value
+    from sqlalchemy import select
 
     from mailgw.mail.parse import parse_message
-    from mailgw.store.models import Article, Inbound
+    from mailgw.store.models import Inbound
 
     raw = session.scalar(select(Inbound.raw).where(Inbound.id == article.inbound_id))
     if raw is None:
@@ -200,13 +213,24 @@ def article_html(session: Session, article: Article) -> str | None:
         log.warning("article %s: its raw mail (inbound %s) does not parse; no HTML to show",
                     article.id, article.inbound_id, exc_info=True)
         return None
-    html = (html or "").replace("\x00", "")  # as stored before: PostgreSQL text has no NUL
+    return (html or "").replace("\x00", "")  # as stored before: PostgreSQL text has no NUL
+
+
+def cache_article_html(session: Session, article: Article | int, html: str) -> None:
+    """Fill an article's empty ``body_html`` cache with ``html`` (from ``sanitised_from_raw``)
+    through ``session``; the caller commits. A cache filled meanwhile is left as it is."""
+    from sqlalchemy import update
+    from sqlalchemy.orm.attributes import set_committed_value
+
+    from mailgw.store.models import Article
+
+    article_id = article if isinstance(article, int) else article.id
     session.execute(update(Article)
-                    .where(Article.id == article.id, Article.body_html.is_(None))
+                    .where(Article.id == article_id, Article.body_html.is_(None))
                     .values(body_html=html)
                     .execution_options(synchronize_session=False))
-    set_committed_value(article, "body_html", html)
-    return html or None
+    if not isinstance(article, int):
+        set_committed_value(article, "body_html", html)
 
 
 # --- html_to_text -------------------------------------------------------------------------
