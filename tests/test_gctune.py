@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 
@@ -31,4 +30,3 @@ def test_settle_freezes_the_start_up_objects_and_raises_the_young_threshold():
     assert threshold == GEN0
     assert collected >= 1  # a cycle made after settle is still collected
     assert young >= 1
-    assert gc.get_freeze_count() == 0  # the test process itself untouched
