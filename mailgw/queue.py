@@ -323,7 +323,8 @@ def replay(engine: Engine, inbound_id: int) -> bool:
         res = conn.execute(
             update(Inbound)
             .where(Inbound.id == inbound_id, Inbound.state == "quarantined")
-            .values(state="pending", attempts=0, error=None, claimed_until=None, claimed_by=None)
+            .values(state="pending", attempts=0, error=None, claimed_until=None, claimed_by=None,
+                    held_since=None)
         )
         return res.rowcount == 1
 

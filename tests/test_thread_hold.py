@@ -471,3 +471,17 @@ def test_a_long_non_ascii_message_id_is_accepted_stored_and_kept_under_the_index
     [article] = [a for a in hx.articles() if a.inbound_id == iid]
     assert article.message_id and len(article.message_id.encode()) <= 998
     assert long_id.startswith(article.message_id)
+
+
+def test_a_replayed_message_starts_its_hold_bound_afresh(hx):
+    # Review note: a quarantined message that had been held kept held_since, so after a
+    # replay the bound (HOLD_MAX) counted from its first life.
+    from mailgw.queue import replay
+
+    [iid] = hx.put(_reply())
+    with hx.engine.begin() as conn:
+        conn.execute(update(m.Inbound).where(m.Inbound.id == iid)
+                     .values(state="quarantined", held_since=now() - timedelta(minutes=5)))
+    assert replay(hx.engine, iid)
+    row = hx.inbound(iid)
+    assert (row.state, row.held_since, row.attempts) == ("pending", None, 0)
