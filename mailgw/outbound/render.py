@@ -114,7 +114,7 @@ def build_message(
     if references:
         headers.append(("References", " ".join(f"<{r}>" for r in references)))
     for name, value in extra_headers.items():
-        headers.append((name, _header(value)))
+        headers.append((name, _header(value, name)))
     headers.append(("MIME-Version", "1.0"))
     if _DIRECT and not attachments and body.isascii():
         # What _set_text and _flatten make of a Message with these headers (compat32's
@@ -437,6 +437,7 @@ _QP_PLAIN = bytes(b for b in range(256) if _QP_LENGTH[b] == 1)
 _MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version"})
 
 
-def _header(value: str) -> str | Header:
-    """An unstructured header value, RFC 2047-encoded when it is not ASCII."""
-    return value if value.isascii() else Header(value, _UTF8_HEADER, header_name="Subject")
+def _header(value: str, name: str = "Subject") -> str | Header:
+    """An unstructured header value, RFC 2047-encoded when it is not ASCII; ``name`` makes
+    its first line fit beside the field's name."""
+    return value if value.isascii() else Header(value, _UTF8_HEADER, header_name=name)
