@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import statistics
 import sys
 import time
@@ -207,6 +208,9 @@ def time_it(seeds: list[int], count: int, rounds: int) -> None:
 
 
 def main() -> None:
+    # The email package picks a random boundary when it serialises an attached message that
+    # has none: seeded, two runs' fingerprints compare (review, session 6).
+    random.seed(0)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dump", type=Path)
     ap.add_argument("--compare", nargs=2, type=Path)
