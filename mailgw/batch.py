@@ -229,7 +229,7 @@ class Batch:
         self.threads = index = prefetch(session, parsed, numbers, lock=self.pg,
                                         in_flight=None if rows is None else [r.id for r in rows])
         if rows is not None:
-            self.held, self.hold_notes = held_back(session, index, [
+            self.held, self.hold_notes = held_back(index, [
                 (row.id, row.held_since, row.received_at,
                  mail if isinstance(mail, ParsedMail) else None)
                 for row, mail in zip(rows, mails, strict=True)], self.at, orphan_wait)

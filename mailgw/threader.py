@@ -70,6 +70,8 @@ class ThreadIndex:
     # articles, so a message seen here still pending cannot have been missed by both
     # (``held_back``). Only asked for the worker's batch (``in_flight`` given to prefetch).
     in_flight: dict[str, list[int]] = field(default_factory=dict)
+    # The referred Message-IDs that any inbound row carries (whatever its state).
+    received: set[str] = field(default_factory=set)
 
 
 def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, *,
@@ -95,11 +97,15 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
     index.asked_refs = set(refs)
     ids: set[int] = set()
     if refs and in_flight is not None:
+        # Every state, filtered here: a condition on state would let the planner read the
+        # pending rows instead of this index, and a backlog can be large (a queue of 1,000
+        # made it 0.1 ms a message in profile_worker).
         batch_ids = set(in_flight)
-        for iid, mid in session.execute(
-                select(Inbound.id, Inbound.message_id)
-                .where(Inbound.message_id.in_(sorted(refs)), Inbound.state == "pending")):
-            if iid not in batch_ids:
+        for iid, mid, state in session.execute(
+                select(Inbound.id, Inbound.message_id, Inbound.state)
+                .where(Inbound.message_id.in_(sorted(refs)))):
+            index.received.add(mid)
+            if state == "pending" and iid not in batch_ids:
                 index.in_flight.setdefault(mid, []).append(iid)
     if refs:
         for mid, tid in session.execute(
@@ -147,7 +153,7 @@ HOLD_DELAY_MAX = timedelta(seconds=1)
 # the same moment on another connection and be committed a moment later (held_back).
 
 
-def held_back(session: Session, index: ThreadIndex,
+def held_back(index: ThreadIndex,
               batch: Sequence[tuple[int, datetime | None, datetime | None, ParsedMail | None]],
               at: datetime, orphan_wait: timedelta = timedelta(0)
               ) -> tuple[dict[int, timedelta], dict[int, str]]:
@@ -167,24 +173,21 @@ def held_back(session: Session, index: ThreadIndex,
     note says why it opened a ticket. An original already quarantined or done is not in the
     queue: no hold.
 
-    A reply none of whose Message-IDs the store has at all (no article, no inbound row: an
-    original sent at the same moment over another connection may not be committed yet) is
-    held until it is ``orphan_wait`` old, once; one inbound look-up for the batch, made
-    only when it has such a young reply."""
+    A reply none of whose Message-IDs the store has at all (no article, no inbound row,
+    ``ThreadIndex.received``: an original sent at the same moment over another connection
+    may not be committed yet) is held until it is ``orphan_wait`` old, once. A reference
+    that has an inbound row in any other state holds nobody: the row was read before the
+    articles, so an original stored since is found on its ticket; a message that names
+    itself, one of the batch that did not parse, an agent's answer stored on its ticket
+    under our own Message-ID, or a quarantined original make no ticket to wait for."""
     delays: dict[int, timedelta] = {}
     notes: dict[int, str] = {}
     mids = {iid: mail.message_id for iid, _, _, mail in batch
             if mail is not None and mail.message_id}
-    asked: set[str] = set()
-    # Message-ID with an inbound row outside the batch -> "pending" (worth waiting for),
-    # "ticket" (stored on a ticket: worth one more look) or "" (it makes no ticket)
-    known: dict[str, str] = {}
-    ids = [iid for iid, _, _, _ in batch]
     changed = True
     while changed:  # a reply to a message of the batch that is held is held too
         changed = False
         own = {mid: iid for iid, mid in mids.items() if iid not in delays}
-        young: list[tuple[int, list[str], datetime, datetime | None]] = []
         for iid, held_since, received_at, mail in batch:
             if mail is None or iid in delays or iid in notes:
                 continue
@@ -195,8 +198,10 @@ def held_back(session: Session, index: ThreadIndex,
                              | {o for o, mid in mids.items() if o in delays and mid in refs})
             if not waiting:
                 received_at = aware(received_at)
-                if received_at is not None and at - received_at < orphan_wait:
-                    young.append((iid, refs, received_at, held_since))
+                if (received_at is not None and at - received_at < orphan_wait
+                        and index.received.isdisjoint(refs)):
+                    delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
+                    changed = True
                 continue
             held_since = aware(held_since)
             held = at - held_since if held_since is not None else timedelta(0)
@@ -207,30 +212,6 @@ def held_back(session: Session, index: ThreadIndex,
                 continue
             delays[iid] = min(HOLD_DELAY_MAX, max(HOLD_DELAY, held / 2))
             changed = True
-        ask = sorted({r for _, refs, _, _ in young for r in refs} - asked)
-        if ask:
-            asked.update(ask)
-            for mid, state, ticket_id in session.execute(
-                    select(Inbound.message_id, Inbound.state, Inbound.ticket_id)
-                    .where(Inbound.message_id.in_(ask), Inbound.id.not_in(ids))):
-                # Pending: worth waiting for. Stored on a ticket: perhaps since the batch's
-                # look-ups (PostgreSQL: an original committed in between), worth one more
-                # look; but an agent's answer by mail is stored on its ticket under our own
-                # Message-ID, so looking again would never find it. Else (quarantined,
-                # stored without a ticket) it is there and makes no ticket to thread into.
-                # The batch's own rows are left out: a message that names itself, or one
-                # of the batch that did not parse, holds nobody.
-                kind = "pending" if state == "pending" else "ticket" if ticket_id else ""
-                if known.get(mid) != "pending":
-                    known[mid] = kind if kind or mid not in known else known[mid]
-        for iid, refs, received_at, held_since in young:
-            seen = {known[r] for r in refs if r in known}
-            if not seen:
-                delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
-                changed = True
-            elif "pending" in seen or ("ticket" in seen and held_since is None):
-                delays[iid] = HOLD_DELAY
-                changed = True
     return delays, notes
 
 

@@ -133,7 +133,7 @@ def test_every_select_of_the_worker_uses_an_index(home):
     for needle in ("articles.message_id IN", "tickets.number IN", "articles.from_addr =",
                    "FROM auto_replies", "inbound.sha256 IN", "inbound.state =",
                    "min(articles.id)", "auto_replies.ticket_id IN", "tickets.id IN",
-                   "inbound.message_id IN", "inbound.ticket_id"):
+                   "inbound.message_id IN"):
         assert any(needle in s for s in statements), needle
 
     bad, checked = {}, 0
@@ -239,9 +239,9 @@ def test_the_look_for_pending_rows_uses_an_index_in_a_store_of_done_mail(home):
 
 def test_the_look_for_a_replys_original_in_the_queue_uses_an_index_in_a_store_of_done_mail(home):
     """As above, for the batch's look for the originals its replies wait for (decision 31:
-    ``inbound.message_id IN (...) AND state = 'pending'``, and for a young reply without any
-    known reference ``inbound.message_id IN (...)``): SQLite statistics of a million done
-    messages, one per Message-ID."""
+    ``inbound.message_id IN (...)``, the state filtered in Python so the planner cannot
+    prefer the pending rows, however many): SQLite statistics of a million done messages,
+    one per Message-ID."""
     from mailgw.intake.pipe import message_id_of
     from mailgw.mail.parse import parse_message
     from mailgw.store.db import read_session
@@ -270,13 +270,13 @@ def test_the_look_for_a_replys_original_in_the_queue_uses_an_index_in_a_store_of
     try:
         with read_session(h.engine) as s:
             index = prefetch(s, [reply], h.settings.ticket_numbers, lock=False, in_flight=[1])
-            held, _ = held_back(s, index, [(1, None, datetime.now(UTC), reply)],
+            held, _ = held_back(index, [(1, None, datetime.now(UTC), reply)],
                                 datetime.now(UTC), timedelta(seconds=2))
     finally:
         event.remove(h.engine, "before_cursor_execute", record)
     assert isinstance(index, ThreadIndex) and set(held) == {1}  # an orphan, young: held
     looks = [(st, p) for st, p in seen if "FROM inbound" in st]
-    assert len(looks) == 2
+    assert len(looks) == 1
     with h.engine.connect() as conn:
         for statement, params in looks:
             assert _full_scans(conn, statement, params, set()) == [], statement
