@@ -49,8 +49,7 @@ from io import BytesIO
 
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, defer
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session
 
 from mailgw.batch import Batch
 from mailgw.gctune import settle
@@ -275,7 +274,7 @@ class Worker:
         return out, raws, prepared
 
     def _raws(self, session: Session, ids: list[int]) -> list[tuple[int, bytes]]:
-        """(id, raw bytes) of the batch.
+        """(id, raw bytes) of the batch, from ``inbound_raw``.
 
         PostgreSQL: in binary (``bytea`` as text is hex: psycopg held the hex, 2x the
         message, and its unescaped copy), and a large message in pieces of ``PG_PIECE``:
@@ -284,20 +283,21 @@ class Worker:
         (issue 8, memory).
         """
         if not self._pg:
-            return session.execute(select(m.Inbound.id, m.Inbound.raw)
-                                   .where(m.Inbound.id.in_(ids))).all()
+            return session.execute(select(m.InboundRaw.inbound_id, m.InboundRaw.raw)
+                                   .where(m.InboundRaw.inbound_id.in_(ids))).all()
         dbapi = session.connection().connection.driver_connection
         out: list[tuple[int, bytes]] = []
         with dbapi.cursor(binary=True) as cur:
-            cur.execute("SELECT id, CASE WHEN size <= %s THEN raw END FROM inbound "
-                        "WHERE id = ANY(%s)", [PG_PIECE, ids])
+            # octet_length() of a stored bytea reads its TOAST header only.
+            cur.execute("SELECT inbound_id, CASE WHEN octet_length(raw) <= %s THEN raw END "
+                        "FROM inbound_raw WHERE inbound_id = ANY(%s)", [PG_PIECE, ids])
             rows = cur.fetchall()
             for iid, raw in rows:
                 if raw is None:
                     buffer = BytesIO()
                     while True:
-                        cur.execute("SELECT substring(raw FROM %s FOR %s) FROM inbound "
-                                    "WHERE id = %s", [buffer.tell() + 1, PG_PIECE, iid])
+                        cur.execute("SELECT substring(raw FROM %s FOR %s) FROM inbound_raw "
+                                    "WHERE inbound_id = %s", [buffer.tell() + 1, PG_PIECE, iid])
                         piece = cur.fetchone()[0]
                         buffer.write(piece)
                         if len(piece) < PG_PIECE:
@@ -374,8 +374,8 @@ class Worker:
                                 .where(m.Ticket.id.in_(sorted(set(self._tickets))))
                                 .order_by(m.Ticket.id).with_for_update(key_share=True))
             # The raw bytes were read for parsing already: not again into the write
-            # transaction (a message only parsed here loads them on access).
-            q = (select(m.Inbound).options(defer(m.Inbound.raw))
+            # transaction (a message only parsed here reads them on access, ``Inbound.raw``).
+            q = (select(m.Inbound)
                  .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
                         m.Inbound.claimed_by == self.me)
                  .order_by(m.Inbound.id))
@@ -384,7 +384,7 @@ class Worker:
             rows = session.scalars(q).all()
             for row in rows:
                 if row.id in raws:
-                    set_committed_value(row, "raw", raws[row.id])
+                    m.keep_raw(row, raws[row.id])
             copies = _Redeliveries(session, rows, self._pg)
             batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
                           at=now())
@@ -545,16 +545,17 @@ def _ack_recipients(rows: list[m.Inbound],
 
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
                   raws: dict[int, bytes], prepared: dict[int, Prepared]) -> None:
-    """Let go of a large message's bytes and parsed form once it is stored, before the flush
-    that updates its inbound row: SQLite builds the whole new row (raw included) in memory
-    for that update, and the copies need not be held at the same time (issue 8: a 25 MB
-    message under 3x its size). Should the batch be stored again, it is parsed again."""
+    """Let go of a large message's bytes and parsed form once it is stored, before the batch's
+    flush and commit: they need not be held while the rest of the batch is written (issue 8:
+    a 25 MB message under 3x its size; before decision 35 SQLite also built the updated
+    inbound row, raw included, in that flush). Should the batch be stored again, it is
+    parsed again."""
     raw = raws.get(row.id)
     if raw is not None and len(raw) >= FORGET_AFTER_STORE:
         del raws[row.id]
         parsed[row.id] = None
         prepared.pop(row.id, None)
-        set_committed_value(row, "raw", None)
+        m.keep_raw(row, None)
 
 
 class _Redeliveries:
