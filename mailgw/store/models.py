@@ -25,6 +25,7 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
@@ -104,10 +105,12 @@ class Inbound(Base):
     # The raw bytes as read or handed over (``keep_raw``); not a mapped attribute.
     _raw_bytes = None  # bytes, or None: not read yet
 
-    @property
+    @hybrid_property
     def raw(self) -> bytes:
         """The raw message: the bytes the worker read for its batch (``keep_raw``), else read
-        from ``inbound_raw`` in the row's session on first use and kept with the row."""
+        from ``inbound_raw`` in the row's session on first use and kept with the row. In a
+        query, ``Inbound.raw`` is a correlated subquery on ``inbound_raw`` (for reads that
+        want the row's columns with it; the worker reads ``InboundRaw`` directly)."""
         raw = self._raw_bytes
         if raw is None:
             from sqlalchemy import select
@@ -121,6 +124,14 @@ class Inbound(Base):
                 raise LookupError(f"inbound {self.id} has no raw mail (inbound_raw)")
             self._raw_bytes = raw
         return raw
+
+    @raw.inplace.expression
+    @classmethod
+    def _raw_expression(cls):  # type: ignore[no-untyped-def]
+        from sqlalchemy import select
+
+        return (select(InboundRaw.raw).where(InboundRaw.inbound_id == cls.id)
+                .scalar_subquery().label("raw"))
 
 
 def keep_raw(row: Inbound, raw: bytes | None) -> None:
