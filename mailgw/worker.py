@@ -71,9 +71,6 @@ PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
 # seconds for more commits before it claims (SQLite; see Worker._claim).
 MIN_BATCH_SHARE = 0.5
 LINGER = 0.02
-# On SQLite a worker looks for leases that ran out (claimed_until in the past) at most this
-# often, in seconds; its other looks take unleased rows only (see Worker._claimable).
-EXPIRED_EVERY = 10.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -120,8 +117,6 @@ class Worker:
         self.linger = LINGER if linger is None else linger
         self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
         self._wake: threading.Event | None = None  # set by run(): new rows were committed
-        self._expired_due = 0.0  # time.monotonic() of the next look for ran-out leases
-        self._expired = True  # this claim looks for them (see _claimable)
         # When the first row this worker held back (_hold) is claimable again (monotonic).
         self._retry_at: float | None = None
         _return_large_blocks()
@@ -130,20 +125,12 @@ class Worker:
     def _claimable(self, stamp):  # type: ignore[no-untyped-def]
         """The claimable rows: pending, and not leased or with a lease that ran out.
 
-        On SQLite a lease's columns are stored after ``raw`` in the row: reading a lease's
-        expiry walks the row's overflow pages (the whole message), while "no lease" (NULL)
-        is read from the record's header. Every look for work passed the other workers'
-        leased batches so and read them whole, ~1 ms a look in the end-to-end benchmark
-        (bench/RESULTS.md, issue 8 session 6). So on SQLite only a look every
-        ``EXPIRED_EVERY`` seconds (and a worker's first) takes leases that ran out; the
-        others take unleased rows only. Leases run out only when a worker hangs or dies
-        unseen (a dead worker of this host is released at once, and every lease given back,
-        after a database error or on a clean stop, is set to NULL): such a row waits up to
-        ``EXPIRED_EVERY`` longer than its lease, ``LEASE``."""
-        if self._pg or self._expired:
-            return (m.Inbound.state == "pending",
-                    or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
-        return (m.Inbound.state == "pending", m.Inbound.claimed_until.is_(None))
+        (Decision 33 had SQLite's looks skip leased rows between looks every 10 s: reading a
+        lease walked the row's overflow pages, the whole message. With the raw mail in
+        ``inbound_raw`` (decision 35) the inbound row is small and a lease is read like any
+        column, so every look takes leases that ran out again, on both stores.)"""
+        return (m.Inbound.state == "pending",
+                or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
 
     def _claim(self) -> list[int] | None:
         """Lease up to one batch of pending rows and count an attempt on each (committed).
@@ -158,16 +145,11 @@ class Worker:
         its fsync) to find nothing.
         """
         stamp = now()
-        # A row this worker held back (_hold) is leased until its delay ends: the look that
-        # takes it must be one that takes leases that ran out.
-        held_due = self._held_due()
-        if held_due:
+        # A row this worker held back (_hold) is leased until its delay ends; once due, this
+        # look takes it (a lease that ran out) and ``_wait`` need not wake us for it again.
+        if self._held_due():
             self._retry_at = None
         if not self._pg:
-            due = time.monotonic() >= self._expired_due
-            self._expired = due or held_due
-            if due:
-                self._expired_due = time.monotonic() + EXPIRED_EVERY
             waiting = self._waiting(stamp)
             if not waiting:
                 return []
@@ -413,12 +395,7 @@ class Worker:
                 batch.write(session)  # the held rows' updates too
             finally:
                 batch.close(session)
-            # Unleased rows only (SQLite); when a look for leases that ran out is due, the
-            # next claim is left to _claim, which makes it.
-            self._expired = False
-            claimed = ([] if not self._pg and (time.monotonic() >= self._expired_due
-                                               or self._held_due())
-                       else self._claim_in(session, now(), first=False) or [])
+            claimed = self._claim_in(session, now(), first=False) or []
         self._next = claimed
 
     def _hold(self, rows: list[m.Inbound], batch: Batch) -> list[m.Inbound]:

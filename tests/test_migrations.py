@@ -40,8 +40,7 @@ def test_postgresql_raw_mail_is_compressed_with_lz4(store_url):
     import pytest
     from sqlalchemy import text
 
-    from mailgw.queue import now
-    from mailgw.queue import put_many
+    from mailgw.queue import now, put_many
     from mailgw.types import Envelope
 
     if not store_url.startswith("postgresql"):
