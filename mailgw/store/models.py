@@ -1,8 +1,9 @@
 """The tables. Raw mail lives in the database, in the same transaction as its queue row.
 
-Keeping the raw bytes in the inbound row (instead of a file plus a row) means one commit, one
+Keeping the raw bytes in the database (instead of a file plus a row) means one commit, one
 fsync, makes a message durable, and no crash can leave a file without its row or a row
-without its file. See docs/decisions.md.
+without its file. They are in ``inbound_raw``, next to the inbound row, inserted in the same
+transaction (docs/architecture.md, decision 35). See docs/decisions.md.
 """
 
 from __future__ import annotations
