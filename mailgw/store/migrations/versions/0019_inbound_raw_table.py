@@ -20,16 +20,17 @@ Upgrade: create the table, copy every row's raw into it (one INSERT ... SELECT),
   3.35+) then rewrites every inbound row, reading each message's overflow pages: roughly
   the store's mail read twice and written once, all in one transaction, so the WAL grows by
   the size of the mail (and is checkpointed after). The old pages go to the free list: the
-  file does not shrink (``VACUUM`` gives the space back, offline). Measured: 10,000 messages
-  of 28 KB (285 MB of mail) in ~4-6 s on the loaded 2-core test machine; scale linearly
-  (about 1 min for 3 GB) and have free disk for about twice the mail.
+  file does not shrink (``VACUUM`` gives the space back, offline). Measured on the loaded
+  2-core test machine: 10,000 messages of 28 KB (280 MB of mail) in 7.6 s, the file
+  288 -> 575 MB and the WAL 577 MB until its next checkpoint (bench/RESULTS.md, issue 8
+  session 6): expect about 3 s per 100 MB of mail and have free disk for twice the mail.
   Not Alembic's batch mode: that rebuilds ``inbound`` (CREATE, copy, DROP, RENAME) and, with
   ``PRAGMA foreign_keys=ON`` (mailgw's connections), dropping the old table fails on the
   new foreign key from ``inbound_raw``; the native DROP COLUMN changes the rows in place.
   A later migration that rebuilds ``inbound`` on SQLite must turn foreign keys off for it.
-- PostgreSQL: the copy reads and writes every message once (lz4, or the old pglz datum as
-  it is); DROP COLUMN only marks the column dropped: the old TOAST data is freed when the
-  rows are rewritten (a done row never is) or by ``VACUUM FULL inbound``.
+- PostgreSQL: the copy reads and writes every message once (the same 280 MB: 2.6 s);
+  DROP COLUMN only marks the column dropped: the old TOAST data is freed when the rows are
+  rewritten (a done row never is) or by ``VACUUM FULL inbound``.
 
 Downgrade moves the bytes back into ``inbound.raw`` (added as the last column; SQLite
 needs a default for a NOT NULL column added so: ``x''``, never used) and drops the table.
