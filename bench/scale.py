@@ -45,8 +45,9 @@ ARTICLE_COLS = ("id", "ticket_id", "inbound_id", "direction", "sender_type", "fr
                 "from_name", "to_addrs", "cc_addrs", "subject", "message_id", "in_reply_to",
                 "references", "body_text", "threaded_by", "thread_reason", "is_automatic",
                 "created_at")
-INBOUND_COLS = ("id", "received_at", "source", "rcpt_tos", "size", "sha256", "raw", "state",
+INBOUND_COLS = ("id", "received_at", "source", "rcpt_tos", "size", "sha256", "state",
                 "attempts", "processed_at", "ticket_id", "article_id", "message_id")
+INBOUND_RAW_COLS = ("inbound_id", "raw")  # the raw mail's own table (decision 35)
 EVENT_COLS = ("id", "ticket_id", "article_id", "inbound_id", "type", "data", "created_at")
 OUTBOX_COLS = ("id", "ticket_id", "article_id", "mail_from", "rcpt_tos", "message_id", "raw",
                "state", "attempts", "next_attempt_at", "created_at", "sent_at")
@@ -64,7 +65,7 @@ def rows(cfg, start: int, stop: int, base: dict[str, int]):  # type: ignore[no-u
     tables follow ``base`` (the largest ones already in the store)."""
     from mailgw.numbers import format_number
 
-    tickets, articles, inbound, events, outbox = [], [], [], [], []
+    tickets, articles, inbound, inbound_raw, events, outbox = [], [], [], [], [], []
     for i in range(start, stop):
         n = i - start
         a1, a2 = base["articles"] + 2 * n + 1, base["articles"] + 2 * n + 2
@@ -84,15 +85,17 @@ def rows(cfg, start: int, stop: int, base: dict[str, int]):  # type: ignore[no-u
                          f"old.{i}@customer.test", "Thank you", "auto_response",
                          "acknowledgement", True, at))
         inbound.append((ib, at, "smtp", '["support@example.com"]', 100,
-                        hashlib.sha256(b"old%d" % i).hexdigest(), b"x", "done", 1, at, i, a1,
+                        hashlib.sha256(b"old%d" % i).hexdigest(), "done", 1, at, i, a1,
                         f"old.{i}@customer.test"))
+        inbound_raw.append((ib, b"x"))
         events.append((ev + 1, i, None, ib, "ticket_created", '{"queue": "support"}', at))
         events.append((ev + 2, i, a1, ib, "article_received", '{"source": "smtp"}', at))
         events.append((ev + 3, i, a2, ib, "auto_response_queued", '{"template": "ack_new"}', at))
         outbox.append((ob, i, a2, "support@example.com", f'["{customer(i)}"]', ours,
                        b"Subject: Thank you\r\n\r\nThank you\r\n", "sent", 1, at, at, at))
     return {"tickets": (TICKET_COLS, tickets), "articles": (ARTICLE_COLS, articles),
-            "inbound": (INBOUND_COLS, inbound), "events": (EVENT_COLS, events),
+            "inbound": (INBOUND_COLS, inbound), "inbound_raw": (INBOUND_RAW_COLS, inbound_raw),
+            "events": (EVENT_COLS, events),
             "outbox": (OUTBOX_COLS, outbox)}
 
 
@@ -125,7 +128,7 @@ def bulk_load(engine, cfg, count: int) -> range:  # type: ignore[no-untyped-def]
             # triggers) nor a checkpoint of the load's WAL runs while we measure.
             raw.driver_connection.autocommit = True
             with raw.cursor() as cur:
-                for table in TABLES:
+                for table in (*TABLES, "inbound_raw"):
                     cur.execute(f"VACUUM (ANALYZE) {table}")
                 cur.execute("CHECKPOINT")
             raw.driver_connection.autocommit = False

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, insert, update
 
 from mailgw.intake.pipe import RawBuffer, pg_insert_many, sqlite_insert
 from mailgw.intake.pipe import inbound_row as _row
-from mailgw.store.models import Inbound
+from mailgw.store.models import Inbound, InboundRaw
 from mailgw.types import Envelope
 
 log = logging.getLogger(__name__)
@@ -341,6 +341,12 @@ def put_in(conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-unt
         # is written in pieces (mailgw/intake/pipe.py ``RawBuffer``).
         dbapi_conn = conn.connection.driver_connection
         return [sqlite_insert(dbapi_conn, env) for env in envelopes]
-    # One multi-row INSERT ... RETURNING, ids in the order of the envelopes.
+    # One multi-row INSERT ... RETURNING, ids in the order of the envelopes, then their raw
+    # mail (inbound_raw, decision 35), in the same transaction.
+    rows = [_row(env) for env in envelopes]
+    raws = [row.pop("raw") for row in rows]
     stmt = insert(Inbound).returning(Inbound.id, sort_by_parameter_order=True)
-    return list(conn.execute(stmt, [_row(env) for env in envelopes]).scalars())
+    ids = list(conn.execute(stmt, rows).scalars())
+    conn.execute(insert(InboundRaw), [{"inbound_id": iid, "raw": raw}
+                                      for iid, raw in zip(ids, raws, strict=True)])
+    return ids

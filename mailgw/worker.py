@@ -49,8 +49,7 @@ from io import BytesIO
 
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, defer
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session
 
 from mailgw.batch import Batch
 from mailgw.gctune import settle
@@ -72,9 +71,6 @@ PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
 # seconds for more commits before it claims (SQLite; see Worker._claim).
 MIN_BATCH_SHARE = 0.5
 LINGER = 0.02
-# On SQLite a worker looks for leases that ran out (claimed_until in the past) at most this
-# often, in seconds; its other looks take unleased rows only (see Worker._claimable).
-EXPIRED_EVERY = 10.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -121,8 +117,6 @@ class Worker:
         self.linger = LINGER if linger is None else linger
         self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
         self._wake: threading.Event | None = None  # set by run(): new rows were committed
-        self._expired_due = 0.0  # time.monotonic() of the next look for ran-out leases
-        self._expired = True  # this claim looks for them (see _claimable)
         # When the first row this worker held back (_hold) is claimable again (monotonic).
         self._retry_at: float | None = None
         _return_large_blocks()
@@ -131,20 +125,12 @@ class Worker:
     def _claimable(self, stamp):  # type: ignore[no-untyped-def]
         """The claimable rows: pending, and not leased or with a lease that ran out.
 
-        On SQLite a lease's columns are stored after ``raw`` in the row: reading a lease's
-        expiry walks the row's overflow pages (the whole message), while "no lease" (NULL)
-        is read from the record's header. Every look for work passed the other workers'
-        leased batches so and read them whole, ~1 ms a look in the end-to-end benchmark
-        (bench/RESULTS.md, issue 8 session 6). So on SQLite only a look every
-        ``EXPIRED_EVERY`` seconds (and a worker's first) takes leases that ran out; the
-        others take unleased rows only. Leases run out only when a worker hangs or dies
-        unseen (a dead worker of this host is released at once, and every lease given back,
-        after a database error or on a clean stop, is set to NULL): such a row waits up to
-        ``EXPIRED_EVERY`` longer than its lease, ``LEASE``."""
-        if self._pg or self._expired:
-            return (m.Inbound.state == "pending",
-                    or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
-        return (m.Inbound.state == "pending", m.Inbound.claimed_until.is_(None))
+        (Decision 33 had SQLite's looks skip leased rows between looks every 10 s: reading a
+        lease walked the row's overflow pages, the whole message. With the raw mail in
+        ``inbound_raw`` (decision 35) the inbound row is small and a lease is read like any
+        column, so every look takes leases that ran out again, on both stores.)"""
+        return (m.Inbound.state == "pending",
+                or_(m.Inbound.claimed_until.is_(None), m.Inbound.claimed_until < stamp))
 
     def _claim(self) -> list[int] | None:
         """Lease up to one batch of pending rows and count an attempt on each (committed).
@@ -159,16 +145,11 @@ class Worker:
         its fsync) to find nothing.
         """
         stamp = now()
-        # A row this worker held back (_hold) is leased until its delay ends: the look that
-        # takes it must be one that takes leases that ran out.
-        held_due = self._held_due()
-        if held_due:
+        # A row this worker held back (_hold) is leased until its delay ends; once due, this
+        # look takes it (a lease that ran out) and ``_wait`` need not wake us for it again.
+        if self._held_due():
             self._retry_at = None
         if not self._pg:
-            due = time.monotonic() >= self._expired_due
-            self._expired = due or held_due
-            if due:
-                self._expired_due = time.monotonic() + EXPIRED_EVERY
             waiting = self._waiting(stamp)
             if not waiting:
                 return []
@@ -275,7 +256,7 @@ class Worker:
         return out, raws, prepared
 
     def _raws(self, session: Session, ids: list[int]) -> list[tuple[int, bytes]]:
-        """(id, raw bytes) of the batch.
+        """(id, raw bytes) of the batch, from ``inbound_raw``.
 
         PostgreSQL: in binary (``bytea`` as text is hex: psycopg held the hex, 2x the
         message, and its unescaped copy), and a large message in pieces of ``PG_PIECE``:
@@ -284,20 +265,21 @@ class Worker:
         (issue 8, memory).
         """
         if not self._pg:
-            return session.execute(select(m.Inbound.id, m.Inbound.raw)
-                                   .where(m.Inbound.id.in_(ids))).all()
+            return session.execute(select(m.InboundRaw.inbound_id, m.InboundRaw.raw)
+                                   .where(m.InboundRaw.inbound_id.in_(ids))).all()
         dbapi = session.connection().connection.driver_connection
         out: list[tuple[int, bytes]] = []
         with dbapi.cursor(binary=True) as cur:
-            cur.execute("SELECT id, CASE WHEN size <= %s THEN raw END FROM inbound "
-                        "WHERE id = ANY(%s)", [PG_PIECE, ids])
+            # octet_length() of a stored bytea reads its TOAST header only.
+            cur.execute("SELECT inbound_id, CASE WHEN octet_length(raw) <= %s THEN raw END "
+                        "FROM inbound_raw WHERE inbound_id = ANY(%s)", [PG_PIECE, ids])
             rows = cur.fetchall()
             for iid, raw in rows:
                 if raw is None:
                     buffer = BytesIO()
                     while True:
-                        cur.execute("SELECT substring(raw FROM %s FOR %s) FROM inbound "
-                                    "WHERE id = %s", [buffer.tell() + 1, PG_PIECE, iid])
+                        cur.execute("SELECT substring(raw FROM %s FOR %s) FROM inbound_raw "
+                                    "WHERE inbound_id = %s", [buffer.tell() + 1, PG_PIECE, iid])
                         piece = cur.fetchone()[0]
                         buffer.write(piece)
                         if len(piece) < PG_PIECE:
@@ -374,8 +356,8 @@ class Worker:
                                 .where(m.Ticket.id.in_(sorted(set(self._tickets))))
                                 .order_by(m.Ticket.id).with_for_update(key_share=True))
             # The raw bytes were read for parsing already: not again into the write
-            # transaction (a message only parsed here loads them on access).
-            q = (select(m.Inbound).options(defer(m.Inbound.raw))
+            # transaction (a message only parsed here reads them on access, ``Inbound.raw``).
+            q = (select(m.Inbound)
                  .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
                         m.Inbound.claimed_by == self.me)
                  .order_by(m.Inbound.id))
@@ -384,7 +366,7 @@ class Worker:
             rows = session.scalars(q).all()
             for row in rows:
                 if row.id in raws:
-                    set_committed_value(row, "raw", raws[row.id])
+                    m.keep_raw(row, raws[row.id])
             copies = _Redeliveries(session, rows, self._pg)
             batch = Batch(session, loop_window_hours=ctx.settings.loop_protection.window_hours,
                           at=now())
@@ -413,12 +395,7 @@ class Worker:
                 batch.write(session)  # the held rows' updates too
             finally:
                 batch.close(session)
-            # Unleased rows only (SQLite); when a look for leases that ran out is due, the
-            # next claim is left to _claim, which makes it.
-            self._expired = False
-            claimed = ([] if not self._pg and (time.monotonic() >= self._expired_due
-                                               or self._held_due())
-                       else self._claim_in(session, now(), first=False) or [])
+            claimed = self._claim_in(session, now(), first=False) or []
         self._next = claimed
 
     def _hold(self, rows: list[m.Inbound], batch: Batch) -> list[m.Inbound]:
@@ -545,16 +522,17 @@ def _ack_recipients(rows: list[m.Inbound],
 
 def _forget_large(row: m.Inbound, parsed: dict[int, ParsedMail | Exception | None],
                   raws: dict[int, bytes], prepared: dict[int, Prepared]) -> None:
-    """Let go of a large message's bytes and parsed form once it is stored, before the flush
-    that updates its inbound row: SQLite builds the whole new row (raw included) in memory
-    for that update, and the copies need not be held at the same time (issue 8: a 25 MB
-    message under 3x its size). Should the batch be stored again, it is parsed again."""
+    """Let go of a large message's bytes and parsed form once it is stored, before the batch's
+    flush and commit: they need not be held while the rest of the batch is written (issue 8:
+    a 25 MB message under 3x its size; before decision 35 SQLite also built the updated
+    inbound row, raw included, in that flush). Should the batch be stored again, it is
+    parsed again."""
     raw = raws.get(row.id)
     if raw is not None and len(raw) >= FORGET_AFTER_STORE:
         del raws[row.id]
         parsed[row.id] = None
         prepared.pop(row.id, None)
-        set_committed_value(row, "raw", None)
+        m.keep_raw(row, None)
 
 
 class _Redeliveries:

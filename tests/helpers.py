@@ -65,7 +65,10 @@ class Harness:
         from sqlalchemy.orm import Session
 
         with Session(self.engine) as s:
-            return s.get(m.Inbound, inbound_id)
+            row = s.get(m.Inbound, inbound_id)
+            if row is not None:
+                row.raw  # noqa: B018 - read now (inbound_raw): the row is used detached
+            return row
 
     def tickets(self) -> list[m.Ticket]:
         from sqlalchemy.orm import Session

@@ -149,8 +149,8 @@ def test_raw_mail_gone_or_unparseable_shows_nothing_and_caches_nothing(hx, caplo
     hx.drain()
     first, second = [a for a in hx.articles() if a.direction == "in"]
     with hx.engine.begin() as c:
-        c.execute(delete(m.Inbound).where(m.Inbound.id == first.inbound_id))
-        c.execute(update(m.Inbound).where(m.Inbound.id == second.inbound_id)
+        c.execute(delete(m.InboundRaw).where(m.InboundRaw.inbound_id == first.inbound_id))
+        c.execute(update(m.InboundRaw).where(m.InboundRaw.inbound_id == second.inbound_id)
                   .values(raw=b"\x00\x01 not mail at all"))
     with caplog.at_level(logging.WARNING, logger="mailgw.mail.sanitize"):
         assert _show(hx, first.id) is None

@@ -232,6 +232,6 @@ def test_smtp_and_lmtp_offer_pipelining_and_answer_a_pipelined_group_in_order(ho
     wait_until(lambda: _count(home) == 4, what="stored messages")
     engine = home.engine()
     with engine.connect() as c:
-        raws = [bytes(r) for r in c.scalars(text("SELECT raw FROM inbound ORDER BY id"))]
+        raws = [bytes(r) for r in c.scalars(text("SELECT raw FROM inbound_raw ORDER BY inbound_id"))]
     engine.dispose()
     assert raws == [b"Subject: one\r\n\r\n. dotted\r\n", b"Subject: two\r\n\r\nbody\r\n"] * 2

@@ -24,6 +24,16 @@ def _envelopes() -> list[Envelope]:
     ]
 
 
+def _insert(c, row: dict) -> int:  # type: ignore[no-untyped-def]
+    """SQLAlchemy's INSERT of an inbound row and its raw mail (inbound_raw, decision 35)."""
+    from mailgw.store import models as m
+
+    raw = row.pop("raw")
+    inbound_id = c.execute(insert(m.Inbound).values(row).returning(m.Inbound.id)).scalar_one()
+    c.execute(insert(m.InboundRaw).values(inbound_id=inbound_id, raw=raw))
+    return inbound_id
+
+
 def test_rows_written_by_the_driver_equal_sqlalchemys(home):
     from mailgw.intake.pipe import inbound_row
     from mailgw.queue import put_many
@@ -33,15 +43,15 @@ def test_rows_written_by_the_driver_equal_sqlalchemys(home):
     envs = _envelopes()
     # Given the same envelopes stored by SQLAlchemy's INSERT and by the intake's path
     with engine.begin() as c:
-        reference = [c.execute(insert(m.Inbound).values(inbound_row(e)).returning(m.Inbound.id))
-                     .scalar_one() for e in envs]
+        reference = [_insert(c, inbound_row(e)) for e in envs]
     ours = put_many(engine, envs)
     # Then the rows read back the same (through the models and as stored)
-    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"]
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"] + [m.Inbound.raw]
     with engine.connect() as c:
         rows = {r.id: tuple(r[1:]) for r in c.execute(select(m.Inbound.id, *cols))}
         stored = {r[0]: tuple(r[1:]) for r in c.exec_driver_sql(
-            f"SELECT id, {', '.join(col.name for col in cols)} FROM inbound")}
+            f"SELECT id, {', '.join(col.name for col in cols[:-1])}, "
+            "(SELECT raw FROM inbound_raw WHERE inbound_id = inbound.id) FROM inbound")}
     engine.dispose()
     assert len(rows) == 6 and ours != reference
     for ref, got in zip(reference, ours, strict=True):
@@ -61,19 +71,19 @@ def test_rows_written_by_the_intake_writer_equal_sqlalchemys(home):
     engine = home.engine()
     envs = _envelopes()
     with engine.begin() as c:
-        reference = [c.execute(insert(m.Inbound).values(inbound_row(e)).returning(m.Inbound.id))
-                     .scalar_one() for e in envs]
+        reference = [_insert(c, inbound_row(e)) for e in envs]
     writer = GroupCommitWriter(engine)
     try:
         futures = [writer.submit(e) for e in envs]
         ours = [f.result(30) for f in futures]
     finally:
         writer.close()
-    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"]
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"] + [m.Inbound.raw]
     with engine.connect() as c:
         rows = {r.id: tuple(r[1:]) for r in c.execute(select(m.Inbound.id, *cols))}
         stored = {r[0]: tuple(r[1:]) for r in c.exec_driver_sql(
-            f"SELECT id, {', '.join(col.name for col in cols)} FROM inbound")}
+            f"SELECT id, {', '.join(col.name for col in cols[:-1])}, "
+            "(SELECT raw FROM inbound_raw WHERE inbound_id = inbound.id) FROM inbound")}
     engine.dispose()
     assert len(rows) == 6 and ours == sorted(ours) and not set(ours) & set(reference)
     for ref, got in zip(reference, ours, strict=True):

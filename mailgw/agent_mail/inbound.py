@@ -316,7 +316,8 @@ def _customer_recipient(session: Session, settings: Settings,
         .order_by(m.Article.is_automatic, m.Article.id.desc()).limit(1)).first()
     recipient = ticket.customer
     if last is not None and last.inbound_id is not None:
-        raw = session.scalar(select(m.Inbound.raw).where(m.Inbound.id == last.inbound_id))
+        raw = session.scalar(select(m.InboundRaw.raw)
+                             .where(m.InboundRaw.inbound_id == last.inbound_id))
         if raw:
             headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
             reply_to = [a for _, a in getaddresses(headers.get_all("Reply-To", [])) if a]

@@ -9,10 +9,13 @@ and a store whose schema is not at ``SCHEMA_REVISION`` (it needs migrating first
 None and the caller takes the full path. tests/test_hot_path.py checks both paths write the
 same row on both backends.
 
+The raw bytes go into ``inbound_raw`` (decision 35), in the same transaction as the inbound
+row: on SQLite two INSERTs, on PostgreSQL one statement (the row's INSERT in a WITH clause).
+
 A large message (``LARGE`` bytes or more) is read into a ``RawBuffer`` and, on SQLite, written
-into its row in pieces, its memory let go before SQLite's own copy is made (``write_large``):
-this is what keeps ``mailgw deliver`` and SMTP intake of a 25 MB message under 3x its size
-in RSS (bench/RESULTS.md).
+into its ``inbound_raw`` row in pieces, its memory let go as soon as the bytes are in
+(``write_large``): this is what keeps ``mailgw deliver`` and SMTP intake of a 25 MB message
+under 3x its size in RSS (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ LARGE = 1 << 20
 PIECE = 1 << 20  # bytes per incremental blob write
 _READ = 1 << 20  # bytes per read of standard input
 
+# The inbound row's columns (``inbound_row`` has "raw" too: it goes into inbound_raw).
 COLUMNS = ("received_at", "source", "source_ref", "mail_from", "rcpt_tos", "queue", "size",
-           "sha256", "raw", "state", "attempts", "message_id")
+           "sha256", "state", "attempts", "message_id")
 
 # message_id_of: the header block ends at the first empty line; a Message-ID field there,
 # with its continuation lines. Only the first HEAD_LIMIT bytes are looked at.
@@ -45,18 +49,17 @@ _ID_SEPARATORS = re.compile(r"[\s<>,;()\"']+")
 
 class RawBuffer(bytearray):
     """A large message's bytes, handed over to the store, which empties the buffer once the
-    bytes are in the row (``write_large``): then no copy of them is left in this process
-    while SQLite builds its record.
+    bytes are in the database (``write_large``).
 
-    Why this works on SQLite (``raw`` is not the last column of ``inbound``): SQLite builds a
-    row in memory before writing it and binds a parameter as a copy of its own, so a plain
-    INSERT of a 25 MB value costs 2x its size on top of the caller's 1x. A ``zeroblob(n)``
-    costs nothing only when every column after it has no data bytes in the record; ``state``
-    is the one that has ("pending"). So the row is inserted with ``state = ''`` and a zero
-    blob, the bytes are written into the blob in pieces (incremental blob I/O), the buffer is
-    emptied, and only then ``state`` is set to ``pending`` (that UPDATE is where SQLite makes
-    its 2x, with the message no longer held here). All of it is one transaction: a crash
-    half-way leaves no row at all.
+    Why (SQLite): SQLite builds a row in memory before writing it and binds a parameter as a
+    copy of its own, so a plain INSERT of a 25 MB value costs 2x its size on top of the
+    caller's 1x. A ``zeroblob(n)`` costs nothing when no column after it has data bytes in
+    the record: ``raw`` is the last column of ``inbound_raw`` (its key is the rowid, kept out
+    of the record). So the ``inbound_raw`` row is inserted with a zero blob, the bytes are
+    written into it in pieces (incremental blob I/O) and the buffer is emptied; nothing
+    rewrites that row afterwards (before decision 35 the bytes were in the inbound row and an
+    UPDATE of it made SQLite's 2x). All of it is in the caller's transaction with the inbound
+    row: a crash half-way leaves neither.
     """
 
     consumed = False  # True once the bytes went to the store: it cannot be written twice
@@ -85,14 +88,15 @@ def _check(raw: bytes) -> None:
         raise RuntimeError("this message's bytes were handed to the store already")
 
 
-def write_large(dbapi_conn, inbound_id: int, raw: RawBuffer, state: str = "pending") -> None:  # type: ignore[no-untyped-def]
-    """Fill the zero blob of inbound row ``inbound_id`` (inserted with ``state = ''``) with
-    ``raw``, let go of ``raw``, then set the row's ``state``: inside the caller's SQLite
-    transaction, on its ``sqlite3`` connection. See ``RawBuffer``."""
-    with dbapi_conn.blobopen("inbound", "raw", inbound_id) as blob:
+def write_large(dbapi_conn, inbound_id: int, raw: RawBuffer) -> None:  # type: ignore[no-untyped-def]
+    """Store ``raw`` as inbound message ``inbound_id``'s raw mail (its ``inbound_raw`` row,
+    inserted here as a zero blob and filled in pieces), then let go of ``raw``: inside the
+    caller's SQLite transaction, on its ``sqlite3`` connection. See ``RawBuffer``."""
+    dbapi_conn.execute("INSERT INTO inbound_raw (inbound_id, raw) VALUES (?, zeroblob(?))",
+                       (inbound_id, len(raw)))
+    with dbapi_conn.blobopen("inbound_raw", "raw", inbound_id) as blob:
         _write_pieces(blob, raw)
     raw.consume()
-    dbapi_conn.execute("UPDATE inbound SET state = ? WHERE id = ?", (state, inbound_id))
 
 
 def _write_pieces(blob, raw: RawBuffer) -> None:  # type: ignore[no-untyped-def]
@@ -133,7 +137,8 @@ def message_id_of(raw: bytes | bytearray) -> str | None:
 
 
 def inbound_row(env: Envelope) -> dict:
-    """The inbound row for an envelope (shared with ``mailgw.queue``)."""
+    """The inbound row for an envelope (shared with ``mailgw.queue``): the values of
+    ``COLUMNS``, and "raw", the message, which goes into ``inbound_raw``."""
     _check(env.raw)
     return {
         "received_at": env.received_at,
@@ -193,35 +198,39 @@ def _put_sqlite(url: str, env: Envelope, schema_revision: str) -> int | None:
 
 _SQLITE_INSERT = (f"INSERT INTO inbound ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))}) RETURNING id")
-# A large message's row: a zero blob for raw and no state yet (write_large fills both in).
-_SQLITE_INSERT_LARGE = (f"INSERT INTO inbound ({', '.join(COLUMNS)}) VALUES "
-                        f"({', '.join('zeroblob(?)' if c == 'raw' else '?' for c in COLUMNS)}) "
-                        "RETURNING id")
+_SQLITE_INSERT_RAW = "INSERT INTO inbound_raw (inbound_id, raw) VALUES (?, ?)"
 
 
 def sqlite_insert(dbapi_conn, env: Envelope) -> int:  # type: ignore[no-untyped-def]
-    """One envelope's inbound row on a ``sqlite3`` connection, in the caller's transaction
-    (``mailgw deliver`` here; the intake writer through SQLAlchemy's connection, whose
-    per-row statement handling cost more than SQLite's insert itself). The values are stored
-    as SQLAlchemy stores them (tests/test_intake_rows.py compares the rows)."""
+    """One envelope's inbound row and its raw mail (``inbound_raw``) on a ``sqlite3``
+    connection, in the caller's transaction (``mailgw deliver`` here; the intake writer
+    through SQLAlchemy's connection, whose per-row statement handling cost more than
+    SQLite's insert itself). The values are stored as SQLAlchemy stores them
+    (tests/test_intake_rows.py compares the rows)."""
     row = inbound_row(env)
     # As SQLAlchemy stores them on SQLite: the datetime's wall time as text, JSON as text.
     row["received_at"] = row["received_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
     row["rcpt_tos"] = json.dumps(row["rcpt_tos"])
-    large = isinstance(env.raw, RawBuffer)
-    if large:
-        row["raw"], row["state"] = row["size"], ""
-    cur = dbapi_conn.execute(_SQLITE_INSERT_LARGE if large else _SQLITE_INSERT,
-                             [row[c] for c in COLUMNS])
+    cur = dbapi_conn.execute(_SQLITE_INSERT, [row[c] for c in COLUMNS])
     inbound_id = cur.fetchone()[0]
     cur.close()
-    if large:
-        write_large(dbapi_conn, inbound_id, env.raw)  # type: ignore[arg-type]
+    if isinstance(env.raw, RawBuffer):
+        write_large(dbapi_conn, inbound_id, env.raw)
+    else:
+        dbapi_conn.execute(_SQLITE_INSERT_RAW, (inbound_id, row["raw"]))
     return inbound_id
 
 
-_PG_INSERT = (f"INSERT INTO inbound ({', '.join(COLUMNS)}) "
-              f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) RETURNING id")
+def _pg_insert(placeholders: list[str]) -> str:
+    """One statement for an inbound row and its raw mail (the last placeholder): the row's
+    INSERT in a WITH clause, the ``inbound_raw`` INSERT reading its id; the id returned."""
+    return (f"WITH i AS (INSERT INTO inbound ({', '.join(COLUMNS)}) "
+            f"VALUES ({', '.join(placeholders[:-1])}) RETURNING id) "
+            f"INSERT INTO inbound_raw (inbound_id, raw) SELECT id, {placeholders[-1]}::bytea FROM i "
+            "RETURNING inbound_id")
+
+
+_PG_INSERT = _pg_insert(["%s"] * (len(COLUMNS) + 1))
 
 
 def pg_insert_many(dbapi_conn, envelopes: list[Envelope]) -> list[int]:  # type: ignore[no-untyped-def]
@@ -234,7 +243,7 @@ def pg_insert_many(dbapi_conn, envelopes: list[Envelope]) -> list[int]:  # type:
     for env in envelopes:
         row = inbound_row(env)
         row["rcpt_tos"] = Json(row["rcpt_tos"])
-        params.append([row[c] for c in COLUMNS])
+        params.append([*(row[c] for c in COLUMNS), row["raw"]])
     ids: list[int] = []
     with dbapi_conn.cursor() as cur:
         cur.executemany(_PG_INSERT, params, returning=True)
@@ -259,17 +268,15 @@ def _put_postgresql(url: str, env: Envelope, schema_revision: str) -> int | None
         if isinstance(env.raw, RawBuffer):
             return _insert_pg_large(conn, row)
         row["rcpt_tos"] = Json(row["rcpt_tos"])
-        cur = conn.execute(
-            f"INSERT INTO inbound ({', '.join(COLUMNS)}) "
-            f"VALUES ({', '.join(['%s'] * len(COLUMNS))}) RETURNING id",
-            [row[c] for c in COLUMNS])
+        cur = conn.execute(_PG_INSERT, [*(row[c] for c in COLUMNS), row["raw"]])
         inbound_id = cur.fetchone()[0]
         conn.commit()
         return inbound_id
 
 
 def _insert_pg_large(conn, row: dict) -> int:  # type: ignore[no-untyped-def]
-    """The row of a large message through libpq alone, committed when it returns.
+    """The row of a large message and its raw mail (one statement, ``_pg_insert``) through
+    libpq alone, committed when it returns.
 
     psycopg's own adaptation copies a binary parameter once more before libpq copies it into
     its output buffer: for a 25 MB message that is the difference between 2x and 3x its size
@@ -279,8 +286,9 @@ def _insert_pg_large(conn, row: dict) -> int:  # type: ignore[no-untyped-def]
     from psycopg import DatabaseError, pq
 
     encoding = conn.info.encoding
+    names = (*COLUMNS, "raw")
     params: list[bytes | bytearray | None] = []
-    for name in COLUMNS:
+    for name in names:
         value = row[name]
         if name == "raw" or value is None:
             params.append(value)
@@ -291,9 +299,8 @@ def _insert_pg_large(conn, row: dict) -> int:  # type: ignore[no-untyped-def]
         else:
             params.append(str(value).encode(encoding))
     res = conn.pgconn.exec_params(
-        f"INSERT INTO inbound ({', '.join(COLUMNS)}) VALUES "
-        f"({', '.join(f'${i}' for i in range(1, len(COLUMNS) + 1))}) RETURNING id".encode(),
-        params, param_formats=[int(name == "raw") for name in COLUMNS])
+        _pg_insert([f"${i}" for i in range(1, len(names) + 1)]).encode(),
+        params, param_formats=[int(name == "raw") for name in names])
     if res.status != pq.ExecStatus.TUPLES_OK:
         raise DatabaseError(res.error_message.decode(encoding, "replace").strip()
                             or f"INSERT of the inbound row failed ({res.status})")

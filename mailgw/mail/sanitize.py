@@ -6,7 +6,7 @@ agent's screen. It is an allow-list (bleach): what is not listed below is remove
 ``html_to_text`` renders HTML as plain text for the text body, search and replies.
 
 ``article_html`` is the one way to an article's HTML for showing or sending it (decision
-32): ingest keeps the HTML part only in the raw mail (``inbound.raw``) and marks the article
+32): ingest keeps the HTML part only in the raw mail (``inbound_raw.raw``) and marks the article
 ``has_html``; the first reader sanitises it from there and caches it in ``body_html``.
 """
 
@@ -173,8 +173,8 @@ def article_html(session: Session, article: Article) -> str | None:
     """An article's sanitised HTML body, or None when it has none (decision 32).
 
     ``body_html`` is a cache: what it holds is sanitised and returned. Otherwise, for an
-    article marked ``has_html``, the raw mail it came from (``inbound.raw``, kept for good)
-    is parsed again and its HTML part sanitised, as ingest did before decision 32, and the
+    article marked ``has_html``, the raw mail it came from (``inbound_raw.raw``, kept for
+    good) is parsed again and its HTML part sanitised, as ingest did before decision 32, and the
     result is written to ``body_html`` through ``session`` (``cache_article_html``; the
     caller commits). An HTML part that sanitises to nothing is cached as "" and read as
     None. The raw mail gone, or not parsed: None, logged, nothing written.
@@ -200,9 +200,9 @@ def sanitised_from_raw(session: Session, article: Article) -> str | None:
     from sqlalchemy import select
 
     from mailgw.mail.parse import parse_message
-    from mailgw.store.models import Inbound
+    from mailgw.store.models import InboundRaw
 
-    raw = session.scalar(select(Inbound.raw).where(Inbound.id == article.inbound_id))
+    raw = session.scalar(select(InboundRaw.raw).where(InboundRaw.inbound_id == article.inbound_id))
     if raw is None:
         log.warning("article %s: its raw mail (inbound %s) is gone; no HTML to show",
                     article.id, article.inbound_id)

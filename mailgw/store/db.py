@@ -24,7 +24,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest Alembic revision. Compared on every start (``mailgw deliver`` runs once per
 # message), so Alembic itself is imported only when the schema really needs upgrading;
 # tests/test_migrations.py keeps this equal to the real head.
-SCHEMA_REVISION = "0018"
+SCHEMA_REVISION = "0019"
 _migrate_lock = threading.Lock()
 
 

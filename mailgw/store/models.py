@@ -1,8 +1,9 @@
 """The tables. Raw mail lives in the database, in the same transaction as its queue row.
 
-Keeping the raw bytes in the inbound row (instead of a file plus a row) means one commit, one
+Keeping the raw bytes in the database (instead of a file plus a row) means one commit, one
 fsync, makes a message durable, and no crash can leave a file without its row or a row
-without its file. See docs/decisions.md.
+without its file. They are in ``inbound_raw``, next to the inbound row, inserted in the same
+transaction (docs/architecture.md, decision 35). See docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
@@ -57,7 +59,10 @@ def new_object(cls: type[_T], values: dict[str, Any]) -> _T:
 
 
 class Inbound(Base):
-    """The durable inbound queue: one row per received message, raw bytes included."""
+    """The durable inbound queue: one row per received message. Its raw bytes are in
+    ``inbound_raw`` (``InboundRaw``), written in the same transaction as the row and never
+    updated: the worker's claim and "done" UPDATEs rewrite this small row only, not the
+    message (docs/architecture.md, decision 35). ``row.raw`` reads them (see ``raw``)."""
 
     __tablename__ = "inbound"
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -69,7 +74,6 @@ class Inbound(Base):
     queue: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
     # pending -> done | quarantined; quarantined -> pending again on replay.
     state: Mapped[str] = mapped_column(String(16), default="pending")
     # Attempts are counted when a worker claims the row, before it processes it, so a message
@@ -98,6 +102,56 @@ class Inbound(Base):
         ),
         Index("ix_inbound_state", "state"),
     )
+
+    # The raw bytes as read or handed over (``keep_raw``); not a mapped attribute.
+    _raw_bytes = None  # bytes, or None: not read yet
+
+    @hybrid_property
+    def raw(self) -> bytes:
+        """The raw message: the bytes the worker read for its batch (``keep_raw``), else read
+        from ``inbound_raw`` in the row's session on first use and kept with the row. In a
+        query, ``Inbound.raw`` is a correlated subquery on ``inbound_raw`` (for reads that
+        want the row's columns with it; the worker reads ``InboundRaw`` directly)."""
+        raw = self._raw_bytes
+        if raw is None:
+            from sqlalchemy import select
+            from sqlalchemy.orm import object_session
+
+            session = object_session(self)
+            if session is None:
+                raise RuntimeError(f"inbound {self.id}: no session to read its raw mail with")
+            raw = session.scalar(select(InboundRaw.raw).where(InboundRaw.inbound_id == self.id))
+            if raw is None:
+                raise LookupError(f"inbound {self.id} has no raw mail (inbound_raw)")
+            self._raw_bytes = raw
+        return raw
+
+    @raw.inplace.expression
+    @classmethod
+    def _raw_expression(cls):  # type: ignore[no-untyped-def]
+        from sqlalchemy import select
+
+        return (select(InboundRaw.raw).where(InboundRaw.inbound_id == cls.id)
+                .scalar_subquery().label("raw"))
+
+
+def keep_raw(row: Inbound, raw: bytes | None) -> None:
+    """Give ``row`` its raw bytes, read already (the worker reads a batch's at once), or let
+    go of them (None: read again on next use)."""
+    row._raw_bytes = raw
+
+
+class InboundRaw(Base):
+    """The raw bytes of an inbound message, in a table of their own (decision 35): inserted
+    with the inbound row, in the same transaction (the intake's durability rule), never
+    updated. On SQLite ``inbound_id`` is the rowid (the large-message path writes the blob
+    in place through it, ``mailgw.intake.pipe.write_large``); ``raw`` is its one other
+    column. On PostgreSQL ``raw`` is compressed with lz4 (migrations 0016, 0019)."""
+
+    __tablename__ = "inbound_raw"
+    inbound_id: Mapped[int] = mapped_column(BigId, ForeignKey("inbound.id"), primary_key=True,
+                                            autoincrement=False)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Ticket(Base):
