@@ -175,7 +175,8 @@ def held_back(index: ThreadIndex,
 
     A reply none of whose Message-IDs the store has at all (no article, no inbound row,
     ``ThreadIndex.received``: an original sent at the same moment over another connection
-    may not be committed yet) is held until it is ``orphan_wait`` old, once. A reference
+    may not be committed yet) is held until it is ``orphan_wait`` old, looked at again after
+    as long as it has waited so far. A reference
     that has an inbound row in any other state holds nobody: the row was read before the
     articles, so an original stored since is found on its ticket; a message that names
     itself, one of the batch that did not parse, an agent's answer stored on its ticket
@@ -200,7 +201,12 @@ def held_back(index: ThreadIndex,
                 received_at = aware(received_at)
                 if (received_at is not None and at - received_at < orphan_wait
                         and index.received.isdisjoint(refs)):
-                    delays[iid] = max(HOLD_DELAY, received_at + orphan_wait - at)
+                    # Looked at again after as long as it has waited so far (50 ms, then
+                    # doubling), not once at the end of the wait: an original a moment
+                    # behind it (another connection) is then found within ~2x its delay,
+                    # for a few more looks (claim and parse, ~1 ms each) over the wait.
+                    age = at - received_at
+                    delays[iid] = max(HOLD_DELAY, min(age, received_at + orphan_wait - at))
                     changed = True
                 continue
             held_since = aware(held_since)
