@@ -7,10 +7,15 @@ gateway forwarding SIGHUP to a worker process still starting) used to kill it. T
 points call :func:`defer_sighup` first thing, before anything heavy is imported; a SIGHUP is
 then only recorded, and the gateway reloads once when its real handler is in place
 (:func:`take_deferred`). This module imports nothing of mailgw's, so it is cheap to load.
+
+SIGUSR1 makes ``mailgw run`` (gateway and worker processes) write every thread's Python
+stack to its standard error, and go on (:func:`dump_stacks_on_sigusr1`): what a gateway that
+does not stop, or a worker that stands still, is waiting for.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 import threading
@@ -28,6 +33,12 @@ def defer_sighup() -> None:
         signal.signal(signal.SIGHUP, _record)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """SIGUSR1: every thread's stack to standard error (faulthandler), the process goes on."""
+    if threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def take_deferred() -> bool:
     """Whether a SIGHUP arrived while it was deferred (and forget it)."""
     got = bool(_received)
@@ -39,6 +50,7 @@ def main() -> None:
     """The ``mailgw`` command: defer SIGHUP for ``mailgw run``, then the click CLI."""
     if "run" in sys.argv[1:]:
         defer_sighup()
+        dump_stacks_on_sigusr1()
     from mailgw.cli import main as cli_main
 
     cli_main()

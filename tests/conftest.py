@@ -205,6 +205,9 @@ class Gateway:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # What it waits for: every thread's stack into the log (mailgw/signals.py).
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
             self.proc.kill()
             raise AssertionError(f"gateway did not stop on signal {sig}:\n{self.output()}") from None
 
