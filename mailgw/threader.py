@@ -176,11 +176,11 @@ def held_back(index: ThreadIndex,
     A reply none of whose Message-IDs the store has at all (no article, no inbound row,
     ``ThreadIndex.received``: an original sent at the same moment over another connection
     may not be committed yet) is held until it is ``orphan_wait`` old, looked at again after
-    as long as it has waited so far. A reference
-    that has an inbound row in any other state holds nobody: the row was read before the
-    articles, so an original stored since is found on its ticket; a message that names
-    itself, one of the batch that did not parse, an agent's answer stored on its ticket
-    under our own Message-ID, or a quarantined original make no ticket to wait for."""
+    as long as it has waited so far. A reference that has an inbound row in any other state
+    holds nobody: the row was read before the articles, so an original stored since is found
+    on its ticket; a message that names itself, one of the batch that did not parse, an
+    agent's answer stored on its ticket under our own Message-ID, or a quarantined original
+    make no ticket to wait for."""
     delays: dict[int, timedelta] = {}
     notes: dict[int, str] = {}
     mids = {iid: mail.message_id for iid, _, _, mail in batch

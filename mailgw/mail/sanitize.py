@@ -5,9 +5,12 @@ and removes everything that can run code, load remote content, submit data or re
 agent's screen. It is an allow-list (bleach): what is not listed below is removed.
 ``html_to_text`` renders HTML as plain text for the text body, search and replies.
 
-``article_html`` is the one way to an article's HTML for showing or sending it (decision
-32): ingest keeps the HTML part only in the raw mail (``inbound_raw.raw``) and marks the article
-``has_html``; the first reader sanitises it from there and caches it in ``body_html``.
+``article_html`` is the way to an article's HTML for showing or sending it (decision 32):
+ingest keeps the HTML part only in the raw mail (``inbound_raw.raw``) and marks the article
+``has_html``; the first reader sanitises it from there and caches it in ``body_html``. A
+reader that must not write while it sanitises (``mailgw tickets show``: SQLite's one write
+lock) takes its two halves, ``sanitised_from_raw`` in its read transaction, then
+``cache_article_html`` in a short write of its own.
 """
 
 from __future__ import annotations
