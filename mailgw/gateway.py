@@ -37,7 +37,7 @@ from mailgw.process import Context
 from mailgw.queue import GroupCommitWriter
 from mailgw.settings import ConfigError, Home, Listener, Settings, display_path
 from mailgw.signals import take_deferred
-from mailgw.store.db import make_engine, migrate
+from mailgw.store.db import is_sqlite, make_engine, migrate
 from mailgw.worker import Worker, pending_count, release_dead_claims
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class Gateway:
                 interval=self.settings.filters_reload_interval)
         engine = make_engine(self.home.store_url(self.settings))
         migrate(engine)
+        # The worker's own engine: on SQLite its commits are not fsynced (decision 38); the
+        # intake, the sender and the scheduler keep FULL on ``engine``.
+        worker_engine = None
         ctx = self._ctx = Context(self.settings, Renderer(self.home.templates))
         worker_wake, sender_wake = threading.Event(), threading.Event()
         threads: list[threading.Thread] = []
@@ -98,7 +101,9 @@ class Gateway:
 
                 on_outbox = supervised_child(self.stop, worker_wake)
             holder = self.filters
-            worker = Worker(engine, lambda: replace(self._ctx, pipeline=holder.current()),  # type: ignore[arg-type, union-attr]
+            worker_engine = (make_engine(self.home.store_url(self.settings), synchronous="NORMAL")
+                             if is_sqlite(engine) else engine)
+            worker = Worker(worker_engine, lambda: replace(self._ctx, pipeline=holder.current()),  # type: ignore[arg-type, union-attr]
                             batch_size=self.settings.worker.batch_size,
                             max_attempts=self.settings.worker.max_attempts,
                             on_outbox=on_outbox)
@@ -169,6 +174,8 @@ class Gateway:
             if scheduler:
                 scheduler.shutdown(wait=True)
             engine.dispose()
+            if worker_engine is not None and worker_engine is not engine:
+                worker_engine.dispose()
             log.info("mailgw stopped")
         return 0
 

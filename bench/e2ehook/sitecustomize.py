@@ -219,12 +219,29 @@ if _DIR:
         _waiters.add(name)
         threading.Event.wait = _timed_wait
 
+    _PROFILE = os.environ.get("MAILGW_E2E_PROFILE", "")  # thread names, comma-separated
+
     def run(self):
         try:
             _patch(self.name)
         except Exception as exc:  # noqa: BLE001 - statistics lost are not an error
             print(f"e2ehook: {exc}", flush=True, file=__import__("sys").stderr)
-        _thread_run(self)
+        if self.name not in _PROFILE.split(","):
+            _thread_run(self)
+            return
+        # Experiment (session 7): MAILGW_E2E_PROFILE=worker,sender profiles those threads
+        # (cProfile on the thread's CPU clock) into DIR/<role>-<pid>-<thread>.prof.
+        import cProfile
+        import sys
+
+        prof = cProfile.Profile(time.thread_time)
+        prof.enable()
+        try:
+            _thread_run(self)
+        finally:
+            prof.disable()
+            role = "worker-process" if "--supervised" in sys.argv else "gateway"
+            prof.dump_stats(os.path.join(_DIR, f"{role}-{os.getpid()}-{self.name}.prof"))
 
     threading.Thread.run = run
 

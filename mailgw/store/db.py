@@ -4,6 +4,12 @@ SQLite runs in WAL mode with ``synchronous=FULL``: in WAL mode ``NORMAL`` may lo
 commits on power loss, and a ``250`` must only follow a commit that survives one. Write
 transactions start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing
 with "database is locked" half-way through.
+
+The worker's engine alone is made with ``synchronous="NORMAL"`` (its commits are not fsynced;
+the next FULL commit of any other connection, or a checkpoint, syncs the WAL they are in):
+every consequence of a worker's commit that leaves the store is preceded by such a commit,
+and a worker commit lost to a power cut is only processed again (docs/architecture.md,
+decision 38).
 """
 
 from __future__ import annotations
@@ -32,10 +38,15 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, synchronous: str = "FULL") -> Engine:
+    """``synchronous``: SQLite's PRAGMA on this engine's connections, ``FULL`` (every commit
+    fsynced: the default, and the only choice for anything that answers a client or sends
+    mail) or ``NORMAL`` (the worker's engine only: decision 38). Ignored on PostgreSQL."""
     from sqlalchemy import create_engine, event
     from sqlalchemy.engine import make_url
 
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -48,7 +59,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
