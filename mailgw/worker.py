@@ -46,6 +46,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
+from typing import NamedTuple
 
 from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -71,6 +72,29 @@ PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
 # seconds for more commits before it claims (SQLite; see Worker._claim).
 MIN_BATCH_SHARE = 0.5
 LINGER = 0.02
+
+
+# The SQLite look and claim, through the driver (Worker._waiting, Worker._claim_in): the
+# statements SQLAlchemy compiled from ``Worker._claimable``, parameters ("pending", the time
+# as SQLAlchemy stores it, the limit). ORDER BY id as in the claim: without it, once ANALYZE
+# has seen a store whose rows are all done, SQLite scans the whole table instead of the state
+# index (93 ms a look at 1M messages; bench/scale.py); ``state`` a parameter as before, so the
+# plan is the one tests/test_scale_plans.py checks.
+_SQLITE_WHERE = ("FROM inbound WHERE inbound.state = ? AND (inbound.claimed_until IS NULL "
+                 "OR inbound.claimed_until < ?) ORDER BY inbound.id LIMIT ?")
+_SQLITE_LOOK = f"SELECT inbound.id {_SQLITE_WHERE}"
+_SQLITE_CLAIMABLE = f"SELECT inbound.id, inbound.attempts, inbound.size {_SQLITE_WHERE}"
+
+
+class _Row(NamedTuple):
+    id: int
+    attempts: int
+    size: int
+
+
+def _sqlite_time(t) -> str:  # type: ignore[no-untyped-def]
+    # As SQLAlchemy stores a DateTime on SQLite: the wall time as text (compared as text).
+    return t.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _describe(exc: BaseException) -> str:
@@ -160,13 +184,19 @@ class Worker:
             return self._claim_in(s, stamp, first=True)
 
     def _waiting(self, stamp) -> int:  # type: ignore[no-untyped-def]
-        """How many claimable rows wait, up to ``min_batch`` (a read, no write lock)."""
-        with read_session(self.engine) as r:
-            # ORDER BY id as in the claim: without it, once ANALYZE has seen a store whose
-            # rows are all done, SQLite scans the whole table instead of the state index
-            # (93 ms a look at 1M messages; bench/scale.py).
-            return len(r.execute(select(m.Inbound.id).where(*self._claimable(stamp))
-                                 .order_by(m.Inbound.id).limit(self.min_batch)).all())
+        """How many claimable rows wait, up to ``min_batch`` (a read, no write lock; SQLite).
+
+        Through the driver (``_SQLITE_LOOK``): built, compiled and run by SQLAlchemy's ORM the
+        look cost ~0.3 ms CPU (1 ms and more under load) for a query SQLite answers in
+        0.05 ms, and a worker looks once or twice a batch and after every wake-up
+        (bench/RESULTS.md, issue 8 session 7)."""
+        ts = _sqlite_time(stamp)
+        with self.engine.connect() as c:
+            cur = c.connection.driver_connection.cursor()
+            try:
+                return len(cur.execute(_SQLITE_LOOK, ("pending", ts, self.min_batch)).fetchall())
+            finally:
+                cur.close()
 
     def _gather(self, waiting: int) -> None:
         """Wait up to ``linger`` for the intake's next commits while fewer than ``min_batch``
@@ -193,12 +223,23 @@ class Worker:
         (47 stores a run instead of 32-38) and more CPU a message under the lock than the
         claim transaction saved, while a claim of its own waits for the lock and takes
         what arrived meanwhile (bench/RESULTS.md, issue 8 session 5)."""
-        q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
-             .where(*self._claimable(stamp))
-             .order_by(m.Inbound.id).limit(self.batch_size))
         if self._pg:
+            q = (select(m.Inbound.id, m.Inbound.attempts, m.Inbound.size)
+                 .where(*self._claimable(stamp))
+                 .order_by(m.Inbound.id).limit(self.batch_size))
             q = q.with_for_update(skip_locked=True)
-        rows = s.execute(q).all()
+            rows = s.execute(q).all()
+        else:
+            # SQLite: the statements through the driver (see ``_waiting``), in the session's
+            # transaction; what the ORM holds is flushed first, as its autoflush would (the
+            # store's "done" marks, before the claim of the next batch looks for pending rows).
+            s.flush()
+            cur = s.connection().connection.driver_connection.cursor()
+            try:
+                rows = [_Row(*r) for r in cur.execute(
+                    _SQLITE_CLAIMABLE, ("pending", _sqlite_time(stamp), self.batch_size))]
+            finally:
+                cur.close()
         if not rows or (not first and (rows[0].attempts or len(rows) < self.batch_size)):
             return []
         if rows[0].attempts >= self.max_attempts:
@@ -220,9 +261,18 @@ class Worker:
                 if r.attempts or (ids and total > BATCH_BYTES):
                     break
                 ids.append(r.id)
-        s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
-            attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
-            claimed_by=self.me).execution_options(synchronize_session=False))
+        if self._pg:
+            s.execute(update(m.Inbound).where(m.Inbound.id.in_(ids)).values(
+                attempts=m.Inbound.attempts + 1, claimed_until=stamp + LEASE,
+                claimed_by=self.me).execution_options(synchronize_session=False))
+            return ids
+        cur = s.connection().connection.driver_connection.cursor()
+        try:
+            cur.execute("UPDATE inbound SET attempts = attempts + 1, claimed_until = ?, "
+                        f"claimed_by = ? WHERE id IN ({', '.join('?' * len(ids))})",
+                        (_sqlite_time(stamp + LEASE), self.me, *ids))
+        finally:
+            cur.close()
         return ids
 
     def _parse(self, ids: list[int], ctx: Context) -> tuple[
