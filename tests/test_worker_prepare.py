@@ -96,8 +96,8 @@ def test_a_worker_woken_for_a_small_batch_waits_for_the_next_commit(hx, monkeypa
 
     if hx.engine.dialect.name != "sqlite":
         pytest.skip("the minimum batch is SQLite's (its one write lock)")
-    hx.worker = Worker(hx.engine, hx.worker.context, batch_size=4, max_attempts=3,
-                       linger=30.0)
+    hx.worker = Worker(hx.engine, hx.worker.context, batch_size=2, max_attempts=3,
+                       linger=30.0, linger_gap=30.0)
     assert hx.worker.min_batch == 2
     batches: list[list[int]] = []
     parse = hx.worker._parse

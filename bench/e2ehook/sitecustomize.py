@@ -16,6 +16,9 @@ writes to ``DIR/<pid>.json`` at exit:
 
 Experiments (session 6): ``MAILGW_E2E_PRAGMAS="a=1;b=2"`` runs those PRAGMAs on every SQLite
 connection; ``MAILGW_E2E_GC=freeze`` calls ``gc.freeze()`` when a worker thread starts.
+(Session 7) ``MAILGW_E2E_WORKER="linger=0.05;min_batch=48"`` sets those attributes on each
+worker before its first claim; ``MAILGW_E2E_PROFILE=worker`` profiles the named threads
+(cProfile, thread CPU) into ``DIR/<role>-<pid>-<thread>.prof``.
 
 With ``MAILGW_E2E_FLOCK=1`` (``smtp_bench.py --flock``), an experiment: SQLite writers queue
 on ``flock`` of ``<db>-wlock`` before ``BEGIN IMMEDIATE`` (released at commit or rollback), so
@@ -158,6 +161,21 @@ if _DIR:
                     return n
 
                 cls.run_batch = run_batch
+                tune = dict(kv.split("=") for kv in
+                            os.environ.get("MAILGW_E2E_WORKER", "").split(";") if kv)
+                if tune:
+                    # Experiment (session 7): MAILGW_E2E_WORKER="linger=0.05;min_batch=48;
+                    # batch_size=128" set on each worker before its first claim.
+                    claim = cls._claim
+
+                    def tuned_claim(self):
+                        if not getattr(self, "_e2e_tuned", False):
+                            self._e2e_tuned = True
+                            for k, v in tune.items():
+                                setattr(self, k, type(getattr(self, k))(float(v)))
+                        return claim(self)
+
+                    cls._claim = tuned_claim
                 for meth in ("_claim", "_parse", "_store", "release_next", "_release",
                              "_waiting", "_gather", "_claim_in"):
                     _time_method(cls, meth, f"worker {meth}")
