@@ -17,7 +17,8 @@ writes to ``DIR/<pid>.json`` at exit:
 Experiments (session 6): ``MAILGW_E2E_PRAGMAS="a=1;b=2"`` runs those PRAGMAs on every SQLite
 connection; ``MAILGW_E2E_GC=freeze`` calls ``gc.freeze()`` when a worker thread starts.
 (Session 7) ``MAILGW_E2E_WORKER="linger=0.05;min_batch=48"`` sets those attributes on each
-worker before its first claim; ``MAILGW_E2E_PROFILE=worker`` profiles the named threads
+worker before its first claim; ``MAILGW_E2E_INTAKE_LINGER=0.005`` the intake writer's
+linger (``mailgw.queue.LINGER``); ``MAILGW_E2E_PROFILE=worker`` profiles the named threads
 (cProfile, thread CPU) into ``DIR/<role>-<pid>-<thread>.prof``.
 
 With ``MAILGW_E2E_FLOCK=1`` (``smtp_bench.py --flock``), an experiment: SQLite writers queue
@@ -180,6 +181,12 @@ if _DIR:
                              "_waiting", "_gather", "_claim_in"):
                     _time_method(cls, meth, f"worker {meth}")
                 _wrap_wait("worker")
+        if name == "intake-writer" and os.environ.get("MAILGW_E2E_INTAKE_LINGER"):
+            # Experiment (session 7): the intake writer's linger (mailgw.queue.LINGER).
+            writer = getattr(getattr(threading.current_thread(), "_target", None), "__self__",
+                             None)
+            if writer is not None:
+                writer.linger = float(os.environ["MAILGW_E2E_INTAKE_LINGER"])
         if name == "worker" and os.environ.get("MAILGW_E2E_GC") == "freeze":
             # Experiment (session 6): the objects that exist when the worker starts (modules,
             # mappers, settings, filters) are left out of the cyclic collector's passes.
