@@ -75,6 +75,9 @@ PG_PIECE = 4 * 1024 * 1024  # see Worker._raws
 MIN_BATCH_SHARE = 1.0
 LINGER = 0.05
 LINGER_GAP = 0.02
+# While gathering, the claimable rows are counted again on a wake-up only if this long has
+# passed since the last count (at 200 msg/s the intake commits every few ms).
+LOOK_EVERY = 0.01
 
 
 # The SQLite look and claim, through the driver (Worker._waiting, Worker._claim_in): the
@@ -215,15 +218,22 @@ class Worker:
         at once adds no more latency than needed; session 5's single wait of 20 ms) or after
         ``linger`` in all (mail arrives fast: up to 50 ms of it in one batch). At 8 SMTP
         sessions this halved the batches and cut the workers' time under the write lock
-        ~12 % (bench/RESULTS.md, issue 8 session 7)."""
+        ~12 % (bench/RESULTS.md, issue 8 session 7). The rows are counted again after a
+        wake-up only ``LOOK_EVERY`` after the last count: with commits every few ms a look
+        a commit was most of the gathering's CPU."""
         assert self._wake is not None
-        deadline = time.monotonic() + self.linger
+        looked = time.monotonic()
+        deadline = looked + self.linger
+        every = min(LOOK_EVERY, self.linger_gap / 2)
         while waiting < self.min_batch:
             left = min(self.linger_gap, deadline - time.monotonic())
             if left <= 0 or not self._wake.wait(left):
                 return
             self._wake.clear()  # before counting: a commit after the count wakes the next wait
+            if time.monotonic() - looked < every:
+                continue
             waiting = self._waiting(now())
+            looked = time.monotonic()
 
     def _claim_in(self, s: Session, stamp, *, first: bool) -> list[int] | None:  # type: ignore[no-untyped-def]
         """The claim, in the caller's transaction. ``first=False``: the claim of the next
