@@ -418,8 +418,8 @@ class Sender:
                 claim_next: bool = False) -> None:
         self._next = []
         with Session(self.engine) as s, s.begin():
-            # Mails the relay took: one UPDATE for the rows and one for their articles,
-            # through the driver (_SQL).
+            # Mails the relay took: one UPDATE for the rows and one for their articles (one
+            # statement on PostgreSQL), through the driver (_SQL).
             sent = [oid for oid, error, _, _ in outcomes if error is None]
             if sent:
                 articles = [a for oid, error, _, a in outcomes if error is None and a is not None]
