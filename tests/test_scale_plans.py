@@ -202,6 +202,43 @@ def test_a_follow_up_updates_its_ticket_in_place_on_postgresql(home):
     h.close()
 
 
+def test_the_claim_updates_the_inbound_rows_in_place_on_postgresql(home):
+    """inbound's pages keep half their room (fillfactor 50, migration 0020), so the claim of
+    a batch (attempts, lease) is a HOT update: no entry in the five indexes of inbound, only
+    the changed bytes in the WAL. With full pages most claimed rows moved to another page."""
+    from mailgw.queue import now
+    from mailgw.worker import Worker
+
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL storage setting (SQLite updates rows in place)")
+    h = Harness(home)
+    h.put(*[mail(f"q {i}", msgid=f"q{i}@c", sender=f"c{i}@customer.test") for i in range(120)])
+    w = Worker(h.engine, h.worker.context, batch_size=120, max_attempts=3)
+
+    def updates(s: Session) -> tuple[int, int]:
+        return s.execute(text(
+            "SELECT pg_stat_get_xact_tuples_updated('inbound'::regclass), "
+            "pg_stat_get_xact_tuples_hot_updated('inbound'::regclass)")).one()
+
+    with Session(h.engine) as s, s.begin():
+        before = updates(s)
+        ids = w._claim_in(s, now(), first=True)
+        updated, hot = (a - b for a, b in zip(updates(s), before, strict=True))
+    assert len(ids) == 120
+    assert (updated, hot) == (120, 120)
+    # The state index holds quarantined rows only (the claim and the look for pending rows
+    # use ix_inbound_pending): an inbound row's versions add no entry to it.
+    with h.engine.connect() as c:
+        indexdef = c.scalar(text("SELECT indexdef FROM pg_indexes WHERE schemaname = "
+                                 "current_schema() AND indexname = 'ix_inbound_state'"))
+        assert "WHERE" in indexdef and "quarantined" in indexdef
+        c.exec_driver_sql("SET enable_seqscan = off")
+        plan = "\n".join(c.scalars(text(
+            "EXPLAIN SELECT id FROM inbound WHERE state = 'quarantined' ORDER BY id")))
+        assert "ix_inbound_state" in plan
+    h.close()
+
+
 def test_the_look_for_pending_rows_uses_an_index_in_a_store_of_done_mail(home):
     """SQLite, statistics of a store of a million processed messages (ANALYZE: every row of
     inbound has the same state): the worker's look for pending rows before it takes the

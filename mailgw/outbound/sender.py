@@ -134,9 +134,12 @@ class _SQL:
                 + ", ".join(f"outbox.{c}" for c in _COLS.split(", ")))
     pg_lease_ids = (f"UPDATE outbox SET lease_until = %s WHERE id = ANY(%s::bigint[]) "
                     f"RETURNING {_COLS}")
-    pg_sent = ("UPDATE outbox SET attempts = attempts + 1, lease_until = NULL, state = 'sent', "
+    # The rows and their articles in one statement (a data-modifying WITH runs whether or not
+    # its rows are read): one execution and round trip a record instead of two.
+    pg_sent = ("WITH a AS (UPDATE articles SET delivery_state = 'sent' "
+               "WHERE id = ANY(%s::bigint[])) "
+               "UPDATE outbox SET attempts = attempts + 1, lease_until = NULL, state = 'sent', "
                "sent_at = %s WHERE id = ANY(%s::bigint[])")
-    pg_article_sent = "UPDATE articles SET delivery_state = 'sent' WHERE id = ANY(%s::bigint[])"
 
 
 class _Relay(_PlainAddresses, smtplib.SMTP):
@@ -311,7 +314,8 @@ class Sender:
                 # recorded no later than before; the lease is the one _claim would take.
                 # Fewer due mails are left to a claim of its own, which waits for the lock
                 # and takes what becomes due meanwhile (smaller batches cost more; bench/
-                # RESULTS.md, issue 8 session 5). Not when stopping or when the relay is down.
+                # RESULTS.md, issue 8 session 5); on PostgreSQL they are leased here too
+                # (``_record``). Not when stopping or when the relay is down.
                 self._record(outcomes, claim_next=not undone
                              and not (stop is not None and stop.is_set()))
             self._release(undone)
@@ -414,17 +418,15 @@ class Sender:
                 claim_next: bool = False) -> None:
         self._next = []
         with Session(self.engine) as s, s.begin():
-            # Mails the relay took: one UPDATE for the rows and one for their articles,
-            # through the driver (_SQL).
+            # Mails the relay took: one UPDATE for the rows and one for their articles (one
+            # statement on PostgreSQL), through the driver (_SQL).
             sent = [oid for oid, error, _, _ in outcomes if error is None]
             if sent:
                 articles = [a for oid, error, _, a in outcomes if error is None and a is not None]
                 cur = s.connection().connection.driver_connection.cursor()
                 try:
                     if self._pg:
-                        cur.execute(_SQL.pg_sent, (now(), sent))
-                        if articles:
-                            cur.execute(_SQL.pg_article_sent, (articles,))
+                        cur.execute(_SQL.pg_sent, (articles, now(), sent))
                     else:
                         cur.execute(_SQL.sqlite_sent(len(sent)), (_sqlite_time(now()), *sent))
                         if articles:
@@ -455,7 +457,10 @@ class Sender:
                                 row.attempts, delay, error)
             if claim_next:
                 s.flush()
-                claimed = self._claim_in(s.connection(), now(), full_only=True)
+                # SQLite: a full batch only (above); PostgreSQL, with no one write lock to
+                # wait for, leases whatever is due: a pass under load is then one
+                # transaction (one commit, one checkout) instead of a lease and a record.
+                claimed = self._claim_in(s.connection(), now(), full_only=not self._pg)
         if claim_next:
             self._next = claimed
 

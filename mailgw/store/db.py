@@ -30,7 +30,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest Alembic revision. Compared on every start (``mailgw deliver`` runs once per
 # message), so Alembic itself is imported only when the schema really needs upgrading;
 # tests/test_migrations.py keeps this equal to the real head.
-SCHEMA_REVISION = "0019"
+SCHEMA_REVISION = "0020"
 _migrate_lock = threading.Lock()
 
 
@@ -86,8 +86,19 @@ def read_session(engine: Engine) -> Iterator[Session]:
 
     conn = engine.connect().execution_options(sqlite_begin="DEFERRED")
     try:
+        if engine.dialect.name != "postgresql":
+            with Session(bind=conn) as s:
+                yield s
+            return
+        # PostgreSQL: ended with COMMIT, not ROLLBACK (the same for a transaction that wrote
+        # nothing). psycopg forgets every statement it prepared on the connection after a
+        # rollback (DEALLOCATE ALL): the worker's read of each batch made its store
+        # transaction parse and plan all its statements again (bench/RESULTS.md, issue 8
+        # session 7). An error rolls back as before.
+        trans = conn.begin()
         with Session(bind=conn) as s:
             yield s
+        trans.commit()
     finally:
         conn.close()
 
