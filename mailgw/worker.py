@@ -501,7 +501,7 @@ def _batch_rows(pg: bool):  # type: ignore[no-untyped-def]
     return q
 
 
-_BATCH_ROWS: dict[bool, object] = {}
+_BATCH_ROWS: dict[bool | str, object] = {}
 
 
 def _parents_first(rows: list[m.Inbound],
@@ -568,11 +568,16 @@ class _Redeliveries:
             session.connection().exec_driver_sql(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
                 "ORDER BY k", {"keys": keys})
-        for other_id, sha, rcpts, queue in session.execute(
-            select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
-            .where(m.Inbound.sha256.in_(shas), m.Inbound.state == "done")
-            .order_by(m.Inbound.id)
-        ):
+        q = _BATCH_ROWS.get("copies")
+        if q is None:  # built once (see _batch_rows)
+            from sqlalchemy import bindparam
+
+            q = _BATCH_ROWS["copies"] = (
+                select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
+                .where(m.Inbound.sha256.in_(bindparam("shas", expanding=True)),
+                       m.Inbound.state == "done")
+                .order_by(m.Inbound.id))
+        for other_id, sha, rcpts, queue in session.execute(q, {"shas": shas}):
             self.done.setdefault(sha, []).append((other_id, sorted(rcpts), queue))
 
     def __call__(self, session: Session, row: m.Inbound) -> int | None:
