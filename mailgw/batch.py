@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, func, insert, inspect, select
+from sqlalchemy import bindparam, event, func, insert, inspect, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -71,6 +71,32 @@ def _ticket_columns() -> list[tuple[str, Any, bool]]:
             for col in m.Ticket.__table__.columns]
 
 
+@cache
+def _statements() -> dict[str, Any]:
+    """The batch's statements, built once: building one and its cache key cost more than
+    running it (~0.1 ms each, several a batch: bench/RESULTS.md, issue 8 session 7). The
+    lists are expanding parameters, as ``in_`` of a list makes them: the same SQL."""
+    a, h = m.AutoReply.__table__, m.AddressHold.__table__
+    tables = [model.__table__ for model in _MODELS]
+    return {
+        "tops": select(*(select(func.max(t.c.id)).scalar_subquery() for t in tables)),
+        "rcpt_counts": select(a.c.recipient, func.count()).where(
+            a.c.recipient.in_(bindparam("keys", expanding=True)),
+            a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
+        .group_by(a.c.recipient),
+        "holds": select(h.c.address, h.c.until, h.c.reason).where(
+            h.c.address.in_(bindparam("keys", expanding=True)),
+            h.c.until > bindparam("at", type_=h.c.until.type)),
+        "ticket_counts": select(a.c.ticket_id, func.count()).where(
+            a.c.ticket_id.in_(bindparam("keys", expanding=True)),
+            a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
+        .group_by(a.c.ticket_id),
+        **{f"insert {t.name}": insert(t)
+           for t in (m.Ticket.__table__, m.Article.__table__, m.Attachment.__table__,
+                     m.Event.__table__, m.Outbox.__table__, m.AutoReply.__table__)},
+    }
+
+
 def batch_of(session: Session) -> Batch | None:
     return session.info.get("batch")
 
@@ -98,18 +124,14 @@ class LoopCounts:
             return
         for r in todo:
             self._stored_rcpt[r] = 0
-        t = m.AutoReply.__table__
-        for rcpt, n in session.connection().execute(
-            select(t.c.recipient, func.count()).where(
-                t.c.recipient.in_(todo), t.c.created_at >= self.since).group_by(t.c.recipient)
-        ):
+        q = _statements()
+        for rcpt, n in session.connection().execute(q["rcpt_counts"],
+                                                    {"keys": todo, "since": self.since}):
             self._stored_rcpt[rcpt] = n
-        h = m.AddressHold.__table__
         for r in todo:
             self._holds.setdefault(r, None)
         for address, until, reason in session.connection().execute(
-                select(h.c.address, h.c.until, h.c.reason).where(
-                    h.c.address.in_(todo), h.c.until > self._at)):
+                q["holds"], {"keys": todo, "at": self._at}):
             self._holds[address] = (until, reason)
 
     def held(self, address: str, until: datetime, reason: str) -> None:
@@ -144,11 +166,8 @@ class LoopCounts:
             return
         for t in todo:
             self._stored_ticket[t] = 0
-        a = m.AutoReply.__table__
-        for tid, n in session.connection().execute(
-            select(a.c.ticket_id, func.count()).where(
-                a.c.ticket_id.in_(todo), a.c.created_at >= self.since).group_by(a.c.ticket_id)
-        ):
+        for tid, n in session.connection().execute(_statements()["ticket_counts"],
+                                                   {"keys": todo, "since": self.since}):
             self._stored_ticket[tid] = n
 
     def for_ticket(self, session: Session, ticket_id: int) -> int:
@@ -207,8 +226,7 @@ class Batch:
         self.hold_notes: dict[int, str] = {}
         if not self.pg:
             tables = [model.__table__ for model in _MODELS]
-            tops = session.connection().execute(select(*(
-                select(func.max(t.c.id)).scalar_subquery() for t in tables))).one()
+            tops = session.connection().execute(_statements()["tops"]).one()
             for t, top in zip(tables, tops, strict=True):
                 self._next[t.name] = (top or 0) + 1
         session.info["batch"] = self
@@ -323,7 +341,7 @@ class Batch:
             state = inspect(ticket)
             for key in list(state.committed_state):
                 set_committed_value(ticket, key, values[key])
-        session.connection().execute(insert(m.Ticket.__table__), rows)
+        session.connection().execute(_statements()["insert tickets"], rows)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -413,12 +431,12 @@ class Batch:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
         session.flush()
         conn = session.connection()
-        for table, rows in ((m.Article.__table__, self.out_articles),
-                            (m.Attachment.__table__, self.attachments),
-                            (m.Event.__table__, self.events), (m.Outbox.__table__, self.outbox),
-                            (m.AutoReply.__table__, self.auto_replies)):
+        q = _statements()
+        for table, rows in (("articles", self.out_articles), ("attachments", self.attachments),
+                            ("events", self.events), ("outbox", self.outbox),
+                            ("auto_replies", self.auto_replies)):
             if rows:
-                conn.execute(insert(table), rows)
+                conn.execute(q[f"insert {table}"], rows)
                 rows.clear()
         self.attachment_bytes = 0
         self._moved.clear()

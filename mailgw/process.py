@@ -210,17 +210,21 @@ def process(session: Session, row: m.Inbound, ctx: Context,
 
     stamp = now()
     if ticket is None:
-        ticket = m.Ticket(
+        values = dict(
             title=_clean(mail.subject, 1000) or "(no subject)", queue=queue.name, state="new",
             priority=settings.priority.default, customer=_clean(sender, 320),
             created_at=stamp, updated_at=stamp,
         )
         batch = batch_of(session)
         if batch is not None:  # the worker's batch: its id first, one INSERT (mailgw/batch.py)
-            ticket.id = batch.take(session, "tickets")
-            ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)
+            # Made as the ORM makes a loaded instance (no event per attribute): add_ticket
+            # puts it in the session as if loaded anyway.
+            values["id"] = ticket_id = batch.take(session, "tickets")
+            values["number"] = format_number(settings.ticket_numbers, ticket_id, stamp)
+            ticket = m.new_object(m.Ticket, values)
             batch.add_ticket(session, ticket)
         else:
+            ticket = m.Ticket(**values)
             session.add(ticket)
             session.flush()
             ticket.number = format_number(settings.ticket_numbers, ticket.id, stamp)

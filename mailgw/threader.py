@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from mailgw.mail.ids import id_fits
@@ -74,6 +75,31 @@ class ThreadIndex:
     received: set[str] = field(default_factory=set)
 
 
+@cache
+def _prefetch_statements() -> dict[str, Any]:
+    """prefetch's statements, built once: building one (and its cache key) cost more than
+    running it (~0.1 ms each, several a batch: bench/RESULTS.md, issue 8 session 7). The
+    lists are expanding parameters, as ``in_`` of a list makes them: the same SQL."""
+    a = Article.__table__
+    tickets = select(Ticket).where(Ticket.id.in_(bindparam("ids", expanding=True))) \
+        .order_by(Ticket.id)
+    return {
+        "inbound": select(Inbound.id, Inbound.message_id, Inbound.state)
+        .where(Inbound.message_id.in_(bindparam("refs", expanding=True))),
+        "articles": select(Article.message_id, Article.ticket_id)
+        .where(Article.message_id.in_(bindparam("refs", expanding=True)))
+        .order_by(Article.id.desc()),
+        "numbers": select(Ticket.id, Ticket.number)
+        .where(Ticket.number.in_(bindparam("numbers", expanding=True))),
+        "tickets": tickets,
+        "tickets_locked": tickets.with_for_update(key_share=True),
+        "roots": select(a.c.id, a.c.ticket_id, a.c.message_id).where(a.c.id.in_(
+            select(func.min(a.c.id)).where(a.c.ticket_id.in_(bindparam("ids", expanding=True)),
+                                           a.c.message_id.is_not(None))
+            .group_by(a.c.ticket_id))),
+    }
+
+
 def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, *,
              lock: bool, in_flight: Collection[int] | None = None) -> ThreadIndex:
     """Ask the store once for what threading ``mails`` needs (see ``ThreadIndex``). ``lock``
@@ -96,28 +122,24 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             numbers[m.group(1)] = None
     index.asked_refs = set(refs)
     ids: set[int] = set()
+    q = _prefetch_statements()
     if refs and in_flight is not None:
         # Every state, filtered here: a condition on state would let the planner read the
         # pending rows instead of this index, and a backlog can be large (a queue of 1,000
         # made it 0.1 ms a message in profile_worker).
         batch_ids = set(in_flight)
-        for iid, mid, state in session.execute(
-                select(Inbound.id, Inbound.message_id, Inbound.state)
-                .where(Inbound.message_id.in_(sorted(refs)))):
+        for iid, mid, state in session.execute(q["inbound"], {"refs": sorted(refs)}):
             index.received.add(mid)
             if state == "pending" and iid not in batch_ids:
                 index.in_flight.setdefault(mid, []).append(iid)
     if refs:
-        for mid, tid in session.execute(
-                select(Article.message_id, Article.ticket_id)
-                .where(Article.message_id.in_(sorted(refs))).order_by(Article.id.desc())):
+        for mid, tid in session.execute(q["articles"], {"refs": sorted(refs)}):
             if mid not in index.refs:  # newest article first
                 index.refs[mid] = tid
                 ids.add(tid)
     if numbers:
         index.numbers = dict.fromkeys(numbers)
-        for tid, number in session.execute(
-                select(Ticket.id, Ticket.number).where(Ticket.number.in_(sorted(numbers)))):
+        for tid, number in session.execute(q["numbers"], {"numbers": sorted(numbers)}):
             index.numbers[number] = tid
             ids.add(tid)
     if not ids:
@@ -126,19 +148,13 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
     # until none is missing: one statement unless the batch leads to a merged ticket.
     todo = ids
     while todo:
-        q = select(Ticket).where(Ticket.id.in_(sorted(todo))).order_by(Ticket.id)
-        if lock:
-            q = q.with_for_update(key_share=True)
-        loaded = list(session.scalars(q))
+        loaded = list(session.scalars(q["tickets_locked" if lock else "tickets"],
+                                      {"ids": sorted(todo)}))
         index.loaded += loaded
         index.tickets.update(ticket.id for ticket in loaded)
         todo = {t.merged_into for t in loaded if t.merged_into} - index.tickets
-    a = Article.__table__
-    first = (select(func.min(a.c.id)).where(a.c.ticket_id.in_(sorted(index.tickets)),
-                                            a.c.message_id.is_not(None))
-             .group_by(a.c.ticket_id))
-    for aid, tid, mid in session.connection().execute(
-            select(a.c.id, a.c.ticket_id, a.c.message_id).where(a.c.id.in_(first))):
+    for aid, tid, mid in session.connection().execute(q["roots"],
+                                                      {"ids": sorted(index.tickets)}):
         index.roots[tid] = (aid, mid)
     return index
 

@@ -427,13 +427,8 @@ class Worker:
                                 .order_by(m.Ticket.id).with_for_update(key_share=True))
             # The raw bytes were read for parsing already: not again into the write
             # transaction (a message only parsed here reads them on access, ``Inbound.raw``).
-            q = (select(m.Inbound)
-                 .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
-                        m.Inbound.claimed_by == self.me)
-                 .order_by(m.Inbound.id))
-            if self._pg:
-                q = q.with_for_update(skip_locked=True)
-            rows = session.scalars(q).all()
+            rows = session.scalars(_batch_rows(self._pg),
+                                   {"ids": ids, "me": self.me}).all()
             for row in rows:
                 if row.id in raws:
                     m.keep_raw(row, raws[row.id])
@@ -560,6 +555,25 @@ class Worker:
                           .values(claimed_until=None, claimed_by=None))
 
 
+def _batch_rows(pg: bool):  # type: ignore[no-untyped-def]
+    """The statement ``Worker._store`` reads its batch's rows with, built once (building it
+    cost more than running it: bench/RESULTS.md, issue 8 session 7)."""
+    q = _BATCH_ROWS.get(pg)
+    if q is None:
+        from sqlalchemy import bindparam
+
+        q = (select(m.Inbound)
+             .where(m.Inbound.id.in_(bindparam("ids", expanding=True)),
+                    m.Inbound.state == "pending",
+                    m.Inbound.claimed_by == bindparam("me", type_=m.Inbound.claimed_by.type))
+             .order_by(m.Inbound.id))
+        q = _BATCH_ROWS[pg] = q.with_for_update(skip_locked=True) if pg else q
+    return q
+
+
+_BATCH_ROWS: dict[bool | str, object] = {}
+
+
 def _parents_first(rows: list[m.Inbound],
                    parsed: dict[int, ParsedMail | Exception | None]) -> list[m.Inbound]:
     """The batch's rows in the order to store them (``mailgw.threader.parents_first``)."""
@@ -624,11 +638,16 @@ class _Redeliveries:
             session.connection().exec_driver_sql(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
                 "ORDER BY k", {"keys": keys})
-        for other_id, sha, rcpts, queue in session.execute(
-            select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
-            .where(m.Inbound.sha256.in_(shas), m.Inbound.state == "done")
-            .order_by(m.Inbound.id)
-        ):
+        q = _BATCH_ROWS.get("copies")
+        if q is None:  # built once (see _batch_rows)
+            from sqlalchemy import bindparam
+
+            q = _BATCH_ROWS["copies"] = (
+                select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
+                .where(m.Inbound.sha256.in_(bindparam("shas", expanding=True)),
+                       m.Inbound.state == "done")
+                .order_by(m.Inbound.id))
+        for other_id, sha, rcpts, queue in session.execute(q, {"shas": shas}):
             self.done.setdefault(sha, []).append((other_id, sorted(rcpts), queue))
 
     def __call__(self, session: Session, row: m.Inbound) -> int | None:

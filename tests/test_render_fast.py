@@ -327,3 +327,22 @@ def test_acknowledgements_of_the_corpus_are_the_email_packages(monkeypatch):
         count += 1
         non_ascii += not subject.isascii()
     assert count >= 300 and non_ascii >= 50, (count, non_ascii)
+
+
+def test_quoted_printable_body_is_the_email_packages():
+    # _qp_body stands in for Charset("utf-8").body_encode with QP (every acknowledgement's
+    # body): the same text for random mixes of what the encoding treats specially: "=",
+    # controls, 8-bit and non-Latin characters, whitespace at line ends, every line break,
+    # lines around the 76-character limit and escapes that straddle it.
+    from email.charset import QP
+
+    reference = Charset("utf-8")
+    reference.body_encoding = QP
+    pieces = ["a", "b", " ", "\t", "=", "\n", "\r", "\r\n", "·", "ü", "€", "😀", "\x00", "\x0b",
+              "\x0c", "\x1c", "\x7f", "\x85", "\u2028", ".", "-- ", "x" * 70, "y" * 73, " " * 3,
+              "=" * 5, "é" * 30]
+    rnd = random.Random(7)
+    for _ in range(20000):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 40)))
+        assert render._qp_body(text) == reference.body_encode(text), repr(text)
+    assert render._qp_body("") == reference.body_encode("") == ""

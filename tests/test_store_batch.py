@@ -240,3 +240,36 @@ def test_a_merge_in_the_batch_moves_the_acknowledgement_the_batch_has_not_writte
     # articles, as it would if the two mails came in two batches (review, 2026-11-27).
     h, a, _, _ = _merge_in_one_batch(home, merge_first=False)
     assert [x.id for x in h.articles() if x.ticket_id == a.id] == []
+
+
+def test_the_store_steps_statements_are_built_once(hx):
+    # Building a statement (and its cache key) cost more than running it on SQLite, ~0.1 ms
+    # each (bench/RESULTS.md, issue 8 session 7): the batch's look-ups (the batch's rows, the
+    # ids it continues from, threading's and the loop counts' questions) are built once and
+    # run with new parameters, batch after batch.
+    from sqlalchemy.sql import Select
+
+    seen: dict[str, set[int]] = {}
+    keep: list[object] = []  # the statements stay alive: ids are not reused
+
+    @event.listens_for(hx.engine, "before_execute")
+    def _seen(conn, clauseelement, *args):  # type: ignore[no-untyped-def]
+        if isinstance(clauseelement, Select):
+            keep.append(clauseelement)
+            seen.setdefault(str(clauseelement), set()).add(id(clauseelement))
+
+    number = None
+    for i in range(3):
+        replies = [mail(f"Re: [Ticket#{number}] New {i - 1}", sender=f"c{i - 1}@customer.test",
+                        msgid=f"r{i}@c", In_Reply_To=f"<n{i - 1}@c>")] if i else []
+        hx.put(mail(f"New {i}", sender=f"c{i}@customer.test", msgid=f"n{i}@c"), *replies)
+        hx.drain()
+        number = hx.tickets()[-1].number
+    event.remove(hx.engine, "before_execute", _seen)
+    mine = [sql for sql in seen if any(what in sql for what in (
+        "FROM auto_replies", "FROM address_holds", "max(tickets.id)", "FROM articles",
+        "tickets.number IN", "inbound.claimed_by = ", "inbound.message_id IN",
+        "inbound.sha256 IN"))]
+    assert len(mine) >= 8
+    assert {sql.split("FROM")[1][:40]: len(seen[sql]) for sql in mine} == {
+        sql.split("FROM")[1][:40]: 1 for sql in mine}
