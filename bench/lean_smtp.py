@@ -18,11 +18,15 @@ CPU a message on the two cores the gateway needs. This module has the cheaper ve
   ``DATA`` found by one ``find`` of ``CRLF.CRLF`` per received chunk, only the header block
   searched for ``In-Reply-To``. Same EHLO extensions as aiosmtpd (the gateway's sender
   decides by them). ``acked`` as ``smtp_bench.AckSink``.
+
+Both run on uvloop when it is installed, as ``mailgw run`` does (decision 39), unless
+``BENCH_CLIENT_LOOP=asyncio``: the load generator's CPU is on the same two cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
@@ -31,6 +35,18 @@ from collections.abc import Callable, Sequence
 QUEUED = re.compile(rb"queued as (\d+)")
 IN_REPLY_TO = re.compile(rb"^In-Reply-To:\s*<([^>]+)>", re.M | re.I)
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (and not ``BENCH_CLIENT_LOOP=asyncio``), else asyncio's."""
+    if os.environ.get("BENCH_CLIENT_LOOP", "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def wire_data(raw: bytes) -> bytes:
@@ -153,7 +169,8 @@ def send_all(host: str, port: int, corpus: Sequence[tuple[str, bytes]], *, conne
                                         pace_for(k), info)
                                for k, c in enumerate(chunks) if c))
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(main())
     return info
 
 
@@ -239,7 +256,7 @@ class LeanSink:
         ready = threading.Event()
 
         def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
+            loop = self._loop = new_loop()
             server = loop.run_until_complete(loop.create_server(
                 lambda: _SinkProtocol(self), self.host, self.port))
             self.port = server.sockets[0].getsockname()[1]

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +46,31 @@ ROLES = ("smtp", "worker", "sender", "scheduler", "imap")
 # Settings read once, when the gateway starts: a reload that changes them says so.
 RESTART_ONLY = ("store_url", "smtp", "lmtp", "hostname", "relay", "sender", "worker",
                 "mailboxes", "sla_sweep", "filters_dir", "filters_reload_interval")
+
+
+def event_loop_name() -> str:
+    """The event loop the SMTP/LMTP listeners run on: uvloop's (libuv) when it is installed,
+    asyncio's own otherwise or when ``MAILGW_EVENT_LOOP=asyncio`` (decision 39)."""
+    if os.environ.get("MAILGW_EVENT_LOOP", "").strip().lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(coro)`` on the loop ``event_loop_name`` names."""
+    name = event_loop_name()
+    log.info("event loop: %s", name)
+    if name == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coro)
+    else:
+        asyncio.run(coro)
 
 
 class ListenError(Exception):
@@ -156,7 +182,7 @@ class Gateway:
                                      on_commit=worker_wake.set)
         try:
             if "smtp" in self.roles:
-                asyncio.run(self._serve(engine, worker_wake))
+                run_loop(self._serve(engine, worker_wake))
             else:
                 self._wait_for_signal()
         finally:

@@ -159,3 +159,17 @@ def test_lean_watcher_sees_what_the_default_query_sees(tmp_path: Path) -> None:
     finally:
         close()
         c.close()
+
+
+def test_matrix_prints_a_row_per_combination() -> None:
+    """bench/matrix.py runs smtp_bench.py per store/client/connections and tabulates it."""
+    proc = subprocess.run([sys.executable, str(BENCH / "matrix.py"), "--stores", "sqlite",
+                           "--clients", "lean", "--connections", "2,3", "--count", "12",
+                           "--runs", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| SQLite |")]
+    assert [row.split(" | ")[2] for row in rows] == ["2", "3"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[4].split("**")[1]) > 0  # msg/s
+        assert int(cells[-3]) > 0 and cells[-1] == "0"  # tickets; nothing quarantined
