@@ -378,3 +378,41 @@ def test_a_stopping_sender_does_not_wait_the_relay_timeout_for_a_data_answer(hx)
     # And the mail is not charged an attempt: released, pending, sent after the restart
     [row] = hx.outbox()
     assert (row.state, row.attempts, row.lease_until) == ("pending", 0, None)
+
+
+def test_leased_mails_are_read_into_the_pass_after_the_write_lock_is_let_go(hx, sink, monkeypatch):
+    # Given two due mails on SQLite and a sender with a batch of one
+    import sqlite3
+
+    from mailgw.outbound import sender as sender_module
+
+    if hx.engine.dialect.name != "sqlite":
+        pytest.skip("the write lock is SQLite's")
+    hx.put(mail("Another one", msgid="a@c"))
+    hx.drain()
+    assert len(hx.outbox()) == 2
+    db = hx.engine.url.database
+    locked: list[bool] = []
+    real = sender_module._Mail
+
+    def probe(*args):  # type: ignore[no-untyped-def]
+        c = sqlite3.connect(db, timeout=0, isolation_level=None)
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("ROLLBACK")
+            locked.append(False)
+        except sqlite3.OperationalError:
+            locked.append(True)
+        finally:
+            c.close()
+        return real(*args)
+
+    monkeypatch.setattr(sender_module, "_Mail", probe)
+    sender = Sender(hx.engine, Relay(host="127.0.0.1", port=sink.port, timeout=5),
+                    hx.home.path / "store" / "outbox", SenderCfg(), batch_size=1)
+    # When it sends both (the first leased by a claim, the second by the first's record)
+    assert sender.run_once() == 1 and sender._next
+    assert sender.run_once() == 1
+    # Then each leased row became the pass's mail once the write lock was let go
+    assert locked == [False, False]
+    assert [r.state for r in hx.outbox()] == ["sent", "sent"] and len(sink.messages) == 2
