@@ -18,8 +18,13 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, update
 
-from mailgw.intake.pipe import (RawBuffer, pg_insert_many, sqlite_insert, sqlite_insert_values,
-                                sqlite_values)
+from mailgw.intake.pipe import (
+    RawBuffer,
+    pg_insert_many,
+    sqlite_insert,
+    sqlite_insert_values,
+    sqlite_values,
+)
 from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound, InboundRaw
 from mailgw.types import Envelope
