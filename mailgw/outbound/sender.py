@@ -198,15 +198,13 @@ class Sender:
                 finally:
                     cur.close()
         with self.engine.begin() as c:
-            rows = self._claim_in(c, stamp)
-        return self._keep(rows)
+            return self._claim_in(c, stamp)
 
-    def _claim_in(self, c, stamp, *, full_only: bool = False) -> list[tuple]:  # type: ignore[no-untyped-def, type-arg]
-        """Lease up to a batch of due mails in the transaction of ``c``; returns their rows
-        (``_keep`` makes them the pass's mails once the transaction is committed: on SQLite
-        the write lock is held for the statements only). The lease and the read are one
-        statement (``UPDATE ... RETURNING``). ``full_only``: only a full batch, else
-        nothing."""
+    def _claim_in(self, c, stamp, *, full_only: bool = False) -> list[int]:  # type: ignore[no-untyped-def]
+        """Lease up to a batch of due mails in the transaction of ``c`` and keep their
+        content for the pass (``_mails``); returns their ids, oldest due first. The lease
+        and the read are one statement (``UPDATE ... RETURNING``). ``full_only``: only a
+        full batch, else nothing."""
         cur = c.connection.driver_connection.cursor()
         try:
             until = stamp + self.lease
@@ -232,10 +230,6 @@ class Sender:
                     rows = cur.execute(_SQL.sqlite_claim, (_sqlite_time(until), *due)).fetchall()
         finally:
             cur.close()
-        return rows
-
-    def _keep(self, rows: list[tuple]) -> list[int]:  # type: ignore[type-arg]
-        """Keep leased rows' content for the pass (``_mails``); their ids, oldest due first."""
         # RETURNING gives no order: oldest due first, as the claim chose them.
         rows.sort(key=lambda r: (r[6], r[0]))
         pg = self._pg
@@ -488,7 +482,7 @@ class Sender:
                 # transaction (one commit, one checkout) instead of a lease and a record.
                 claimed = self._claim_in(s.connection(), now(), full_only=not self._pg)
         if claim_next:
-            self._next = self._keep(claimed)
+            self._next = claimed
 
     @staticmethod
     def _article_state(s: Session, row: m.Outbox, state: str) -> None:
