@@ -18,7 +18,13 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, insert, update
 
-from mailgw.intake.pipe import RawBuffer, pg_insert_many, sqlite_insert
+from mailgw.intake.pipe import (
+    RawBuffer,
+    pg_insert_many,
+    sqlite_insert,
+    sqlite_insert_values,
+    sqlite_values,
+)
 from mailgw.intake.pipe import inbound_row as _row
 from mailgw.store.models import Inbound, InboundRaw
 from mailgw.types import Envelope
@@ -191,16 +197,23 @@ class GroupCommitWriter:
         meanwhile joins the group, the rows, ``COMMIT``. SQLAlchemy's connection checkout,
         begin and commit handling around each group cost the writer more CPU than SQLite's
         own begin and inserts (bench/RESULTS.md, issue 8 session 5). Durable when this
-        returns, as through the engine (same pragmas: the engine's connect hook)."""
+        returns, as through the engine (same pragmas: the engine's connect hook).
+
+        The rows' values (the SHA-256 of the mail, its Message-ID, the text forms) need no
+        lock: they are built before ``BEGIN IMMEDIATE`` for the group in hand, and under
+        the lock only for the messages that queued while this writer waited for it."""
         if self._raw is None:
             self._raw = self.engine.raw_connection()
         conn = self._raw.driver_connection
+        values = [sqlite_values(env) for env, _ in group]
         cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 self._take(group, small_only=True)
-                ids = [sqlite_insert(conn, env) for env, _ in group]
+                values += [sqlite_values(env) for env, _ in group[len(values):]]
+                ids = [sqlite_insert_values(conn, env, v)
+                       for (env, _), v in zip(group, values, strict=True)]
                 conn.commit()
             except BaseException:
                 try:

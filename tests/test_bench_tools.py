@@ -10,6 +10,7 @@ import random
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -120,6 +121,10 @@ def test_lean_and_pipelined_clients_deliver_the_same_bytes_to_mailgw(home, gatew
         wanted = {mid for mid, _ in corpus[:6]}
         wait_until(lambda: wanted <= set(sink.acked), what="acknowledgements at the sink")
     finally:
+        # The gateway first: its sender may be in the middle of a relay session (a sink
+        # stopped first leaves that session unanswered)
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.stop()
         sink.stop()
 
 
@@ -173,3 +178,52 @@ def test_matrix_prints_a_row_per_combination() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[4].split("**")[1]) > 0  # msg/s
         assert int(cells[-3]) > 0 and cells[-1] == "0"  # tickets; nothing quarantined
+
+
+def test_pg_cpu_counts_the_gateways_backends_and_not_other_sessions(store_url) -> None:  # type: ignore[no-untyped-def]
+    """smtp_bench's ``pg_cpu_ms_per_msg``: the server's CPU for the gateway's connections
+    (told by the ``application_name`` bench_store gives its URL), not the postmaster's or other
+    sessions' on the machine, including a backend that connects after the start."""
+    import pytest
+
+    if not store_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's server processes")
+    import psycopg
+    from smtp_bench import BENCH_APP, PgCpu, app_name
+
+    plain = store_url.replace("+psycopg", "").split("?", 1)[0]
+    url = f"{store_url}{'&' if '?' in store_url else '?'}application_name=mailgw-t{id(plain)}"
+    app = app_name(url)
+    burn = "SELECT count(*) FROM generate_series(1, 2000000)"
+    # Given a sampler started before anything connects
+    cpu = PgCpu(url, interval=0.02)
+    try:
+        # When a gateway's connection, a benchmark's and another session's each work
+        with psycopg.connect(plain, application_name=app) as gw, \
+                psycopg.connect(plain, application_name=app + BENCH_APP) as bench, \
+                psycopg.connect(plain, application_name="someone else") as other:
+            for _ in range(3):
+                gw.execute(burn)
+                other.execute(burn)
+                other.execute(burn)
+            bench.execute("SELECT 1")
+            time.sleep(0.1)
+            kinds = [cpu.kind.get(c.info.backend_pid) for c in (gw, bench, other)]
+            gw_cpu = _proc_cpu(gw.info.backend_pid)
+            other_cpu = _proc_cpu(other.info.backend_pid)
+            got = cpu.stop()
+    finally:
+        if not cpu._done.is_set():
+            cpu.stop()
+    # Then the gateway's backend is counted, the other session's is not
+    assert kinds == ["gateway", "bench", "other"]
+    assert other_cpu > 1.5 * gw_cpu > 0
+    assert abs(got["gateway"] - gw_cpu) <= 0.03 + 0.1 * gw_cpu
+    assert got["gateway"] + got["bench"] < gw_cpu + 0.1 * other_cpu + 0.03
+
+
+def _proc_cpu(pid: int) -> float:
+    import os
+
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")

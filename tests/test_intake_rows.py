@@ -117,3 +117,79 @@ def test_the_intake_writer_replaces_a_connection_the_server_closed(home):
         n = c.execute(select(m.Inbound.id)).scalars().all()
     engine.dispose()
     assert sorted(n) == [first, *more]
+
+
+def _sqlite_only(home) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    if not home.store_url.startswith("sqlite"):
+        pytest.skip("the write lock (BEGIN IMMEDIATE) is SQLite's")
+
+
+def test_the_intake_writer_builds_rows_before_it_takes_the_write_lock(home, monkeypatch):
+    # Given the SQLite intake writer, one message a group
+    _sqlite_only(home)
+    from mailgw.intake import pipe
+    from mailgw.queue import GroupCommitWriter
+
+    engine = home.engine()
+    writer = GroupCommitWriter(engine)
+    locked: list[bool] = []
+    real = pipe.inbound_row
+
+    def watched(env):  # type: ignore[no-untyped-def]
+        raw = writer._raw
+        locked.append(raw is not None and raw.driver_connection.in_transaction)
+        return real(env)
+
+    monkeypatch.setattr(pipe, "inbound_row", watched)
+    try:
+        # When messages are committed one after the other
+        ids = [writer.submit(e).result(30) for e in _envelopes()]
+    finally:
+        writer.close()
+        engine.dispose()
+    # Then each row (its SHA-256, its Message-ID) was built with no transaction open: the
+    # write lock is held for the inserts and the commit only
+    assert len(ids) == 3 and locked == [False, False, False]
+
+
+def test_messages_that_queue_while_the_writer_waits_for_the_lock_join_its_group(home):
+    # Given the SQLite intake writer waiting for the write lock another connection holds
+    _sqlite_only(home)
+    import time
+
+    from mailgw.intake.pipe import inbound_row
+    from mailgw.queue import GroupCommitWriter
+    from mailgw.store import models as m
+
+    engine = home.engine()
+    envs = _envelopes()
+    with engine.begin() as c:
+        reference = [_insert(c, inbound_row(e)) for e in envs]
+    commits: list[int] = []
+    writer = GroupCommitWriter(engine, linger=0, on_commit=lambda: commits.append(1))
+    blocker = engine.raw_connection()
+    try:
+        blocker.driver_connection.execute("BEGIN IMMEDIATE")
+        first = writer.submit(envs[0])
+        deadline = time.monotonic() + 10
+        while writer._raw is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer has its connection: it is in BEGIN IMMEDIATE
+        time.sleep(0.1)
+        # When two more messages queue meanwhile and the lock is let go
+        rest = [writer.submit(e) for e in envs[1:]]
+        assert not first.done()
+        blocker.driver_connection.execute("ROLLBACK")
+        ours = [f.result(30) for f in [first, *rest]]
+    finally:
+        blocker.close()
+        writer.close()
+    # Then the three are stored by one commit, in their order, with SQLAlchemy's rows
+    cols = [c for c in m.Inbound.__table__.columns if c.name != "id"] + [m.Inbound.raw]
+    with engine.connect() as c:
+        rows = {r.id: tuple(r[1:]) for r in c.execute(select(m.Inbound.id, *cols))}
+    engine.dispose()
+    assert commits == [1] and ours == sorted(ours) and len(set(ours)) == 3
+    for ref, got in zip(reference, ours, strict=True):
+        assert rows[ref] == rows[got]

@@ -329,3 +329,97 @@ def test_a_kept_session_to_a_relay_that_stopped_answering_costs_no_relay_timeout
         # Then it does not wait the relay's 60 s timeout for the QUIT's answer
         assert time.monotonic() - t < 20
         assert sender._conn is None
+
+
+def test_a_stopping_sender_does_not_wait_the_relay_timeout_for_a_data_answer(hx):
+    # Given a relay that reads a mail's DATA and then never answers it
+    import socket
+    import threading
+    import time
+
+    got_data = threading.Event()
+
+    def relay(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 relay\r\n")
+        while line := f.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-relay\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                while f.readline() not in (b".\r\n", b""):
+                    pass
+                got_data.set()  # no answer from now on; the connection stays open
+                time.sleep(60)
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        threading.Thread(target=relay, args=(server,), daemon=True).start()
+        sender = Sender(hx.engine, Relay(host="127.0.0.1", port=server.getsockname()[1],
+                                         timeout=30),
+                        hx.home.path / "store" / "outbox", SenderCfg())
+        stop, wake = threading.Event(), threading.Event()
+        t = threading.Thread(target=sender.run, args=(stop, wake), daemon=True)
+        t.start()
+        assert got_data.wait(10)
+        # When the gateway stops while the sender waits for the relay's answer
+        t0 = time.monotonic()
+        stop.set()
+        wake.set()
+        t.join(15)
+        # Then the sender ends within a few seconds, not the relay's 30 s timeout
+        assert not t.is_alive() and time.monotonic() - t0 < 10
+    # And the mail is not charged an attempt: released, pending, sent after the restart
+    [row] = hx.outbox()
+    assert (row.state, row.attempts, row.lease_until) == ("pending", 0, None)
+
+
+def test_mailgw_run_stops_within_seconds_while_its_relay_withholds_a_data_answer(home, gateway):
+    # Given `mailgw run` whose relay took a mail's DATA and never answers it
+    import smtplib
+    import socket
+    import threading
+    import time
+
+    got_data = threading.Event()
+
+    def relay(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+        conn.sendall(b"220 relay\r\n")
+        while line := f.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-relay\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go\r\n")
+                while f.readline() not in (b".\r\n", b""):
+                    pass
+                got_data.set()
+                time.sleep(60)
+                return
+            else:
+                conn.sendall(b"250 ok\r\n")
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        threading.Thread(target=relay, args=(server,), daemon=True).start()
+        home.update_config(relay={"host": "127.0.0.1", "port": server.getsockname()[1]},
+                           default_queue="support")
+        gateway.start()
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as s:
+            s.sendmail("c@customer.test", ["support@example.com"],
+                       b"Subject: help\r\nMessage-ID: <stop1@c>\r\n\r\nhello\r\n")
+        assert got_data.wait(30)  # the acknowledgement's DATA is with the relay
+        # When the gateway is stopped
+        t = time.monotonic()
+        gateway.stop(timeout=20)
+        # Then it stops in about QUICK (2 s), not the relay's timeout (30 s)
+        assert time.monotonic() - t < 10

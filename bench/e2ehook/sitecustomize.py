@@ -14,6 +14,8 @@ writes to ``DIR/<pid>.json`` at exit:
 - (session 6) each process's ``/proc/self/io`` at exit, the WAL file's largest size (the
   gateway samples it every 5 ms), and the worker's ``_waiting``, ``_gather``, ``_claim_in``.
 
+(Session 7) ``MAILGW_E2E_SWITCH=0.0005`` sets ``sys.setswitchinterval`` in each process.
+
 Experiments (session 6): ``MAILGW_E2E_PRAGMAS="a=1;b=2"`` runs those PRAGMAs on every SQLite
 connection; ``MAILGW_E2E_GC=freeze`` calls ``gc.freeze()`` when a worker thread starts.
 (Session 7) ``MAILGW_E2E_WORKER="linger=0.05;min_batch=48"`` sets those attributes on each
@@ -40,6 +42,12 @@ if _DIR:
     import time
 
     _FLOCK = os.environ.get("MAILGW_E2E_FLOCK") == "1"
+    if os.environ.get("MAILGW_E2E_SWITCH"):
+        # Experiment (session 7): the interpreter's switch interval (default 0.005 s), the
+        # longest a thread waits to take the GIL back from a thread running Python.
+        import sys
+
+        sys.setswitchinterval(float(os.environ["MAILGW_E2E_SWITCH"]))
     _phase = threading.local()  # the timed loop method running on this thread
     _stats = {}  # key -> [count, seconds]
     _lock = threading.Lock()
@@ -111,6 +119,14 @@ if _DIR:
 
         def commit(self):
             t = time.perf_counter()
+            if self._held is not None:
+                # (session 7) The part of the hold before COMMIT: the holder's statements.
+                # The rest is COMMIT itself: the WAL write and fsync under the lock, then,
+                # after SQLite let the lock go, the thread's wait to take the GIL back
+                # (up to a switch interval when another thread of the process runs Python):
+                # "held" counts that wait as held, "held before COMMIT" does not.
+                _add(f"sqlite write lock held before COMMIT [{threading.current_thread().name}]",
+                     t - self._held)
             try:
                 return super().commit()
             finally:

@@ -203,21 +203,32 @@ _SQLITE_INSERT_RAW = "INSERT INTO inbound_raw (inbound_id, raw) VALUES (?, ?)"
 
 def sqlite_insert(dbapi_conn, env: Envelope) -> int:  # type: ignore[no-untyped-def]
     """One envelope's inbound row and its raw mail (``inbound_raw``) on a ``sqlite3``
-    connection, in the caller's transaction (``mailgw deliver`` here; the intake writer
-    through SQLAlchemy's connection, whose per-row statement handling cost more than
-    SQLite's insert itself). The values are stored as SQLAlchemy stores them
+    connection, in the caller's transaction (``mailgw deliver`` here; ``mailgw.queue``'s
+    ``put_in``). The values are stored as SQLAlchemy stores them
     (tests/test_intake_rows.py compares the rows)."""
+    return sqlite_insert_values(dbapi_conn, env, sqlite_values(env))
+
+
+def sqlite_values(env: Envelope) -> list:  # type: ignore[type-arg]
+    """The inbound row's values (``COLUMNS``' order) as SQLAlchemy stores them on SQLite: the
+    datetime's wall time as text, JSON as text. No database needed: the intake writer builds
+    them (the SHA-256, the Message-ID) before it takes the write lock (``BEGIN IMMEDIATE``),
+    so the lock is held for the inserts and the commit only."""
     row = inbound_row(env)
-    # As SQLAlchemy stores them on SQLite: the datetime's wall time as text, JSON as text.
     row["received_at"] = row["received_at"].strftime("%Y-%m-%d %H:%M:%S.%f")
     row["rcpt_tos"] = json.dumps(row["rcpt_tos"])
-    cur = dbapi_conn.execute(_SQLITE_INSERT, [row[c] for c in COLUMNS])
+    return [row[c] for c in COLUMNS]
+
+
+def sqlite_insert_values(dbapi_conn, env: Envelope, values: list) -> int:  # type: ignore[no-untyped-def, type-arg]
+    """``sqlite_insert`` with the row's values already built (``sqlite_values(env)``)."""
+    cur = dbapi_conn.execute(_SQLITE_INSERT, values)
     inbound_id = cur.fetchone()[0]
     cur.close()
     if isinstance(env.raw, RawBuffer):
         write_large(dbapi_conn, inbound_id, env.raw)
     else:
-        dbapi_conn.execute(_SQLITE_INSERT_RAW, (inbound_id, row["raw"]))
+        dbapi_conn.execute(_SQLITE_INSERT_RAW, (inbound_id, env.raw))
     return inbound_id
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import smtplib
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -36,7 +37,8 @@ LEASE = timedelta(minutes=5)
 # A relay connection is kept from one pass to the next while mail keeps coming: up to this
 # many seconds idle (and at most a batch's worth of mails), checked with NOOP before use.
 REUSE_IDLE = 10.0
-# How long the NOOP before reuse and the QUIT of a kept session may wait for the relay.
+# How long the NOOP before reuse and the QUIT of a kept session may wait for the relay, and
+# how long a stopping sender lets a relay session in progress (a DATA's answer) run on.
 QUICK = 2.0
 
 
@@ -175,6 +177,9 @@ class Sender:
         self._conn: smtplib.SMTP | None = None
         self._conn_mails = 0
         self._conn_at = 0.0
+        # The relay session a pass is using (_busy), and whether a stop cut it (_cut).
+        self._busy: smtplib.SMTP | None = None
+        self._cut = threading.Event()
 
     def _claim(self) -> list[int]:
         # Statements through the database driver, not SQLAlchemy: the sender runs a few a
@@ -278,6 +283,9 @@ class Sender:
                             try:
                                 conn = self._open()
                             except (OSError, smtplib.SMTPException) as exc:
+                                if self._cut.is_set():  # stopping: no greeting in time
+                                    done.discard(oid)
+                                    break
                                 # The relay is down: one attempt is charged to this mail only;
                                 # the rest of the batch waits for the next pass, uncharged.
                                 outcomes.append((oid, f"{type(exc).__name__}: {exc}", False,
@@ -288,6 +296,13 @@ class Sender:
                 except PermanentFailure as exc:
                     outcomes.append((oid, str(exc), True, article_id))
                 except Exception as exc:  # noqa: BLE001 - network, relay, or anything else
+                    if self._cut.is_set():
+                        # Stopping, and the relay did not answer in time (_cut_when_stopped):
+                        # not an attempt; the mail is released below and sent after the
+                        # restart (at least once: the relay may have taken it).
+                        done.discard(oid)
+                        conn = self._close(conn, quick=True)
+                        break
                     # Counted like any failure, so a message that can never be sent ends as a
                     # dead letter instead of holding its lease forever.
                     if not isinstance(exc, OSError | smtplib.SMTPException):
@@ -338,6 +353,7 @@ class Sender:
         ``NOOP`` (a relay may close an idle session; then nothing was sent on it and no
         attempt is charged), else a new one."""
         conn, self._conn = self._conn, None
+        self._busy = conn
         if conn is not None:
             if (self._conn_mails < self.batch_size
                     and time.monotonic() - self._conn_at < REUSE_IDLE):
@@ -362,7 +378,11 @@ class Sender:
         r = self.relay
         assert r is not None
         cls = _RelaySSL if r.ssl else _Relay
-        conn = cls(r.host, r.port, timeout=r.timeout)
+        # Known as the session in use before it connects (its greeting is waited for inside
+        # the constructor), so that a stop can cut a relay that does not greet.
+        conn = cls.__new__(cls)
+        self._busy = conn
+        conn.__init__(r.host, r.port, timeout=r.timeout)  # type: ignore[misc]
         if r.starttls:
             conn.starttls()
         if r.username:
@@ -470,7 +490,36 @@ class Sender:
             s.execute(update(m.Article).where(m.Article.id == row.article_id)
                       .values(delivery_state=state))
 
+    def _cut_when_stopped(self, stop: threading.Event, ended: threading.Event) -> None:
+        """Once ``stop`` is set, give the pass in progress ``QUICK`` seconds; a relay session
+        still waiting for the relay then (a DATA's answer, a greeting: the relay's timeout is
+        30 s by default) is shut down, so a gateway stopping does not hang on a relay that
+        stopped answering. The mail in flight is released uncharged (``run_once``)."""
+        stop.wait()
+        if ended.wait(QUICK):
+            return
+        conn = self._busy
+        sock = getattr(conn, "sock", None)
+        if sock is None:
+            return
+        self._cut.set()
+        log.warning("stopping: the relay has not answered for %.0f s; closing its session", QUICK)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        ended = threading.Event()
+        if self.relay is not None:
+            threading.Thread(target=self._cut_when_stopped, args=(stop, ended),
+                             name="sender-stop", daemon=True).start()
+        try:
+            self._run(stop, wake)
+        finally:
+            ended.set()
+
+    def _run(self, stop: threading.Event, wake: threading.Event) -> None:
         while not stop.is_set():
             wake.clear()
             try:
