@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, event, func, insert, inspect, select
+from sqlalchemy import ARRAY, any_, bindparam, event, func, insert, inspect, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -71,30 +71,67 @@ def _ticket_columns() -> list[tuple[str, Any, bool]]:
             for col in m.Ticket.__table__.columns]
 
 
+def in_list(column: Any, name: str, pg: bool) -> Any:
+    """``column IN (:name)`` for a list given at execution. SQLite: an expanding parameter (the
+    list's values inlined as parameters). PostgreSQL: ``column = ANY(:name)``, one array
+    parameter: one statement text whatever the list's length, so psycopg prepares it
+    (an ``IN`` list was a new text per length, parsed and planned every time:
+    bench/RESULTS.md, issue 8 session 7)."""
+    if pg:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 @cache
-def _statements() -> dict[str, Any]:
+def _statements(pg: bool) -> dict[str, Any]:
     """The batch's statements, built once: building one and its cache key cost more than
     running it (~0.1 ms each, several a batch: bench/RESULTS.md, issue 8 session 7). The
-    lists are expanding parameters, as ``in_`` of a list makes them: the same SQL."""
+    lists are ``in_list``s."""
     a, h = m.AutoReply.__table__, m.AddressHold.__table__
     tables = [model.__table__ for model in _MODELS]
     return {
         "tops": select(*(select(func.max(t.c.id)).scalar_subquery() for t in tables)),
         "rcpt_counts": select(a.c.recipient, func.count()).where(
-            a.c.recipient.in_(bindparam("keys", expanding=True)),
+            in_list(a.c.recipient, "keys", pg),
             a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
         .group_by(a.c.recipient),
         "holds": select(h.c.address, h.c.until, h.c.reason).where(
-            h.c.address.in_(bindparam("keys", expanding=True)),
+            in_list(h.c.address, "keys", pg),
             h.c.until > bindparam("at", type_=h.c.until.type)),
         "ticket_counts": select(a.c.ticket_id, func.count()).where(
-            a.c.ticket_id.in_(bindparam("keys", expanding=True)),
+            in_list(a.c.ticket_id, "keys", pg),
             a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
         .group_by(a.c.ticket_id),
         **{f"insert {t.name}": insert(t)
            for t in (m.Ticket.__table__, m.Article.__table__, m.Attachment.__table__,
                      m.Event.__table__, m.Outbox.__table__, m.AutoReply.__table__)},
     }
+
+
+# PostgreSQL: ids from the tables' sequences, one statement whatever the tables and counts
+# (one text: psycopg prepares it). The sequences are named, not looked up per id: with
+# ``nextval(pg_get_serial_sequence(...))`` PostgreSQL looked the sequence up for every id
+# (a batch of 169 ids: 462 us of server CPU; named, 112: bench/RESULTS.md, issue 8 session 7).
+_RESERVE = ("SELECT u.i, nextval(u.s) FROM unnest(%(seqs)s::regclass[], %(counts)s::int[]) "
+            "WITH ORDINALITY AS u(s, n, i), generate_series(1, u.n)")
+_SEQUENCES = "mailgw.batch sequences"
+
+
+def _sequences(conn: Any) -> dict[str, str]:
+    """The id sequence of each table a batch takes ids from, schema-qualified, looked up once
+    per database connection (its search path is the engine's)."""
+    info = conn.info
+    seqs = info.get(_SEQUENCES)
+    if seqs is None:
+        names = list(_BLOCK)
+        row = conn.exec_driver_sql("SELECT " + ", ".join(
+            f"pg_get_serial_sequence('{t}', 'id')" for t in names)).one()
+        seqs = info[_SEQUENCES] = dict(zip(names, row, strict=True))
+    return seqs
 
 
 def batch_of(session: Session) -> Batch | None:
@@ -124,7 +161,7 @@ class LoopCounts:
             return
         for r in todo:
             self._stored_rcpt[r] = 0
-        q = _statements()
+        q = _statements(is_pg(session))
         for rcpt, n in session.connection().execute(q["rcpt_counts"],
                                                     {"keys": todo, "since": self.since}):
             self._stored_rcpt[rcpt] = n
@@ -166,7 +203,7 @@ class LoopCounts:
             return
         for t in todo:
             self._stored_ticket[t] = 0
-        for tid, n in session.connection().execute(_statements()["ticket_counts"],
+        for tid, n in session.connection().execute(_statements(is_pg(session))["ticket_counts"],
                                                    {"keys": todo, "since": self.since}):
             self._stored_ticket[tid] = n
 
@@ -226,7 +263,7 @@ class Batch:
         self.hold_notes: dict[int, str] = {}
         if not self.pg:
             tables = [model.__table__ for model in _MODELS]
-            tops = session.connection().execute(_statements()["tops"]).one()
+            tops = session.connection().execute(_statements(False)["tops"]).one()
             for t, top in zip(tables, tops, strict=True):
                 self._next[t.name] = (top or 0) + 1
         session.info["batch"] = self
@@ -279,13 +316,14 @@ class Batch:
         names = [t for t, n in counts.items() if n > 0]
         if not names:
             return
-        sql = " UNION ALL ".join(
-            f"SELECT {i}, nextval(pg_get_serial_sequence('{t}', 'id')) "
-            f"FROM generate_series(1, {int(counts[t])})" for i, t in enumerate(names))
+        conn = session.connection()
+        seqs = _sequences(conn)
         got: dict[int, list[int]] = {}
-        for i, value in session.connection().exec_driver_sql(sql):
+        for i, value in conn.exec_driver_sql(
+                _RESERVE, {"seqs": [seqs[t] for t in names],
+                           "counts": [int(counts[t]) for t in names]}):
             got.setdefault(i, []).append(value)
-        for i, t in enumerate(names):
+        for i, t in enumerate(names, 1):
             self._pool[t][:0] = sorted(got.get(i, ()), reverse=True)  # after the pool's own
 
     def close(self, session: Session) -> None:
@@ -299,10 +337,7 @@ class Batch:
             return n
         pool = self._pool[table]
         if not pool:
-            seq = func.pg_get_serial_sequence(table, "id")
-            pool.extend(sorted(session.connection().scalars(
-                select(func.nextval(seq)).select_from(func.generate_series(1, _BLOCK[table]))),
-                reverse=True))
+            self.reserve(session, {table: _BLOCK[table]})
         return pool.pop()
 
     def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
@@ -341,7 +376,7 @@ class Batch:
             state = inspect(ticket)
             for key in list(state.committed_state):
                 set_committed_value(ticket, key, values[key])
-        session.connection().execute(_statements()["insert tickets"], rows)
+        session.connection().execute(_statements(self.pg)["insert tickets"], rows)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -431,7 +466,7 @@ class Batch:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
         session.flush()
         conn = session.connection()
-        q = _statements()
+        q = _statements(self.pg)
         for table, rows in (("articles", self.out_articles), ("attachments", self.attachments),
                             ("events", self.events), ("outbox", self.outbox),
                             ("auto_replies", self.auto_replies)):
