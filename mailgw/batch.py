@@ -134,6 +134,86 @@ def _sequences(conn: Any) -> dict[str, str]:
     return seqs
 
 
+# PostgreSQL: the batch's rows of a table in one statement, a column an array, instead of
+# an executemany (psycopg sends a Bind/Execute per row): bench/RESULTS.md, issue 8 session 7,
+# second round. Tables whose rows are small; attachments keep the executemany (bytea[]).
+UNNEST_TABLES = {"events", "articles", "outbox", "auto_replies", "tickets"}
+
+
+@cache
+def _unnest_plan(table_name: str, keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """``INSERT INTO t (keys and defaulted columns) SELECT * FROM unnest(arrays)`` and, per
+    column, how to make its array: (key, JSON column's none_as_null or None for other types,
+    the scalar default of a column the rows leave out or ``_GIVEN``). None: a column the rows
+    leave out has a callable default (the executemany computes it)."""
+    from sqlalchemy import JSON, DateTime, String
+    from sqlalchemy.dialects import postgresql
+
+    table = m.Base.metadata.tables[table_name]
+    dialect = postgresql.dialect()
+    cols, casts, plan, times = [], [], [], []
+    for col in table.columns:
+        if col.key in keys:
+            default = _GIVEN
+        elif col.default is None:
+            continue  # left out: NULL or the server's default, as the executemany leaves it
+        elif col.default.is_callable or not col.default.is_scalar:
+            return None
+        else:
+            default = col.default.arg
+        json = isinstance(col.type, JSON)
+        cols.append(dialect.identifier_preparer.quote(col.name))
+        # Binary arrays: a text array escapes and parses every element (the client's CPU for
+        # these INSERTs went up, not down).
+        # Strings cast without their length (as SQLAlchemy casts a single value): the INSERT
+        # checks it (an explicit cast to varchar(n) would cut a longer value silently).
+        sqltype = "VARCHAR" if isinstance(col.type, String) else col.type.compile(dialect=dialect)
+        casts.append(f"%({col.key})b::{sqltype}[]")
+        plan.append((col.key, col.type.none_as_null if json else None, default))
+        times.append(isinstance(col.type, DateTime) and default is _GIVEN)
+    sql = (f"INSERT INTO {table_name} ({', '.join(cols)}) "
+           f"SELECT * FROM unnest({', '.join(casts)})")
+    return sql, plan, [key for (key, _, _), time in zip(plan, times, strict=True) if time]
+
+
+_GIVEN = object()
+
+
+def insert_rows(conn: Any, table: str, rows: list[dict[str, Any]], pg: bool) -> None:
+    """Insert ``rows`` (dicts with the same keys, as an executemany takes them) into
+    ``table``: on PostgreSQL as one ``INSERT ... SELECT * FROM unnest(...)``."""
+    plan = None
+    if pg and len(rows) > 1 and table in UNNEST_TABLES:
+        keys = tuple(rows[0])
+        if all(len(row) == len(keys) for row in rows):
+            plan = _unnest_plan(table, keys)
+    if plan is None:
+        conn.execute(_statements(pg)[f"insert {table}"], rows)
+        return
+    sql, columns, times = plan
+    from psycopg.types.json import Json  # what SQLAlchemy's psycopg dialect sends a JSON as
+    params: dict[str, list[Any]] = {}
+    n = len(rows)
+    try:
+        for key, none_as_null, default in columns:
+            if default is not _GIVEN:
+                params[key] = [default] * n
+            elif none_as_null is None:
+                params[key] = [row[key] for row in rows]
+            else:  # JSON, as SQLAlchemy's type sends it: None is JSON null unless none_as_null
+                params[key] = [None if (v := row[key]) is None and none_as_null else Json(v)
+                               for row in rows]
+        # A binary array's datetimes must be all naive or all aware (psycopg's text array
+        # loses the offsets of a list that mixes them): such rows go in as before.
+        for key in times:
+            if len({v.tzinfo is None for v in params[key] if v is not None}) > 1:
+                raise KeyError(key)
+    except KeyError:  # rows with other keys (the executemany's own error, if any), or mixed
+        conn.execute(_statements(pg)[f"insert {table}"], rows)
+        return
+    conn.exec_driver_sql(sql, params)
+
+
 def batch_of(session: Session) -> Batch | None:
     return session.info.get("batch")
 
@@ -376,7 +456,7 @@ class Batch:
             state = inspect(ticket)
             for key in list(state.committed_state):
                 set_committed_value(ticket, key, values[key])
-        session.connection().execute(_statements(self.pg)["insert tickets"], rows)
+        insert_rows(session.connection(), "tickets", rows, self.pg)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -466,12 +546,11 @@ class Batch:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
         session.flush()
         conn = session.connection()
-        q = _statements(self.pg)
         for table, rows in (("articles", self.out_articles), ("attachments", self.attachments),
                             ("events", self.events), ("outbox", self.outbox),
                             ("auto_replies", self.auto_replies)):
             if rows:
-                conn.execute(q[f"insert {table}"], rows)
+                insert_rows(conn, table, rows, self.pg)
                 rows.clear()
         self.attachment_bytes = 0
         self._moved.clear()

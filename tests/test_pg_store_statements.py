@@ -72,3 +72,97 @@ def test_ids_are_taken_from_named_sequences_with_one_statement_text(hx):
     assert not any(re.search(r"nextval\s*\(\s*pg_get_serial_sequence", s) for s in takes)
     # The sequences are looked up once per connection (the harness's worker uses one).
     assert sum("pg_get_serial_sequence" in s for s in seen) <= 1
+
+
+def test_the_batchs_rows_go_in_with_one_statement_a_table(hx):
+    # psycopg's executemany sends a Bind/Execute per row (the events: 3 a message); one
+    # INSERT ... SELECT * FROM unnest(arrays) a table costs the server and the client less.
+    sent: list[tuple[str, bool]] = []
+
+    @event.listens_for(hx.engine, "before_cursor_execute")
+    def _seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        sent.append((statement, executemany))
+
+    hx.put(*[mail(f"Question {i}", sender=f"q{i}@customer.test", msgid=f"q{i}@c")
+             for i in range(3)])
+    hx.drain()
+    event.remove(hx.engine, "before_cursor_execute", _seen)
+    for table in ("events", "outbox", "auto_replies", "tickets"):
+        inserts = [(s, many) for s, many in sent if s.startswith(f"INSERT INTO {table} ")]
+        assert len(inserts) == 1, (table, inserts)
+        assert "unnest(" in inserts[0][0] and not inserts[0][1], table
+    assert len(hx.tickets()) == 3 and len(hx.outbox()) == 3
+
+
+def _as_text(conn, table, ids):  # type: ignore[no-untyped-def]
+    """Every column but the id of the rows ``ids``, as the server prints them (a JSON value
+    as stored, byte for byte)."""
+    from sqlalchemy import text
+
+    from mailgw.store import models as m
+
+    cols = [c.name for c in m.Base.metadata.tables[table].columns if c.name != "id"]
+    build = ", ".join(f'"{c}"' for c in cols)
+    return [r[0] for r in conn.execute(text(
+        f"SELECT json_build_array({build})::text FROM {table} WHERE id = ANY(:ids) ORDER BY id"),
+        {"ids": ids})]
+
+
+def test_rows_inserted_from_arrays_are_those_an_executemany_inserts(hx):
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from mailgw.batch import _statements, insert_rows
+
+    at = datetime(2026, 11, 27, 12, 0, 1, 123456, tzinfo=UTC)
+    samples = {
+        "events": [dict(type="article_received", created_at=at, data={"a": "é\u2028", "n": [1]},
+                        inbound_id=None, ticket_id=None, article_id=None),
+                   dict(type="x" * 64, created_at=at.astimezone(timezone(timedelta(hours=5))),
+                        data=None, inbound_id=None, ticket_id=None, article_id=None),
+                   dict(type="", created_at=at, data={}, inbound_id=None, ticket_id=None,
+                        article_id=None)],
+        # naive and aware times in one batch (a binary array cannot hold both)
+        "events ": [dict(type="naive", created_at=at.replace(tzinfo=None), data=[],
+                         inbound_id=None, ticket_id=None, article_id=None),
+                    dict(type="aware", created_at=at, data=[], inbound_id=None,
+                         ticket_id=None, article_id=None)],
+        "auto_replies": [dict(recipient="Ä@x.test", ticket_id=None, created_at=at),
+                         dict(recipient="b@x.test", ticket_id=None, created_at=at)],
+        "tickets": [dict(number=f"N{i}", title="t\x01 'q' \"d\" \\", queue="support",
+                         state="new", priority=3, customer="c@x.test", owner=None, created_at=at,
+                         updated_at=at, closed_at=None, type=None, service=None,
+                         category=None, tags=["a", None], custom_fields={"k": {"v": 1.5}},
+                         company=None, urgency=None, impact=None, sla=None, sla_reason=None,
+                         pending_until=None, pending_action=None, merged_into=None)
+                    for i in range(2)],
+    }
+    with hx.engine.begin() as conn:
+        for n, (label, rows) in enumerate(samples.items()):
+            table = label.strip()
+            a = [dict(row, id=10_000 + 10 * n + i) for i, row in enumerate(rows)]
+            b = [dict(row, id=20_000 + 10 * n + i) for i, row in enumerate(rows)]
+            if table == "tickets":
+                b = [dict(row, number=row["number"] + "b") for row in b]
+            insert_rows(conn, table, a, True)
+            conn.execute(_statements(True)[f"insert {table}"], b)
+            got_a = _as_text(conn, table, [r["id"] for r in a])
+            got_b = _as_text(conn, table, [r["id"] for r in b])
+            if table == "tickets":
+                got_b = [t.replace('b", ', '", ', 1) for t in got_b]
+            assert got_a == got_b, table
+
+
+def test_a_value_too_long_for_its_column_is_refused_as_before(hx):
+    # The arrays are cast without the column's length: the INSERT checks it, as it checks a
+    # single value (an explicit cast to varchar(n) would cut the value silently).
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import DataError
+
+    from mailgw.batch import insert_rows
+
+    at = datetime.now(UTC)
+    rows = [dict(id=30_000 + i, type="t" * (64 + i), created_at=at, data={}, inbound_id=None,
+                 ticket_id=None, article_id=None) for i in range(2)]
+    with pytest.raises(DataError), hx.engine.begin() as conn:
+        insert_rows(conn, "events", rows, True)
