@@ -130,7 +130,11 @@ def _sequences(conn: Any) -> dict[str, str]:
         names = list(_BLOCK)
         row = conn.exec_driver_sql("SELECT " + ", ".join(
             f"pg_get_serial_sequence('{t}', 'id')" for t in names)).one()
-        seqs = info[_SEQUENCES] = dict(zip(names, row, strict=True))
+        seqs = dict(zip(names, row, strict=True))
+        missing = [t for t, seq in seqs.items() if seq is None]
+        if missing:  # not kept: nextval(NULL) would hand out NULL ids
+            raise RuntimeError(f"no id sequence found for table(s) {', '.join(missing)}")
+        info[_SEQUENCES] = seqs
     return seqs
 
 
