@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ARRAY, any_, bindparam, event, func, insert, inspect, select
+from sqlalchemy import ARRAY, String, any_, bindparam, event, func, insert, inspect, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -78,7 +78,10 @@ def in_list(column: Any, name: str, pg: bool) -> Any:
     (an ``IN`` list was a new text per length, parsed and planned every time:
     bench/RESULTS.md, issue 8 session 7)."""
     if pg:
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+        # A string array without the column's length: a cast to varchar(n)[] would cut a
+        # longer value, which could then equal a stored one (IN compared it whole).
+        kind = String() if isinstance(column.type, String) else column.type
+        return column == any_(bindparam(name, type_=ARRAY(kind)))
     return column.in_(bindparam(name, expanding=True))
 
 
@@ -150,7 +153,7 @@ def _unnest_plan(table_name: str, keys: tuple[str, ...]) -> tuple[Any, ...] | No
     column, how to make its array: (key, JSON column's none_as_null or None for other types,
     the scalar default of a column the rows leave out or ``_GIVEN``). None: a column the rows
     leave out has a callable default (the executemany computes it)."""
-    from sqlalchemy import JSON, DateTime, String
+    from sqlalchemy import JSON, DateTime
     from sqlalchemy.dialects import postgresql
 
     table = m.Base.metadata.tables[table_name]

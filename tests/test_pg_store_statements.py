@@ -166,3 +166,24 @@ def test_a_value_too_long_for_its_column_is_refused_as_before(hx):
                  ticket_id=None, article_id=None) for i in range(2)]
     with pytest.raises(DataError), hx.engine.begin() as conn:
         insert_rows(conn, "events", rows, True)
+
+
+def test_a_listed_value_longer_than_its_column_is_compared_whole(hx):
+    # The array is cast without the column's length: a cast to varchar(320)[] would cut a
+    # 321-character key to the 320 characters a stored address could equal (IN compared it
+    # whole).
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from mailgw.batch import _statements
+
+    at = datetime.now(UTC)
+    address = "a" * 313 + "@x.test"  # 320 characters, the column's length
+    with hx.engine.begin() as conn:
+        conn.execute(text("INSERT INTO address_holds (address, kind, reason, until, created_at) "
+                          "VALUES (:a, 'bounce', 'r', :u, :c)"),
+                     {"a": address, "u": at + timedelta(days=1), "c": at})
+        q = _statements(True)["holds"]
+        assert [r[0] for r in conn.execute(q, {"keys": [address], "at": at})] == [address]
+        assert list(conn.execute(q, {"keys": [address + "z"], "at": at})) == []
