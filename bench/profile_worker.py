@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--store")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--batch-size", type=int,
+                    help="the worker's batch size (default: the settings'; end to end at 8 "
+                         "SMTP sessions the batches are ~23)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--html", type=Path)
     ap.add_argument("--cprofile", action="store_true",
@@ -142,7 +145,7 @@ def main() -> None:
                                        rcpt_tos=("support@example.com",), source="smtp",
                                        received_at=stamp) for _, raw in corpus])
             ctx = Context(settings, Renderer(home.templates))
-            worker = Worker(engine, lambda: ctx, batch_size=settings.worker.batch_size,
+            worker = Worker(engine, lambda: ctx, batch_size=args.batch_size or settings.worker.batch_size,
                             max_attempts=settings.worker.max_attempts)
             # Statements the worker sends (an executemany counts once): round trips on
             # PostgreSQL, and work its server does that the CPU figure leaves out.

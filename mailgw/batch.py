@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, event, func, insert, inspect, select
+from sqlalchemy import ARRAY, String, any_, bindparam, event, func, insert, inspect, select
 from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -71,30 +71,154 @@ def _ticket_columns() -> list[tuple[str, Any, bool]]:
             for col in m.Ticket.__table__.columns]
 
 
+def in_list(column: Any, name: str, pg: bool) -> Any:
+    """``column IN (:name)`` for a list given at execution. SQLite: an expanding parameter (the
+    list's values inlined as parameters). PostgreSQL: ``column = ANY(:name)``, one array
+    parameter: one statement text whatever the list's length, so psycopg prepares it
+    (an ``IN`` list was a new text per length, parsed and planned every time:
+    bench/RESULTS.md, issue 8 session 7)."""
+    if pg:
+        # A string array without the column's length: a cast to varchar(n)[] would cut a
+        # longer value, which could then equal a stored one (IN compared it whole).
+        kind = String() if isinstance(column.type, String) else column.type
+        return column == any_(bindparam(name, type_=ARRAY(kind)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+def is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 @cache
-def _statements() -> dict[str, Any]:
+def _statements(pg: bool) -> dict[str, Any]:
     """The batch's statements, built once: building one and its cache key cost more than
     running it (~0.1 ms each, several a batch: bench/RESULTS.md, issue 8 session 7). The
-    lists are expanding parameters, as ``in_`` of a list makes them: the same SQL."""
+    lists are ``in_list``s."""
     a, h = m.AutoReply.__table__, m.AddressHold.__table__
     tables = [model.__table__ for model in _MODELS]
     return {
         "tops": select(*(select(func.max(t.c.id)).scalar_subquery() for t in tables)),
         "rcpt_counts": select(a.c.recipient, func.count()).where(
-            a.c.recipient.in_(bindparam("keys", expanding=True)),
+            in_list(a.c.recipient, "keys", pg),
             a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
         .group_by(a.c.recipient),
         "holds": select(h.c.address, h.c.until, h.c.reason).where(
-            h.c.address.in_(bindparam("keys", expanding=True)),
+            in_list(h.c.address, "keys", pg),
             h.c.until > bindparam("at", type_=h.c.until.type)),
         "ticket_counts": select(a.c.ticket_id, func.count()).where(
-            a.c.ticket_id.in_(bindparam("keys", expanding=True)),
+            in_list(a.c.ticket_id, "keys", pg),
             a.c.created_at >= bindparam("since", type_=a.c.created_at.type))
         .group_by(a.c.ticket_id),
         **{f"insert {t.name}": insert(t)
            for t in (m.Ticket.__table__, m.Article.__table__, m.Attachment.__table__,
                      m.Event.__table__, m.Outbox.__table__, m.AutoReply.__table__)},
     }
+
+
+# PostgreSQL: ids from the tables' sequences, one statement whatever the tables and counts
+# (one text: psycopg prepares it). The sequences are named, not looked up per id: with
+# ``nextval(pg_get_serial_sequence(...))`` PostgreSQL looked the sequence up for every id
+# (a batch of 169 ids: 462 us of server CPU; named, 112: bench/RESULTS.md, issue 8 session 7).
+_RESERVE = ("SELECT u.i, nextval(u.s) FROM unnest(%(seqs)s::regclass[], %(counts)s::int[]) "
+            "WITH ORDINALITY AS u(s, n, i), generate_series(1, u.n)")
+_SEQUENCES = "mailgw.batch sequences"
+
+
+def _sequences(conn: Any) -> dict[str, str]:
+    """The id sequence of each table a batch takes ids from, schema-qualified, looked up once
+    per database connection (its search path is the engine's)."""
+    info = conn.info
+    seqs = info.get(_SEQUENCES)
+    if seqs is None:
+        names = list(_BLOCK)
+        row = conn.exec_driver_sql("SELECT " + ", ".join(
+            f"pg_get_serial_sequence('{t}', 'id')" for t in names)).one()
+        seqs = dict(zip(names, row, strict=True))
+        missing = [t for t, seq in seqs.items() if seq is None]
+        if missing:  # not kept: nextval(NULL) would hand out NULL ids
+            raise RuntimeError(f"no id sequence found for table(s) {', '.join(missing)}")
+        info[_SEQUENCES] = seqs
+    return seqs
+
+
+# PostgreSQL: the batch's rows of a table in one statement, a column an array, instead of
+# an executemany (psycopg sends a Bind/Execute per row): bench/RESULTS.md, issue 8 session 7,
+# second round. Tables whose rows are small; attachments keep the executemany (bytea[]).
+UNNEST_TABLES = {"events", "articles", "outbox", "auto_replies", "tickets"}
+
+
+@cache
+def _unnest_plan(table_name: str, keys: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """``INSERT INTO t (keys and defaulted columns) SELECT * FROM unnest(arrays)`` and, per
+    column, how to make its array: (key, JSON column's none_as_null or None for other types,
+    the scalar default of a column the rows leave out or ``_GIVEN``). None: a column the rows
+    leave out has a callable default (the executemany computes it)."""
+    from sqlalchemy import JSON, DateTime
+    from sqlalchemy.dialects import postgresql
+
+    table = m.Base.metadata.tables[table_name]
+    dialect = postgresql.dialect()
+    cols, casts, plan, times = [], [], [], []
+    for col in table.columns:
+        if col.key in keys:
+            default = _GIVEN
+        elif col.default is None:
+            continue  # left out: NULL or the server's default, as the executemany leaves it
+        elif col.default.is_callable or not col.default.is_scalar:
+            return None
+        else:
+            default = col.default.arg
+        json = isinstance(col.type, JSON)
+        cols.append(dialect.identifier_preparer.quote(col.name))
+        # Binary arrays: a text array escapes and parses every element (the client's CPU for
+        # these INSERTs went up, not down).
+        # Strings cast without their length (as SQLAlchemy casts a single value): the INSERT
+        # checks it (an explicit cast to varchar(n) would cut a longer value silently).
+        sqltype = "VARCHAR" if isinstance(col.type, String) else col.type.compile(dialect=dialect)
+        casts.append(f"%({col.key})b::{sqltype}[]")
+        plan.append((col.key, col.type.none_as_null if json else None, default))
+        times.append(isinstance(col.type, DateTime) and default is _GIVEN)
+    sql = (f"INSERT INTO {table_name} ({', '.join(cols)}) "
+           f"SELECT * FROM unnest({', '.join(casts)})")
+    return sql, plan, [key for (key, _, _), time in zip(plan, times, strict=True) if time]
+
+
+_GIVEN = object()
+
+
+def insert_rows(conn: Any, table: str, rows: list[dict[str, Any]], pg: bool) -> None:
+    """Insert ``rows`` (dicts with the same keys, as an executemany takes them) into
+    ``table``: on PostgreSQL as one ``INSERT ... SELECT * FROM unnest(...)``."""
+    plan = None
+    if pg and len(rows) > 1 and table in UNNEST_TABLES:
+        keys = tuple(rows[0])
+        if all(len(row) == len(keys) for row in rows):
+            plan = _unnest_plan(table, keys)
+    if plan is None:
+        conn.execute(_statements(pg)[f"insert {table}"], rows)
+        return
+    sql, columns, times = plan
+    from psycopg.types.json import Json  # what SQLAlchemy's psycopg dialect sends a JSON as
+    params: dict[str, list[Any]] = {}
+    n = len(rows)
+    try:
+        for key, none_as_null, default in columns:
+            if default is not _GIVEN:
+                params[key] = [default] * n
+            elif none_as_null is None:
+                params[key] = [row[key] for row in rows]
+            else:  # JSON, as SQLAlchemy's type sends it: None is JSON null unless none_as_null
+                params[key] = [None if (v := row[key]) is None and none_as_null else Json(v)
+                               for row in rows]
+        # A binary array's datetimes must be all naive or all aware (psycopg's text array
+        # loses the offsets of a list that mixes them): such rows go in as before.
+        for key in times:
+            if len({v.tzinfo is None for v in params[key] if v is not None}) > 1:
+                raise KeyError(key)
+    except KeyError:  # rows with other keys (the executemany's own error, if any), or mixed
+        conn.execute(_statements(pg)[f"insert {table}"], rows)
+        return
+    conn.exec_driver_sql(sql, params)
 
 
 def batch_of(session: Session) -> Batch | None:
@@ -124,7 +248,7 @@ class LoopCounts:
             return
         for r in todo:
             self._stored_rcpt[r] = 0
-        q = _statements()
+        q = _statements(is_pg(session))
         for rcpt, n in session.connection().execute(q["rcpt_counts"],
                                                     {"keys": todo, "since": self.since}):
             self._stored_rcpt[rcpt] = n
@@ -166,7 +290,7 @@ class LoopCounts:
             return
         for t in todo:
             self._stored_ticket[t] = 0
-        for tid, n in session.connection().execute(_statements()["ticket_counts"],
+        for tid, n in session.connection().execute(_statements(is_pg(session))["ticket_counts"],
                                                    {"keys": todo, "since": self.since}):
             self._stored_ticket[tid] = n
 
@@ -226,7 +350,7 @@ class Batch:
         self.hold_notes: dict[int, str] = {}
         if not self.pg:
             tables = [model.__table__ for model in _MODELS]
-            tops = session.connection().execute(_statements()["tops"]).one()
+            tops = session.connection().execute(_statements(False)["tops"]).one()
             for t, top in zip(tables, tops, strict=True):
                 self._next[t.name] = (top or 0) + 1
         session.info["batch"] = self
@@ -279,13 +403,14 @@ class Batch:
         names = [t for t, n in counts.items() if n > 0]
         if not names:
             return
-        sql = " UNION ALL ".join(
-            f"SELECT {i}, nextval(pg_get_serial_sequence('{t}', 'id')) "
-            f"FROM generate_series(1, {int(counts[t])})" for i, t in enumerate(names))
+        conn = session.connection()
+        seqs = _sequences(conn)
         got: dict[int, list[int]] = {}
-        for i, value in session.connection().exec_driver_sql(sql):
+        for i, value in conn.exec_driver_sql(
+                _RESERVE, {"seqs": [seqs[t] for t in names],
+                           "counts": [int(counts[t]) for t in names]}):
             got.setdefault(i, []).append(value)
-        for i, t in enumerate(names):
+        for i, t in enumerate(names, 1):
             self._pool[t][:0] = sorted(got.get(i, ()), reverse=True)  # after the pool's own
 
     def close(self, session: Session) -> None:
@@ -299,10 +424,7 @@ class Batch:
             return n
         pool = self._pool[table]
         if not pool:
-            seq = func.pg_get_serial_sequence(table, "id")
-            pool.extend(sorted(session.connection().scalars(
-                select(func.nextval(seq)).select_from(func.generate_series(1, _BLOCK[table]))),
-                reverse=True))
+            self.reserve(session, {table: _BLOCK[table]})
         return pool.pop()
 
     def add_ticket(self, session: Session, ticket: m.Ticket) -> None:
@@ -341,7 +463,7 @@ class Batch:
             state = inspect(ticket)
             for key in list(state.committed_state):
                 set_committed_value(ticket, key, values[key])
-        session.connection().execute(_statements()["insert tickets"], rows)
+        insert_rows(session.connection(), "tickets", rows, self.pg)
 
     # Rows written at the end of the batch -------------------------------------------------
 
@@ -431,12 +553,11 @@ class Batch:
         """Flush the ORM objects, then insert the queued rows: one statement per table."""
         session.flush()
         conn = session.connection()
-        q = _statements()
         for table, rows in (("articles", self.out_articles), ("attachments", self.attachments),
                             ("events", self.events), ("outbox", self.outbox),
                             ("auto_replies", self.auto_replies)):
             if rows:
-                conn.execute(q[f"insert {table}"], rows)
+                insert_rows(conn, table, rows, self.pg)
                 rows.clear()
         self.attachment_bytes = 0
         self._moved.clear()

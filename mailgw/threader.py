@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgw.mail.ids import id_fits
@@ -76,25 +76,26 @@ class ThreadIndex:
 
 
 @cache
-def _prefetch_statements() -> dict[str, Any]:
+def _prefetch_statements(pg: bool) -> dict[str, Any]:
     """prefetch's statements, built once: building one (and its cache key) cost more than
     running it (~0.1 ms each, several a batch: bench/RESULTS.md, issue 8 session 7). The
-    lists are expanding parameters, as ``in_`` of a list makes them: the same SQL."""
+    lists are ``mailgw.batch.in_list``s (PostgreSQL: ``= ANY(array)``, one text)."""
+    from mailgw.batch import in_list
+
     a = Article.__table__
-    tickets = select(Ticket).where(Ticket.id.in_(bindparam("ids", expanding=True))) \
-        .order_by(Ticket.id)
+    tickets = select(Ticket).where(in_list(Ticket.id, "ids", pg)).order_by(Ticket.id)
     return {
         "inbound": select(Inbound.id, Inbound.message_id, Inbound.state)
-        .where(Inbound.message_id.in_(bindparam("refs", expanding=True))),
+        .where(in_list(Inbound.message_id, "refs", pg)),
         "articles": select(Article.message_id, Article.ticket_id)
-        .where(Article.message_id.in_(bindparam("refs", expanding=True)))
+        .where(in_list(Article.message_id, "refs", pg))
         .order_by(Article.id.desc()),
         "numbers": select(Ticket.id, Ticket.number)
-        .where(Ticket.number.in_(bindparam("numbers", expanding=True))),
+        .where(in_list(Ticket.number, "numbers", pg)),
         "tickets": tickets,
         "tickets_locked": tickets.with_for_update(key_share=True),
         "roots": select(a.c.id, a.c.ticket_id, a.c.message_id).where(a.c.id.in_(
-            select(func.min(a.c.id)).where(a.c.ticket_id.in_(bindparam("ids", expanding=True)),
+            select(func.min(a.c.id)).where(in_list(a.c.ticket_id, "ids", pg),
                                            a.c.message_id.is_not(None))
             .group_by(a.c.ticket_id))),
     }
@@ -122,7 +123,7 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             numbers[m.group(1)] = None
     index.asked_refs = set(refs)
     ids: set[int] = set()
-    q = _prefetch_statements()
+    q = _prefetch_statements(session.get_bind().dialect.name == "postgresql")
     if refs and in_flight is not None:
         # Every state, filtered here: a condition on state would let the planner read the
         # pending rows instead of this index, and a backlog can be large (a queue of 1,000

@@ -308,8 +308,7 @@ class Worker:
         with read_session(self.engine) as s:
             rows = self._raws(s, ids)
             envelopes = {iid: (mail_from, rcpt_tos) for iid, mail_from, rcpt_tos in s.execute(
-                select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
-                .where(m.Inbound.id.in_(ids)))}
+                _envelopes(self._pg), {"ids": ids})}
         raws: dict[int, bytes] = dict(rows)
         del rows
         for iid, raw in raws.items():
@@ -562,8 +561,10 @@ def _batch_rows(pg: bool):  # type: ignore[no-untyped-def]
     if q is None:
         from sqlalchemy import bindparam
 
+        from mailgw.batch import in_list
+
         q = (select(m.Inbound)
-             .where(m.Inbound.id.in_(bindparam("ids", expanding=True)),
+             .where(in_list(m.Inbound.id, "ids", pg),
                     m.Inbound.state == "pending",
                     m.Inbound.claimed_by == bindparam("me", type_=m.Inbound.claimed_by.type))
              .order_by(m.Inbound.id))
@@ -571,7 +572,19 @@ def _batch_rows(pg: bool):  # type: ignore[no-untyped-def]
     return q
 
 
-_BATCH_ROWS: dict[bool | str, object] = {}
+def _envelopes(pg: bool):  # type: ignore[no-untyped-def]
+    """The statement ``Worker._parse`` reads its batch's envelopes with, built once."""
+    q = _BATCH_ROWS.get(("envelopes", pg))
+    if q is None:
+        from mailgw.batch import in_list
+
+        q = _BATCH_ROWS[("envelopes", pg)] = (
+            select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
+            .where(in_list(m.Inbound.id, "ids", pg)))
+    return q
+
+
+_BATCH_ROWS: dict[object, object] = {}
 
 
 def _parents_first(rows: list[m.Inbound],
@@ -638,14 +651,13 @@ class _Redeliveries:
             session.connection().exec_driver_sql(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
                 "ORDER BY k", {"keys": keys})
-        q = _BATCH_ROWS.get("copies")
+        q = _BATCH_ROWS.get(("copies", pg))
         if q is None:  # built once (see _batch_rows)
-            from sqlalchemy import bindparam
+            from mailgw.batch import in_list
 
-            q = _BATCH_ROWS["copies"] = (
+            q = _BATCH_ROWS[("copies", pg)] = (
                 select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
-                .where(m.Inbound.sha256.in_(bindparam("shas", expanding=True)),
-                       m.Inbound.state == "done")
+                .where(in_list(m.Inbound.sha256, "shas", pg), m.Inbound.state == "done")
                 .order_by(m.Inbound.id))
         for other_id, sha, rcpts, queue in session.execute(q, {"shas": shas}):
             self.done.setdefault(sha, []).append((other_id, sorted(rcpts), queue))
