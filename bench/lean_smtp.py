@@ -19,7 +19,7 @@ CPU a message on the two cores the gateway needs. This module has the cheaper ve
   searched for ``In-Reply-To``. Same EHLO extensions as aiosmtpd (the gateway's sender
   decides by them). ``acked`` as ``smtp_bench.AckSink``.
 
-Both run on uvloop when it is installed, as ``mailgw run`` does (decision 39), unless
+Both run on uvloop when it is installed, as ``mailgw run`` does (decision 37), unless
 ``BENCH_CLIENT_LOOP=asyncio``: the load generator's CPU is on the same two cores.
 """
 

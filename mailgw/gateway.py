@@ -50,7 +50,7 @@ RESTART_ONLY = ("store_url", "smtp", "lmtp", "hostname", "relay", "sender", "wor
 
 def event_loop_name() -> str:
     """The event loop the SMTP/LMTP listeners run on: uvloop's (libuv) when it is installed,
-    asyncio's own otherwise or when ``MAILGW_EVENT_LOOP=asyncio`` (decision 39)."""
+    asyncio's own otherwise or when ``MAILGW_EVENT_LOOP=asyncio`` (decision 37)."""
     if os.environ.get("MAILGW_EVENT_LOOP", "").strip().lower() == "asyncio":
         return "asyncio"
     try:
@@ -105,7 +105,7 @@ class Gateway:
                 interval=self.settings.filters_reload_interval)
         engine = make_engine(self.home.store_url(self.settings))
         migrate(engine)
-        # The worker's own engine: on SQLite its commits are not fsynced (decision 38); the
+        # The worker's own engine: on SQLite its commits are not fsynced (decision 36); the
         # intake, the sender and the scheduler keep FULL on ``engine``.
         worker_engine = None
         ctx = self._ctx = Context(self.settings, Renderer(self.home.templates))

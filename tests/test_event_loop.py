@@ -1,4 +1,4 @@
-"""The listeners' event loop: uvloop when installed, asyncio's on request (decision 39)."""
+"""The listeners' event loop: uvloop when installed, asyncio's on request (decision 37)."""
 
 from __future__ import annotations
 

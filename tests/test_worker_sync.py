@@ -1,4 +1,4 @@
-"""SQLite durability per role (docs/architecture.md, decision 38): the worker's engine commits
+"""SQLite durability per role (docs/architecture.md, decision 36): the worker's engine commits
 with ``synchronous=NORMAL``, everything that answers a client or sends mail with ``FULL``."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The worker's engine alone is made with ``synchronous="NORMAL"`` (its commits are
 the next FULL commit of any other connection, or a checkpoint, syncs the WAL they are in):
 every consequence of a worker's commit that leaves the store is preceded by such a commit,
 and a worker commit lost to a power cut is only processed again (docs/architecture.md,
-decision 38).
+decision 36).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def is_sqlite(engine: Engine) -> bool:
 def make_engine(url: str, *, pool_size: int = 5, synchronous: str = "FULL") -> Engine:
     """``synchronous``: SQLite's PRAGMA on this engine's connections, ``FULL`` (every commit
     fsynced: the default, and the only choice for anything that answers a client or sends
-    mail) or ``NORMAL`` (the worker's engine only: decision 38). Ignored on PostgreSQL."""
+    mail) or ``NORMAL`` (the worker's engine only: decision 36). Ignored on PostgreSQL."""
     from sqlalchemy import create_engine, event
     from sqlalchemy.engine import make_url
 
