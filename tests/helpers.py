@@ -99,3 +99,15 @@ class Harness:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def pg_harness(home):  # type: ignore[no-untyped-def]
+    """A ``Harness`` on a PostgreSQL home, the test skipped on SQLite (``yield from`` it in a
+    fixture of tests that check PostgreSQL's own statements)."""
+    import pytest
+
+    if not home.store_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    h = Harness(home)
+    yield h
+    h.close()

@@ -11,16 +11,12 @@ from mailgw.outbound.sender import Sender
 from mailgw.settings import Relay
 from mailgw.settings import Sender as SenderCfg
 from mailgw.store.db import read_session
-from tests.helpers import Harness, mail
+from tests.helpers import mail, pg_harness
 
 
 @pytest.fixture
 def hx(home):  # type: ignore[no-untyped-def]
-    if not home.store_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
-    h = Harness(home)
-    yield h
-    h.close()
+    yield from pg_harness(home)
 
 
 def _statements(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]

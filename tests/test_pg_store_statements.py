@@ -9,16 +9,12 @@ import re
 import pytest
 from sqlalchemy import event
 
-from tests.helpers import Harness, mail
+from tests.helpers import mail, pg_harness
 
 
 @pytest.fixture
 def hx(home):  # type: ignore[no-untyped-def]
-    if not home.store_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
-    h = Harness(home)
-    yield h
-    h.close()
+    yield from pg_harness(home)
 
 
 def _batches_of_growing_size(hx) -> list[str]:  # type: ignore[no-untyped-def]

@@ -331,15 +331,12 @@ def test_a_kept_session_to_a_relay_that_stopped_answering_costs_no_relay_timeout
         assert sender._conn is None
 
 
-def test_a_stopping_sender_does_not_wait_the_relay_timeout_for_a_data_answer(hx):
-    # Given a relay that reads a mail's DATA and then never answers it
-    import socket
-    import threading
+def _relay_silent_after_data(got_data):  # type: ignore[no-untyped-def]
+    """A relay (run it in a thread on a listening socket) that greets, answers every command,
+    reads one mail's DATA and from then on never answers, its connection left open."""
     import time
 
-    got_data = threading.Event()
-
-    def relay(server: socket.socket) -> None:
+    def relay(server) -> None:  # type: ignore[no-untyped-def]
         conn, _ = server.accept()
         f = conn.makefile("rb")
         conn.sendall(b"220 relay\r\n")
@@ -356,6 +353,18 @@ def test_a_stopping_sender_does_not_wait_the_relay_timeout_for_a_data_answer(hx)
                 return
             else:
                 conn.sendall(b"250 ok\r\n")
+
+    return relay
+
+
+def test_a_stopping_sender_does_not_wait_the_relay_timeout_for_a_data_answer(hx):
+    # Given a relay that reads a mail's DATA and then never answers it
+    import socket
+    import threading
+    import time
+
+    got_data = threading.Event()
+    relay = _relay_silent_after_data(got_data)
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -388,24 +397,7 @@ def test_mailgw_run_stops_within_seconds_while_its_relay_withholds_a_data_answer
     import time
 
     got_data = threading.Event()
-
-    def relay(server: socket.socket) -> None:
-        conn, _ = server.accept()
-        f = conn.makefile("rb")
-        conn.sendall(b"220 relay\r\n")
-        while line := f.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                conn.sendall(b"250-relay\r\n250 8BITMIME\r\n")
-            elif verb == b"DATA":
-                conn.sendall(b"354 go\r\n")
-                while f.readline() not in (b".\r\n", b""):
-                    pass
-                got_data.set()
-                time.sleep(60)
-                return
-            else:
-                conn.sendall(b"250 ok\r\n")
+    relay = _relay_silent_after_data(got_data)
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
