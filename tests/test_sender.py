@@ -415,3 +415,49 @@ def test_mailgw_run_stops_within_seconds_while_its_relay_withholds_a_data_answer
         gateway.stop(timeout=20)
         # Then it stops in about QUICK (2 s), not the relay's timeout (30 s)
         assert time.monotonic() - t < 10
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"),
+                    reason="a full accept queue drops the connect's SYN on Linux")
+def test_a_stopping_sender_does_not_wait_for_a_connect_the_relay_host_never_answers(hx):
+    # Given a relay host that never completes the TCP handshake (its accept queue is full and
+    # nobody accepts: Linux drops the SYN, as a firewall that drops or a host gone would)
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    time.sleep(0.3)
+    try:
+        sender = Sender(hx.engine, Relay(host="127.0.0.1", port=port, timeout=20),
+                        hx.home.path / "store" / "outbox", SenderCfg())
+        stop, wake = threading.Event(), threading.Event()
+        t = threading.Thread(target=sender.run, args=(stop, wake), daemon=True)
+        t.start()
+        time.sleep(1.0)  # the pass is in connect()
+        # When the gateway stops
+        t0 = time.monotonic()
+        stop.set()
+        wake.set()
+        t.join(30)
+        # Then the sender ends within seconds, not the relay's 20 s timeout
+        assert not t.is_alive() and time.monotonic() - t0 < 10
+    finally:
+        for c in fillers:
+            c.close()
+        server.close()
+    # And the mail is not charged an attempt: released, pending, sent after the restart
+    [row] = hx.outbox()
+    assert (row.state, row.attempts, row.lease_until) == ("pending", 0, None)

@@ -144,11 +144,40 @@ class _SQL:
                "sent_at = %s WHERE id = ANY(%s::bigint[])")
 
 
-class _Relay(_PlainAddresses, smtplib.SMTP):
+class _KnownSocket(smtplib.SMTP):
+    """The TCP socket is ``self.sock`` before it connects, not once it has: a stopping sender
+    (``Sender._cut_when_stopped``) can then shut down a connect the relay's host never
+    answers (a firewall that drops, a host gone), which would otherwise wait the relay's
+    timeout. What ``socket.create_connection`` does otherwise: every address in turn."""
+
+    def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+        if timeout is not None and not timeout:
+            raise ValueError("Non-blocking socket (timeout=0) is not supported")
+        err: OSError | None = None
+        for af, socktype, proto, _name, addr in socket.getaddrinfo(host, port, 0,
+                                                                   socket.SOCK_STREAM):
+            sock = socket.socket(af, socktype, proto)
+            self.sock = sock
+            try:
+                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                    sock.settimeout(timeout)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                sock.connect(addr)
+                return sock
+            except OSError as exc:
+                err = exc
+                sock.close()
+                self.sock = None
+        raise err if err is not None else OSError(f"no address for {host}")
+
+
+class _Relay(_PlainAddresses, _KnownSocket):
     pass
 
 
-class _RelaySSL(_PlainAddresses, smtplib.SMTP_SSL):
+# SMTP_SSL wraps what SMTP._get_socket returns: _KnownSocket comes between the two.
+class _RelaySSL(_PlainAddresses, smtplib.SMTP_SSL, _KnownSocket):
     pass
 
 
@@ -498,16 +527,23 @@ class Sender:
         stop.wait()
         if ended.wait(QUICK):
             return
-        conn = self._busy
-        sock = getattr(conn, "sock", None)
-        if sock is None:
-            return
-        self._cut.set()
-        log.warning("stopping: the relay has not answered for %.0f s; closing its session", QUICK)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        # Until the pass ends: a session being opened has no socket for a moment, and one
+        # wait may follow another (a session's QUIT, then a new connect).
+        warned = False
+        while True:
+            sock = getattr(self._busy, "sock", None)
+            if sock is not None:
+                self._cut.set()
+                if not warned:
+                    log.warning("stopping: the relay has not answered for %.0f s; closing "
+                                "its session", QUICK)
+                    warned = True
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if ended.wait(0.2):
+                return
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
         ended = threading.Event()
