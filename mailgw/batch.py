@@ -206,7 +206,11 @@ def insert_rows(conn: Any, table: str, rows: list[dict[str, Any]], pg: bool) -> 
             if default is not _GIVEN:
                 params[key] = [default] * n
             elif none_as_null is None:
-                params[key] = [row[key] for row in rows]
+                params[key] = values = [row[key] for row in rows]
+                # psycopg types a binary array by its elements: one column mixing Python
+                # types (1 and "2", True and 0) goes in as before (review, session 7).
+                if len({type(v) for v in values if v is not None}) > 1:
+                    raise KeyError(key)
             else:  # JSON, as SQLAlchemy's type sends it: None is JSON null unless none_as_null
                 params[key] = [None if (v := row[key]) is None and none_as_null else Json(v)
                                for row in rows]

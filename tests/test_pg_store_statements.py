@@ -183,3 +183,19 @@ def test_a_listed_value_longer_than_its_column_is_compared_whole(hx):
         q = _statements(True)["holds"]
         assert [r[0] for r in conn.execute(q, {"keys": [address], "at": at})] == [address]
         assert list(conn.execute(q, {"keys": [address + "z"], "at": at})) == []
+
+
+def test_a_column_mixing_python_types_goes_in_as_an_executemany_would(hx):
+    # psycopg cannot make one binary array of 5 and "x" (review, session 7): such rows take
+    # the executemany, which PostgreSQL accepts (an integer assigned to a text column).
+    from datetime import UTC, datetime
+
+    from mailgw.batch import insert_rows
+
+    at = datetime.now(UTC)
+    rows = [dict(id=40_000 + i, type=t, created_at=at, data={}, inbound_id=None,
+                 ticket_id=None, article_id=None) for i, t in enumerate([5, "five"])]
+    with hx.engine.begin() as conn:
+        insert_rows(conn, "events", rows, True)
+        got = conn.exec_driver_sql("SELECT type FROM events WHERE id >= 40000 ORDER BY id").all()
+    assert [r[0] for r in got] == ["5", "five"]
