@@ -220,6 +220,7 @@ def insert_rows(conn: Any, table: str, rows: list[dict[str, Any]], pg: bool) -> 
             if len({v.tzinfo is None for v in params[key] if v is not None}) > 1:
                 raise KeyError(key)
     except KeyError:  # rows with other keys (the executemany's own error, if any), or mixed
+        # times or types
         conn.execute(_statements(pg)[f"insert {table}"], rows)
         return
     conn.exec_driver_sql(sql, params)

@@ -123,7 +123,9 @@ def prefetch(session: Session, mails: Iterable[ParsedMail], cfg: TicketNumbers, 
             numbers[m.group(1)] = None
     index.asked_refs = set(refs)
     ids: set[int] = set()
-    q = _prefetch_statements(session.get_bind().dialect.name == "postgresql")
+    from mailgw.batch import is_pg
+
+    q = _prefetch_statements(is_pg(session))
     if refs and in_flight is not None:
         # Every state, filtered here: a condition on state would let the planner read the
         # pending rows instead of this index, and a backlog can be large (a queue of 1,000

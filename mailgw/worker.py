@@ -46,6 +46,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from functools import cache
 from io import BytesIO
 from typing import NamedTuple
 
@@ -554,37 +555,41 @@ class Worker:
                           .values(claimed_until=None, claimed_by=None))
 
 
+# The statements of a batch's reads, built once per store kind (building one and its cache
+# key cost more than running it: bench/RESULTS.md, issue 8 session 7); their lists are
+# ``mailgw.batch.in_list``s.
+@cache
 def _batch_rows(pg: bool):  # type: ignore[no-untyped-def]
-    """The statement ``Worker._store`` reads its batch's rows with, built once (building it
-    cost more than running it: bench/RESULTS.md, issue 8 session 7)."""
-    q = _BATCH_ROWS.get(pg)
-    if q is None:
-        from sqlalchemy import bindparam
+    """The rows ``Worker._store`` stores (still pending and this worker's)."""
+    from sqlalchemy import bindparam
 
-        from mailgw.batch import in_list
+    from mailgw.batch import in_list
 
-        q = (select(m.Inbound)
-             .where(in_list(m.Inbound.id, "ids", pg),
-                    m.Inbound.state == "pending",
-                    m.Inbound.claimed_by == bindparam("me", type_=m.Inbound.claimed_by.type))
-             .order_by(m.Inbound.id))
-        q = _BATCH_ROWS[pg] = q.with_for_update(skip_locked=True) if pg else q
-    return q
+    q = (select(m.Inbound)
+         .where(in_list(m.Inbound.id, "ids", pg),
+                m.Inbound.state == "pending",
+                m.Inbound.claimed_by == bindparam("me", type_=m.Inbound.claimed_by.type))
+         .order_by(m.Inbound.id))
+    return q.with_for_update(skip_locked=True) if pg else q
 
 
+@cache
 def _envelopes(pg: bool):  # type: ignore[no-untyped-def]
-    """The statement ``Worker._parse`` reads its batch's envelopes with, built once."""
-    q = _BATCH_ROWS.get(("envelopes", pg))
-    if q is None:
-        from mailgw.batch import in_list
+    """The envelopes ``Worker._parse`` reads."""
+    from mailgw.batch import in_list
 
-        q = _BATCH_ROWS[("envelopes", pg)] = (
-            select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
+    return (select(m.Inbound.id, m.Inbound.mail_from, m.Inbound.rcpt_tos)
             .where(in_list(m.Inbound.id, "ids", pg)))
-    return q
 
 
-_BATCH_ROWS: dict[object, object] = {}
+@cache
+def _copies(pg: bool):  # type: ignore[no-untyped-def]
+    """The done messages with the same SHA-256 (``_Redeliveries``)."""
+    from mailgw.batch import in_list
+
+    return (select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
+            .where(in_list(m.Inbound.sha256, "shas", pg), m.Inbound.state == "done")
+            .order_by(m.Inbound.id))
 
 
 def _parents_first(rows: list[m.Inbound],
@@ -651,15 +656,7 @@ class _Redeliveries:
             session.connection().exec_driver_sql(
                 "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k "
                 "ORDER BY k", {"keys": keys})
-        q = _BATCH_ROWS.get(("copies", pg))
-        if q is None:  # built once (see _batch_rows)
-            from mailgw.batch import in_list
-
-            q = _BATCH_ROWS[("copies", pg)] = (
-                select(m.Inbound.id, m.Inbound.sha256, m.Inbound.rcpt_tos, m.Inbound.queue)
-                .where(in_list(m.Inbound.sha256, "shas", pg), m.Inbound.state == "done")
-                .order_by(m.Inbound.id))
-        for other_id, sha, rcpts, queue in session.execute(q, {"shas": shas}):
+        for other_id, sha, rcpts, queue in session.execute(_copies(pg), {"shas": shas}):
             self.done.setdefault(sha, []).append((other_id, sorted(rcpts), queue))
 
     def __call__(self, session: Session, row: m.Inbound) -> int | None:
