@@ -84,18 +84,37 @@ def init(directory: str, exist_ok: bool) -> None:
     click.echo(f"mailgw home ready in {Path(directory).resolve()}")
 
 
+class _WorkersType(click.ParamType):
+    """``--workers``: 0 to 64, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= 64:
+            self.fail(f"{value!r} is not a number from 0 to 64 nor 'auto'", param, ctx)
+        return n
+
+
 @main.command()
 @click.option("--smtp", "smtp", metavar="HOST:PORT", help="SMTP listen address (overrides "
               "smtp.listen in config/mailgw.yaml; default 127.0.0.1:2525).")
 @click.option("--role", "roles", multiple=True,
               type=click.Choice(["smtp", "worker", "sender", "scheduler", "imap"]),
               help="Run only these roles (repeatable); default all of them.")
-@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="Worker processes to start (0: the worker runs as a thread of this process).")
+@click.option("--workers", type=_WorkersType(), default=None,
+              help="Worker processes to start: 0 runs the worker as a thread of this process; "
+                   "auto (worker.processes' default): 1 on SQLite, a core each beside the "
+                   "gateway's on PostgreSQL (at most 8), a thread on one core.")
 @click.option("--supervised", is_flag=True, hidden=True,
               help="Internal: a worker process started by --workers (woken through stdin).")
 @click.pass_obj
-def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int,
+def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int | str | None,
         supervised: bool) -> None:
     """Run the gateway (SMTP/LMTP listeners, worker, sender, scheduler) until SIGINT/SIGTERM."""
     from mailgw.gateway import ROLES, Gateway, ListenError
@@ -110,6 +129,16 @@ def run(obj: Obj, smtp: str | None, roles: tuple[str, ...], workers: int,
             _host_port(smtp)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--smtp") from None
+    if supervised:
+        workers = 0  # a worker process started by a gateway: it is the worker
+    else:
+        from sqlalchemy.engine import make_url
+
+        from mailgw.settings import worker_processes
+
+        sqlite = make_url(obj.home.store_url(settings)).get_backend_name() == "sqlite"
+        workers = worker_processes(settings.worker.processes if workers is None else workers,
+                                   sqlite=sqlite)
     try:
         code = Gateway(obj.home, settings, roles or ROLES, smtp, workers=workers,
                        supervised=supervised, loader=obj.reload_settings).run()

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -247,6 +247,10 @@ class Worker(_Strict):
     # waits from its arrival before it opens a ticket: its original may have been sent at
     # the same moment on another connection (docs/architecture.md decision 31); 0: no wait.
     orphan_reply_wait: float = Field(default=2.0, ge=0, le=60)
+    # Worker processes `mailgw run` starts (its --workers overrides): 0 runs the worker as a
+    # thread of the gateway process; "auto" picks by the cores this process may use and the
+    # store (``worker_processes``; docs/architecture.md decision 42).
+    processes: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
 
 
 class Sender(_Strict):
@@ -675,3 +679,26 @@ def per_settings(build: Callable[[Settings], _T]) -> Callable[[Settings], _T]:
 
     get.__doc__ = build.__doc__
     return get
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_processes(setting: int | str, *, sqlite: bool, cores: int | None = None) -> int:
+    """What ``worker.processes`` (or ``mailgw run --workers``) means on this machine.
+
+    ``auto``: on one core the worker runs as a thread (0: no second interpreter to feed); on
+    SQLite one worker process (one writer at a time: a second worker process measured slower
+    than one on two cores, bench/RESULTS.md session 7, and more workers only queue for the
+    lock); on PostgreSQL one process a core beside the gateway's, at most 8."""
+    if setting != "auto":
+        return int(setting)
+    cores = usable_cores() if cores is None else cores
+    if cores < 2:
+        return 0
+    return 1 if sqlite else min(cores - 1, 8)

@@ -35,7 +35,7 @@ def hup_and_wait(gateway, text: str, processes: int) -> None:  # type: ignore[no
 @pytest.mark.parametrize("workers", [0, 1], ids=["thread", "worker-process"])
 def test_sighup_puts_a_valid_config_in_force_and_keeps_it_against_a_bad_one(
         home, gateway, workers):
-    gateway.start(*(["--workers", str(workers)] if workers else []))
+    gateway.start("--workers", str(workers))
     assert rcpt_code(gateway.port, "sales@example.com") == 550  # no such queue yet
 
     data = home.config()

@@ -87,7 +87,7 @@ def test_sighup_reloads_at_once(home, gateway, workers):
     processes, which then log their own reload."""
     home.update_config(filters_reload_interval=3600)  # no mtime check within the test
     route(home, "billing", "before")
-    gateway.start(*(["--workers", str(workers)] if workers else []))
+    gateway.start("--workers", str(workers))
     send(gateway.port, customer_mail("Invoice A", "x"))
     assert ticket_for(home, "Invoice A")["tags"] == ["before"]
     route(home, "support", "after")

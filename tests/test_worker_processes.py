@@ -1,0 +1,115 @@
+"""How many worker processes ``mailgw run`` starts: ``--workers N|auto`` and the config's
+``worker.processes`` (default ``auto``: docs/architecture.md decision 42)."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import wait_until
+from tests.helpers import mail
+
+
+@pytest.mark.parametrize(("setting", "sqlite", "cores", "expected"), [
+    ("auto", True, 1, 0),      # one core: the worker is a thread, no second interpreter
+    ("auto", True, 2, 1),      # SQLite: one writer; one process beside the gateway
+    ("auto", True, 16, 1),
+    ("auto", False, 1, 0),
+    ("auto", False, 2, 1),     # PostgreSQL: a core each beside the gateway's
+    ("auto", False, 4, 3),
+    ("auto", False, 64, 8),    # at most 8
+    (0, False, 16, 0),         # a number is taken as it is
+    (3, True, 2, 3),
+])
+def test_worker_processes_resolves_auto_by_cores_and_store(setting, sqlite, cores, expected):
+    from mailgw.settings import worker_processes
+
+    assert worker_processes(setting, sqlite=sqlite, cores=cores) == expected
+
+
+def test_usable_cores_follows_the_affinity_mask():
+    import os
+
+    from mailgw.settings import usable_cores
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert usable_cores() == len(before)
+
+
+def test_a_bad_processes_setting_is_refused_with_its_path(home):
+    home.update_config(worker={"processes": 65})
+    proc = home.cli("config", "check")
+    assert proc.returncode != 0
+    err = (proc.stdout + proc.stderr).decode()
+    assert "worker.processes" in err and "64" in err
+
+
+def test_a_bad_workers_option_is_refused(home):
+    proc = home.cli("run", "--workers", "many")
+    assert proc.returncode == 2
+    assert "'many' is not a number from 0 to 64 nor 'auto'" in proc.stderr.decode()
+
+
+def _started(gateway) -> list[int]:  # type: ignore[no-untyped-def]
+    return [int(p) for p in re.findall(r"worker process \d+ started \(pid (\d+)\)",
+                                       gateway.output())]
+
+
+def _process_one(home, gateway) -> str:  # type: ignore[no-untyped-def]
+    """Send one message; return the ``claimed_by`` of its inbound row once it is done."""
+    from mailgw.store import models as m
+
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as s:
+        s.sendmail("alice@customer.test", ["support@example.com"],
+                   mail("printer on fire", msgid="p1@customer.test"))
+    engine = home.engine()
+    try:
+        def done():  # type: ignore[no-untyped-def]
+            with engine.connect() as c:
+                return c.execute(select(m.Inbound.state, m.Inbound.claimed_by)).first()
+
+        row = wait_until(lambda: (r := done()) and r.state == "done" and r, timeout=60,
+                         what="message processed")
+        return row.claimed_by
+    finally:
+        engine.dispose()
+
+
+def test_run_by_default_processes_mail_in_a_worker_process(home, gateway):
+    """With nothing said (``auto``) on this machine's cores: one worker process on SQLite
+    and on PostgreSQL alike on two cores; the mail is processed there, not in the gateway."""
+    from mailgw.settings import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("auto runs the worker as a thread on one core")
+    gateway.start()
+    pids = _started(gateway)
+    sqlite = home.store_url.startswith("sqlite")
+    assert len(pids) == (1 if sqlite else min(usable_cores() - 1, 8))
+    claimed_by = _process_one(home, gateway)
+    assert int(claimed_by.rsplit(":", 1)[1]) in pids
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_zero_runs_the_worker_as_a_thread(home, gateway, how):
+    if how == "config":
+        home.update_config(worker={"processes": 0})
+        gateway.start()
+    else:
+        home.update_config(worker={"processes": 2})  # the option wins over the config
+        gateway.start("--workers", "0")
+    assert _started(gateway) == []
+    claimed_by = _process_one(home, gateway)
+    assert int(claimed_by.rsplit(":", 1)[1]) == gateway.proc.pid
+    assert gateway.stop() == 0
