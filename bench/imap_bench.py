@@ -91,7 +91,7 @@ def run_once(server, corpus: list[tuple[str, bytes]], store: str | None, args) -
             "poll_interval": 1, "batch_size": args.imap_batch}]
         (home / "config/mailgw.yaml").write_text(yaml.safe_dump(cfg))
         with bench_store(store, home) as url:
-            extra = ["--workers", str(args.workers)] if args.workers else []
+            extra = ["--workers", str(args.workers)]
             work = start(home, url, ["--role", "worker", "--role", "sender", *extra],
                          "worker.log")
             wp = psutil.Process(work.pid)
@@ -160,8 +160,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000, help="corpus size (gen_corpus)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=0,
-                    help="pass --workers N to the processing side (0: a worker thread)")
+    ap.add_argument("--workers", default="0",
+                    help="pass --workers N|auto to the processing side (0, the default: a "
+                         "worker thread, as in the earlier results)")
     ap.add_argument("--batch-size", type=int, default=0, help="worker.batch_size (0: default)")
     ap.add_argument("--imap-batch", type=int, default=50, help="the mailbox's batch_size")
     ap.add_argument("--poll", type=float, default=0.05, help="progress check interval, s")
@@ -185,7 +186,7 @@ def main() -> None:
     size = sum(len(r) for _, r in corpus)
     print(f"{args.count} messages ({size / 1e6:.1f} MB, seed {args.seed}) over IMAP "
           f"(mailbox batch {args.imap_batch}), {args.runs} runs, workers "
-          f"{args.workers or 'thread'}, store "
+          f"{'thread' if args.workers == '0' else args.workers}, store "
           f"{'SQLite' if not args.store else args.store.split('@')[-1]}")
     for k, v in med.items():
         runs = " ".join(f"{r[k]:.1f}" for r in results)

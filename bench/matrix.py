@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--connections", default="8", help="comma-separated counts")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="auto",
+                    help="smtp_bench.py --workers: N or auto (mailgw run's default)")
     ap.add_argument("--pg-url", default=os.environ.get("MAILGW_BENCH_PG", PG_URL))
     args = ap.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]

@@ -119,7 +119,7 @@ def main() -> None:
         home = make_home(Path(tmp), sink_port, None)
         with bench_store(args.store, home) as url:
             port = free_port()
-            extra = ["--workers", str(args.workers)] if args.workers else []
+            extra = ["--workers", str(args.workers)]
             proc = start_gateway(home, url, port, extra)
             gw = psutil.Process(proc.pid)
             procs = [gw, *gw.children(recursive=True)]

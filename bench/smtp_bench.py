@@ -366,7 +366,7 @@ def run_once(corpus: list[tuple[str, bytes]], store: str | None, args) -> dict[s
         home = make_home(Path(tmp), sink_port, args.batch_size)
         with bench_store(store, home) as url:
             port = free_port()
-            extra = ["--workers", str(args.workers)] if args.workers else []
+            extra = ["--workers", str(args.workers)]
             proc = start_gateway(home, url, port, extra)
             gw = psutil.Process(proc.pid)
             procs = [gw, *gw.children(recursive=True)]
@@ -558,8 +558,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=0,
-                    help="pass --workers N to mailgw run (0: its default)")
+    ap.add_argument("--workers", default="auto",
+                    help="pass --workers N|auto to mailgw run (0: the worker as a thread of the "
+                         "gateway; auto, the default: mailgw run's own choice, decision 42)")
     ap.add_argument("--batch-size", type=int, default=0, help="worker.batch_size (0: default)")
     ap.add_argument("--poll", type=float, default=0.01, help="commit watcher interval, s")
     ap.add_argument("--rate", type=float, default=0,
@@ -598,7 +599,7 @@ def main() -> None:
     size = sum(len(r) for _, r in corpus)
     print(f"{args.count} messages ({size / 1e6:.1f} MB, seed {args.seed}), "
           f"{args.connections} connections, {args.runs} runs, workers "
-          f"{args.workers or 'default'}, client {args.client}, store "
+          f"{args.workers}, client {args.client}, store "
           f"{'SQLite' if not args.store else args.store.split('@')[-1]}")
     for k, v in med.items():
         runs = " ".join(f"{r[k]:.1f}" for r in results)
