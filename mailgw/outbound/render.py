@@ -29,7 +29,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, TemplateError
+from jinja2.runtime import new_context
 
 from mailgw.types import Attachment
 
@@ -53,12 +54,24 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=False,
         )
+        # name -> (template, its globals as one dict): see render.
+        self._loaded: dict[str, tuple[Template, dict[str, Any]]] = {}
 
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
-        tmpl = self.env.get_template(f"{name}.j2")
-        ctx = tmpl.new_context(context)
-        if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
-            raise TemplateError(f"template {name}.j2 needs a 'subject' and a 'body' block")
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            tmpl = self.env.get_template(f"{name}.j2")
+            if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
+                raise TemplateError(f"template {name}.j2 needs a 'subject' and a 'body' block")
+            # auto_reload is off, so the Environment would hand out this same template every
+            # time. Its globals are a ChainMap (the template's over the environment's, which
+            # nothing changes after this point); ``Template.new_context`` copies them into a
+            # dict and a set of keys on every render, walking the ChainMap each time (about
+            # half of rendering an acknowledgement: bench/RESULTS.md, issue 8 session 8).
+            # Flattened once here, the context is the same one new_context builds.
+            loaded = self._loaded[name] = (tmpl, dict(tmpl.globals))
+        tmpl, tglobals = loaded
+        ctx = new_context(self.env, tmpl.name, tmpl.blocks, context, False, tglobals)
         subject = "".join(tmpl.blocks["subject"](ctx)).strip()
         body = "".join(tmpl.blocks["body"](ctx)).strip("\n") + "\n"
         # A header must be one line: a template must not be able to inject headers.
