@@ -361,6 +361,41 @@ def test_a_long_run_is_not_scanned_a_character_at_a_time(monkeypatch):
     assert sum(scanned) < 78 * parse._BLOCK_LINES
 
 
+def test_surrogate_text_is_the_bytes_parsers_decoding():
+    """_surrogate_text (the feed's decoding, block by block after the first 8-bit byte) gives
+    the text ``BytesFeedParser.feed`` would: ASCII, 8-bit bytes (as surrogate escapes) at
+    random places, on and around block edges, UTF-8 split across them."""
+    rng = random.Random(2049)
+    block = parse._DECODE_BLOCK
+    for _ in range(300):
+        size = rng.choice([0, 1, block - 1, block, block + 1, 3 * block + rng.randrange(block)])
+        data = bytearray(rng.choice(b"QUJD\r\n -=") for _ in range(size))
+        for _ in range(rng.randint(0, 4)):
+            if data:
+                at = rng.choice([0, len(data) - 1, block - 1, block, rng.randrange(len(data))])
+                piece = rng.choice([b"\xff", b"\x80", "é".encode(), "€".encode(), b"\xc3"])
+                data[at % len(data): at % len(data) + len(piece)] = piece
+        data = bytes(data)
+        assert parse._surrogate_text(memoryview(data)) == data.decode("ascii", "surrogateescape")
+
+
+def test_8bit_text_before_an_attachment_parses_as_the_stdlib_does():
+    """A UTF-8 text part, then a long base64 attachment: the feed decodes block by block, the
+    tree reads as the stdlib's."""
+    data = base64.encodebytes(random.Random(2050).randbytes(100_000)).decode().encode()
+    raw = (b"From: a@b.test\nSubject: x\nMIME-Version: 1.0\n"
+           b'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
+           b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+           + "Grüße, €\n".encode() * 50 + b"--b\nContent-Type: application/pdf\n"
+           b"Content-Transfer-Encoding: base64\n\n" + data + b"--b--\n")
+    ours = parse._parse_tree(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    # A long base64 part's bytes are decoded from the raw mail and kept aside (_RunBuffer).
+    assert [getattr(p, "_mailgw_data", None) or p.get_payload(decode=True)
+            for p in ours.walk()] == [p.get_payload(decode=True) for p in theirs.walk()]
+    assert parse.parse_message(raw).attachments[0].data == base64.b64decode(data)
+
+
 def test_the_buffer_reads_lines_as_the_stdlib_buffer_does():
     """_RunBuffer.readline (which skips the matchers for a line no boundary can match)
     against email.feedparser.BufferedSubFile, under random stacks of false-EOF matchers:
