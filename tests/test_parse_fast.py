@@ -309,6 +309,93 @@ def test_runs_are_found_where_the_multiline_pattern_finds_them():
         assert list(parse._runs(text)) == [m.span() for m in reference.finditer(text)], text
 
 
+@pytest.mark.parametrize("block_lines", [1, 2, 3, 128])
+def test_runs_of_long_attachments_are_found_where_the_pattern_finds_them(monkeypatch, block_lines):
+    """_runs takes a run's lines in blocks of the first line's width (_run_end): long runs of
+    equal lines, broken by every kind of odd line at random places, give the pattern's
+    spans."""
+    monkeypatch.setattr(parse, "_BLOCK_LINES", block_lines)
+    reference = re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE)
+    rng = random.Random(2047)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+    odd = ["", "\r", "\n", "\r\n", "-", " ", "\t", "é", "\udcff", "\x00", ":", "A" * 15,
+           "--boundary", "Q"]
+    for _ in range(3000 if block_lines < 128 else 300):
+        width = rng.choice([16, 17, 40, 76])
+        ending = rng.choice(["\n", "\r\n"])
+        lines = ["".join(rng.choice(alphabet) for _ in range(width)) + ending
+                 for _ in range(rng.randint(1, 3 * block_lines + 5))]
+        for _ in range(rng.randint(0, 3)):  # odd lines, or an odd character in a line
+            i = rng.randrange(len(lines))
+            if rng.random() < 0.5 or not lines[i]:
+                lines.insert(i, rng.choice(odd) + rng.choice(["\n", "\r\n", ""]))
+            else:
+                j = rng.randrange(len(lines[i]))
+                lines[i] = lines[i][:j] + rng.choice(odd) + lines[i][j + 1:]
+        if rng.random() < 0.5:
+            lines.append("QUJD" * rng.randint(0, 10) + rng.choice(["\n", "\r\n", "=\n", ""]))
+        head = rng.choice(["", "Content-Transfer-Encoding: base64\n\n", "text\r\n", "x"])
+        text = head + "".join(lines) + rng.choice(["", "\n--b--\n", "tail"])
+        assert list(parse._runs(text)) == [m.span() for m in reference.finditer(text)], text
+
+
+def test_a_long_run_is_not_scanned_a_character_at_a_time(monkeypatch):
+    """Given a 280 KB attachment's base64 (the benchmark corpus's), the per-character
+    pattern scans its last block at most, not the whole run."""
+    data = base64.encodebytes(random.Random(2048).randbytes(210_000)).decode()
+    text = "Content-Type: application/pdf\n\n" + data.replace("\n", "\r\n") + "--b--\r\n"
+    scanned = []
+
+    class Counting:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def match(self, text, pos=0):
+            found = self.pattern.match(text, pos)
+            scanned.append(found.end() - pos if found else 0)
+            return found
+
+    monkeypatch.setattr(parse, "_BODY_RUN", Counting(parse._BODY_RUN))
+    start = text.index("\r\n\r\n") + 2 if "\r\n\r\n" in text else text.index("\n\n") + 2
+    assert list(parse._runs(text)) == [(start, len(text) - len("--b--\r\n"))]
+    assert sum(scanned) < 78 * parse._BLOCK_LINES
+
+
+def test_surrogate_text_is_the_bytes_parsers_decoding():
+    """_surrogate_text (the feed's decoding, block by block after the first 8-bit byte) gives
+    the text ``BytesFeedParser.feed`` would: ASCII, 8-bit bytes (as surrogate escapes) at
+    random places, on and around block edges, UTF-8 split across them."""
+    rng = random.Random(2049)
+    block = parse._DECODE_BLOCK
+    for _ in range(300):
+        size = rng.choice([0, 1, block - 1, block, block + 1, 3 * block + rng.randrange(block)])
+        data = bytearray(rng.choice(b"QUJD\r\n -=") for _ in range(size))
+        for _ in range(rng.randint(0, 4)):
+            if data:
+                at = rng.choice([0, len(data) - 1, block - 1, block, rng.randrange(len(data))])
+                piece = rng.choice([b"\xff", b"\x80", "é".encode(), "€".encode(), b"\xc3"])
+                data[at % len(data): at % len(data) + len(piece)] = piece
+        data = bytes(data)
+        assert parse._surrogate_text(memoryview(data)) == data.decode("ascii", "surrogateescape")
+
+
+def test_8bit_text_before_an_attachment_parses_as_the_stdlib_does():
+    """A UTF-8 text part, then a long base64 attachment: the feed decodes block by block, the
+    tree reads as the stdlib's."""
+    data = base64.encodebytes(random.Random(2050).randbytes(100_000)).decode().encode()
+    raw = (b"From: a@b.test\nSubject: x\nMIME-Version: 1.0\n"
+           b'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
+           b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+           + "Grüße, €\n".encode() * 50 + b"--b\nContent-Type: application/pdf\n"
+           b"Content-Transfer-Encoding: base64\n\n" + data + b"--b--\n")
+    ours = parse._parse_tree(raw)
+    theirs = email.message_from_bytes(raw, policy=policy.compat32)
+    # A long base64 part's bytes are decoded from the raw mail and kept aside (_RunBuffer).
+    assert [getattr(p, "_mailgw_data", None) or p.get_payload(decode=True)
+            for p in ours.walk()] == [p.get_payload(decode=True) for p in theirs.walk()]
+    assert parse.parse_message(raw).attachments[0].data == base64.b64decode(data)
+
+
 def test_the_buffer_reads_lines_as_the_stdlib_buffer_does():
     """_RunBuffer.readline (which skips the matchers for a line no boundary can match)
     against email.feedparser.BufferedSubFile, under random stacks of false-EOF matchers:

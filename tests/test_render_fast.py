@@ -244,6 +244,45 @@ def test_non_ascii_headers_fold_as_the_email_package():
         assert _WIRE.fold_binary(name, render._header(value)) == expected, value
 
 
+def test_non_ascii_headers_fold_without_the_formatter_as_fold_binary_does():
+    """_fold_text (a one-line non-ASCII value, _TextHeader) against fold_binary of the same
+    header and of the stdlib's own Header: random values, some with line breaks (those go
+    to fold_binary), header names of every length (the first line's budget)."""
+    rng = random.Random(2812)
+    breaks = ["\n", "\r", "\x0b", "\x85", "\u2028"]
+    for _ in range(3000):
+        name = rng.choice(["Subject", "X-Mailgw-Ticket", "X-" + "h" * rng.randint(1, 75)])
+        value = _random_text(rng, rng.choice([1, 3, 8, 20, 40, 90, 200]))
+        if rng.random() < 0.1:
+            at = rng.randrange(len(value) + 1)
+            value = value[:at] + rng.choice(breaks) + value[at:]
+        if value.isascii():
+            continue
+        header = render._header(value, name)
+        expected = _WIRE.fold_binary(name, Header(value, "utf-8", header_name=name))
+        assert _WIRE.fold_binary(name, header) == expected, value
+        assert render._flatten_items([(name, header)], "") == expected + b"\r\n", value
+        if value.splitlines() == [value]:
+            assert render._fold_text(name, header) == expected, value
+
+
+def test_a_non_ascii_subject_is_not_folded_by_email_header(monkeypatch):
+    """Given an acknowledgement with a non-ASCII subject, build_message writes it without
+    email.header's _ValueFormatter (about half of its fold's cost)."""
+    import email.header
+
+    kw = _args("Re: Grüße aus Köln, wo bleibt die Lieferung der blauen Widgets?", "Hallo ·\n")
+    expected = _reference(monkeypatch, **kw)[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(render, "_date_now", lambda: "Fri, 27 Nov 2026 01:00:00 +0000")
+
+    def refuse(*a, **kw):  # type: ignore[no-untyped-def]
+        raise AssertionError("email.header's formatter used")
+
+    monkeypatch.setattr(email.header, "_ValueFormatter", refuse)
+    assert build_message(**kw) == expected
+
+
 def test_non_ascii_bodies_are_written_as_the_email_package_does(monkeypatch):
     """The quoted-printable single part without a Message object: random bodies and
     subjects, against the Message path with the stdlib's own charset."""

@@ -618,22 +618,62 @@ _FEED_CHUNK = 1 << 20
 # Possessive (no backtracking points kept per line): neither "\r" nor "\n" is in the class,
 # so giving characters or lines back could never make another match.
 _BODY_RUN = re.compile(r"(?:[A-Za-z0-9+/=]{16,}+\r?+\n)++")  # matched at a line start
-# The runs after the first line: a line start is just after a "\n" (what "^" means with
-# re.MULTILINE), and a pattern that starts with that literal is searched for quickly
-# (a "^" pattern is tried at every character).
-_NEXT_RUN = re.compile(r"\n((?:[A-Za-z0-9+/=]{16,}+\r?+\n)++)")
 
 
 def _runs(text: str) -> Iterator[tuple[int, int]]:
     """(start, end) of each run of base64-like lines in ``text``: what
-    ``re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE).finditer`` finds, faster."""
-    first = _BODY_RUN.match(text)
+    ``re.compile(r"^(?:[A-Za-z0-9+/=]{16,}\r?\n)+", re.MULTILINE).finditer`` finds, faster.
+
+    Each run's first line is found by a pattern, the rest by ``_run_end``."""
+    first = _LINE.match(text)
     pos = 0
     if first:
-        pos = first.end()
+        pos = _run_end(text, 0, first.end())
         yield 0, pos
-    for match in _NEXT_RUN.finditer(text, pos):
-        yield match.span(1)
+    while (found := _NEXT_LINE.search(text, pos)) is not None:
+        start = found.start(1)
+        pos = _run_end(text, start, found.end())
+        yield start, pos
+
+
+_LINE = re.compile(r"[A-Za-z0-9+/=]{16,}+\r?+\n")  # one line of a run, at a line start
+# The runs after the first: a line start is just after a "\n" (what "^" means with
+# re.MULTILINE), and a pattern that starts with that literal is searched for quickly
+# (a "^" pattern is tried at every character).
+_NEXT_LINE = re.compile(r"\n([A-Za-z0-9+/=]{16,}+\r?+\n)")
+# Each byte as _run_end's template sees it: a base64-like character is "a"; CR and LF are
+# themselves; anything else is NUL, which no template has.
+_LINE_CLASSES = bytes(ord("a") if chr(b) in "+/=" or chr(b).isascii() and chr(b).isalnum()
+                      else b if b in b"\r\n" else 0 for b in range(256))
+_BLOCK_LINES = 128  # lines compared at once by _run_end
+
+
+def _run_end(text: str, start: int, end: int) -> int:
+    """The end of the run whose first line is ``text[start:end]``.
+
+    The lines of an encoded attachment have one width (76 characters and the line break,
+    most often), so the run is taken ``_BLOCK_LINES`` lines at a time: a block whose bytes,
+    mapped by ``_LINE_CLASSES``, equal that many lines of the first line's width and line
+    break is that many lines the run's pattern matches. The first block that differs (the
+    last, shorter line, or other text) and what follows it are left to the pattern itself,
+    which decides line by line as before. ``_BODY_RUN`` alone scans a character at a time:
+    about 1 ms for a 280 KB attachment, a third of its parse (bench/RESULTS.md, issue 8
+    session 8); a block costs a few copies and one comparison."""
+    width = end - start
+    ending = "\r\n" if text.startswith("\r", end - 2) else "\n"
+    template = None
+    size = width * _BLOCK_LINES
+    while end + size <= len(text):
+        block = text[end:end + size]
+        if not block.isascii():
+            break
+        if template is None:
+            template = (b"a" * (width - len(ending)) + ending.encode()) * _BLOCK_LINES
+        if block.encode("ascii").translate(_LINE_CLASSES) != template:
+            break
+        end += size
+    more = _BODY_RUN.match(text, end)
+    return more.end() if more else end
 
 
 # Runs at least this long stay in the raw bytes; the parser sees a placeholder line.
@@ -923,6 +963,25 @@ _PARAMS_VALUE_MAX = 200
 _PARTS = policy.compat32.clone(message_factory=_Part)
 
 
+_DECODE_BLOCK = 16 * 1024
+
+
+def _surrogate_text(data: memoryview) -> str:
+    """``bytes(data).decode("ascii", "surrogateescape")`` (what ``BytesFeedParser.feed``
+    does), the same text, faster for data with 8-bit bytes: CPython decodes ASCII a word
+    at a time only up to the first 8-bit byte and a byte at a time from there to the end (a
+    UTF-8 text part before a 280 KB attachment: ~0.6 ms; bench/RESULTS.md, issue 8 session
+    8). From the first 8-bit byte on, each ``_DECODE_BLOCK`` is decoded on its own, so only
+    the blocks that have such bytes take the slow way."""
+    try:
+        return str(data, "ascii")
+    except UnicodeDecodeError as exc:
+        first = exc.start
+    return "".join([str(data[:first], "ascii")] + [
+        str(data[i : i + _DECODE_BLOCK], "ascii", "surrogateescape")
+        for i in range(first, len(data), _DECODE_BLOCK)])
+
+
 def _parse_tree(raw: bytes, start: int = 0) -> Message:
     """``email.message_from_bytes(raw[start:], policy=compat32)``, in less memory.
 
@@ -935,8 +994,9 @@ def _parse_tree(raw: bytes, start: int = 0) -> Message:
     buffer = _RunBuffer(raw, start)
     parser._input = buffer  # read by the parser's generator on each step
     view = memoryview(raw)
+    feed = super(BytesFeedParser, parser).feed  # the text parser's: BytesFeedParser decodes
     for pos in range(start, len(raw), _FEED_CHUNK):
-        parser.feed(bytes(view[pos : pos + _FEED_CHUNK]))
+        feed(_surrogate_text(view[pos : pos + _FEED_CHUNK]))
     msg = parser.close()
     buffer.settle(msg)
     return msg

@@ -29,7 +29,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, TemplateError
+from jinja2.runtime import new_context
 
 from mailgw.types import Attachment
 
@@ -53,12 +54,24 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=False,
         )
+        # name -> (template, its globals as one dict): see render.
+        self._loaded: dict[str, tuple[Template, dict[str, Any]]] = {}
 
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
-        tmpl = self.env.get_template(f"{name}.j2")
-        ctx = tmpl.new_context(context)
-        if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
-            raise TemplateError(f"template {name}.j2 needs a 'subject' and a 'body' block")
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            tmpl = self.env.get_template(f"{name}.j2")
+            if "subject" not in tmpl.blocks or "body" not in tmpl.blocks:
+                raise TemplateError(f"template {name}.j2 needs a 'subject' and a 'body' block")
+            # auto_reload is off, so the Environment would hand out this same template every
+            # time. Its globals are a ChainMap (the template's over the environment's, which
+            # nothing changes after this point); ``Template.new_context`` copies them into a
+            # dict and a set of keys on every render, walking the ChainMap each time (about
+            # half of rendering an acknowledgement: bench/RESULTS.md, issue 8 session 8).
+            # Flattened once here, the context is the same one new_context builds.
+            loaded = self._loaded[name] = (tmpl, dict(tmpl.globals))
+        tmpl, tglobals = loaded
+        ctx = new_context(self.env, tmpl.name, tmpl.blocks, context, False, tglobals)
         subject = "".join(tmpl.blocks["subject"](ctx)).strip()
         body = "".join(tmpl.blocks["body"](ctx)).strip("\n") + "\n"
         # A header must be one line: a template must not be able to inject headers.
@@ -197,6 +210,11 @@ def _flatten_items(headers: Iterable[tuple[str, Any]], payload: str) -> bytes:
                 if folded is not None:
                     out.append(folded)
                     continue
+        elif value.__class__ is _TextHeader:
+            folded = _fold_text(name, value)
+            if folded is not None:
+                out.append(folded)
+                continue
         out.append(_WIRE.fold_binary(name, value))
     out.append(b"\r\n")
     # "\r\n".join(NLCRE.split(payload)), as the generator's _write_lines: every CRLF, lone
@@ -499,4 +517,47 @@ _MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-ve
 def _header(value: str, name: str = "Subject") -> str | Header:
     """An unstructured header value, RFC 2047-encoded when it is not ASCII; ``name`` makes
     its first line fit beside the field's name."""
-    return value if value.isascii() else Header(value, _UTF8_HEADER, header_name=name)
+    return value if value.isascii() else _TextHeader(value, _UTF8_HEADER, name)
+
+
+class _TextHeader(Header):
+    """``Header(value, charset, header_name=name)`` that keeps its arguments, so that
+    ``_flatten_items`` can fold it without ``email.header``'s formatter (``_fold_text``)."""
+
+    def __init__(self, value: str, charset: Charset, name: str) -> None:
+        super().__init__(value, charset, header_name=name)
+        self.mailgw_args = (value, charset, name)
+
+
+def _maxlengths(first: int, rest: int) -> Iterable[int]:
+    yield first
+    while True:
+        yield rest
+
+
+def _fold_text(name: str, header: _TextHeader) -> bytes | None:
+    """``_WIRE.fold_binary(name, header)``, the same bytes, for a header of one line of
+    text in a charset with a header encoding (a non-ASCII subject): about half of the
+    fold's cost (~25 us of ~46 a subject) is ``_ValueFormatter``'s accumulator, which for
+    one such chunk only puts the charset's encoded lines one after the other: the first
+    beside the field's name (None: nothing fits there, the field's line stays empty), the
+    others after a space on their own lines. None: any other header (more chunks, line
+    breaks, a charset without a header encoding); the caller folds it as before.
+    tests/test_render_fast.py compares the bytes with ``fold_binary``'s."""
+    value, charset, header_name = header.mailgw_args
+    maxlen = _WIRE.max_line_length
+    if (len(header._chunks) != 1 or charset.header_encoding is None or not maxlen
+            or value.splitlines() != [value] or header._continuation_ws != " "):
+        return None
+    headerlen = len(header_name) + 2
+    lines = charset.header_encode_lines(value, _maxlengths(maxlen - headerlen, maxlen - 1))
+    if not lines:
+        return None
+    first = lines[0]
+    if first is not None and headerlen + len(first) > maxlen:
+        return None  # the formatter would split the line itself
+    folded = _WIRE.linesep.join(["" if first is None else first]
+                                + [" " + line for line in lines[1:]])
+    if _EMBEDDED_HEADER.search(folded):
+        return None  # Header.encode raises; let it
+    return f"{name}: {folded}{_WIRE.linesep}".encode("ascii", "surrogateescape")
