@@ -195,6 +195,8 @@ def main() -> None:
             while worker.run_batch():
                 pass
             worker.release_next()  # nothing left to claim: a thread in flight, waited for
+            if worker._ahead_pool is not None:
+                worker._ahead_pool.dispose()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             sent = statements["statements"]
             server1 = _backend_cpu(backends)

@@ -13,6 +13,9 @@ A batch goes through three steps:
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it),
    and work out what ``process`` derives from the message alone (``mailgw.process.prepare``:
    its class, the parts of its text), so the store step does not do it under the lock.
+   On PostgreSQL the run loop claims (in a short transaction of its own) and parses the next
+   full batch on a thread while it stores the current one (``_Ahead``, decision 39): the
+   store step waits for the server a round trip at a time, and the parse fills those waits.
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
    stored without savepoints (they cost a round trip and a flush each, and almost every
@@ -153,6 +156,7 @@ class Worker:
         # current one is stored (see ``_Ahead``); None when none is in flight.
         self.ahead = False
         self._ahead: _Ahead | None = None
+        self._ahead_pool: Engine | None = None  # see _ahead_engine
         self.linger = LINGER if linger is None else linger
         self.linger_gap = min(LINGER_GAP, self.linger) if linger_gap is None else linger_gap
         self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
@@ -304,7 +308,7 @@ class Worker:
             cur.close()
         return ids
 
-    def _parse(self, ids: list[int], ctx: Context) -> _Parsed:
+    def _parse(self, ids: list[int], ctx: Context, engine: Engine | None = None) -> _Parsed:
         """Parse outside the write transaction: intake (and SQLite's one writer) need not wait.
         The raw bytes are kept for the store step (classification reads a bounce's report
         from them), so they are read once. What ``process`` works out from the message
@@ -313,7 +317,7 @@ class Worker:
         whose preparation raises is left to ``process``, which raises it there."""
         out: dict[int, ParsedMail | Exception] = {}
         prepared: dict[int, Prepared] = {}
-        with read_session(self.engine) as s:
+        with read_session(engine or self.engine) as s:
             rows = self._raws(s, ids)
             envelopes = {iid: (mail_from, rcpt_tos) for iid, mail_from, rcpt_tos in s.execute(
                 _envelopes(self._pg), {"ids": ids})}
@@ -477,6 +481,18 @@ class Worker:
                 self._claim_in(session, now(), first=False) or [])
         self._next = claimed
 
+    def _ahead_engine(self) -> Engine:
+        """The ahead thread's engine: a pool of its own, so the store transaction keeps
+        one connection and the statements psycopg prepared on it (with one pool the two
+        threads took each other's connection every other batch, and every statement was
+        parsed and planned on both until each had run it ``prepare_threshold`` times)."""
+        if self._ahead_pool is None:
+            from mailgw.store.db import make_engine
+
+            self._ahead_pool = make_engine(
+                self.engine.url.render_as_string(hide_password=False), pool_size=1)
+        return self._ahead_pool
+
     def _take_ahead(self) -> tuple[list[int], Context | None, _Parsed | None]:
         """The batch claimed (and parsed, unless that failed) on the ahead thread, waited for;
         ([], None, None) without one."""
@@ -555,6 +571,9 @@ class Worker:
         finally:
             self.ahead = False
             self.release_next()
+            if self._ahead_pool is not None:
+                self._ahead_pool.dispose()
+                self._ahead_pool = None
 
     def _held_due(self) -> bool:
         """A row this worker held back is claimable again."""
@@ -614,7 +633,7 @@ class _Ahead:
     def _run(self) -> None:
         w = self._worker
         try:
-            with Session(w.engine) as s, s.begin():
+            with Session(w._ahead_engine()) as s, s.begin():
                 ids = w._claim_in(s, now(), first=False) or []
         except Exception:  # noqa: BLE001 - rolled back, nothing claimed: claimed after the store
             log.exception("claim of the next batch failed")
@@ -624,7 +643,7 @@ class _Ahead:
             return
         try:
             self._ctx = w.context()
-            self._work = w._parse(ids, self._ctx)
+            self._work = w._parse(ids, self._ctx, w._ahead_engine())
         except Exception:  # noqa: BLE001 - parsed again on the worker's thread
             log.exception("parse of the next batch failed; parsing it again")
             self._ctx = self._work = None

@@ -10,6 +10,7 @@ rows claimed ahead back, a failed claim or parse ahead loses nothing.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -51,8 +52,8 @@ def test_the_next_batch_is_claimed_and_parsed_while_the_current_one_is_stored(hx
     next_parsed = threading.Event()
     real_parse, real_store = Worker._parse, Worker._store
 
-    def parse(self, batch, ctx):  # type: ignore[no-untyped-def]
-        out = real_parse(self, batch, ctx)
+    def parse(self, batch, ctx, engine=None):  # type: ignore[no-untyped-def]
+        out = real_parse(self, batch, ctx, engine)
         parsed.append((list(batch), threading.current_thread().name))
         if batch == ids[2:]:
             next_parsed.set()
@@ -136,11 +137,11 @@ def test_a_parse_that_fails_ahead_is_done_again_on_the_worker_thread(hx, monkeyp
     real = Worker._parse
     failed = []
 
-    def parse(self, batch, ctx):  # type: ignore[no-untyped-def]
+    def parse(self, batch, ctx, engine=None):  # type: ignore[no-untyped-def]
         if threading.current_thread().name == "worker-ahead" and not failed:
             failed.append(batch)
             raise OperationalError("SELECT", {}, Exception("server closed the connection"))
-        return real(self, batch, ctx)
+        return real(self, batch, ctx, engine)
 
     monkeypatch.setattr(Worker, "_parse", parse)
     assert _drain(w) == 4
@@ -184,6 +185,11 @@ def test_a_batch_rolled_back_keeps_the_batch_claimed_ahead(hx, monkeypatch):
     def store(self, batch, *a, **kw):  # type: ignore[no-untyped-def]
         calls.append(list(batch))
         if len(calls) == 1:
+            # fails once the next batch is claimed ahead (a claim that sees the failed rows
+            # given back first claims nothing: they are retried one at a time, before it)
+            deadline = time.monotonic() + 10
+            while hx.inbound(ids[2]).claimed_by != w.me and time.monotonic() < deadline:
+                time.sleep(0.01)
             raise OperationalError("INSERT", {}, Exception("disk full"))
         return real(self, batch, *a, **kw)
 
