@@ -155,9 +155,16 @@ def main() -> None:
             # PostgreSQL, and work its server does that the CPU figure leaves out.
             statements = {"statements": 0}
 
-            @event.listens_for(engine, "before_cursor_execute")
             def _count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
                 statements["statements"] += 1
+            # The ahead thread's engine (PostgreSQL, Worker._ahead_engine) is counted too: its
+            # statements and its backend's CPU.
+            engines = [engine]
+            if engine.dialect.name == "postgresql" and not args.no_ahead:
+                engines.append(worker._ahead_engine())
+                event.listen(engines[1], "connect", _pid)
+            for e in engines:
+                event.listen(e, "before_cursor_execute", _count)
             # The worker's steps by thread CPU: the parse step runs outside any write
             # transaction, the store step (process() and the batch's writes) holds SQLite's
             # one write lock from BEGIN IMMEDIATE to its commit, the claim a short one.
