@@ -102,10 +102,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int,
                     help="the worker's batch size (default: the settings'; end to end at 8 "
                          "SMTP sessions the batches are ~23)")
-    ap.add_argument("--no-ahead", action="store_true",
-                    help="PostgreSQL: claim and parse each batch after the last one's store, "
-                         "not on a thread during it (Worker.ahead, decision 39; the worker's "
-                         "run loop sets it)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--html", type=Path)
     ap.add_argument("--cprofile", action="store_true",
@@ -155,22 +151,12 @@ def main() -> None:
             # PostgreSQL, and work its server does that the CPU figure leaves out.
             statements = {"statements": 0}
 
+            @event.listens_for(engine, "before_cursor_execute")
             def _count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
                 statements["statements"] += 1
-            # The ahead thread's engine (PostgreSQL, Worker._ahead_engine) is counted too: its
-            # statements and its backend's CPU.
-            engines = [engine]
-            if engine.dialect.name == "postgresql" and not args.no_ahead:
-                engines.append(worker._ahead_engine())
-                event.listen(engines[1], "connect", _pid)
-            for e in engines:
-                event.listen(e, "before_cursor_execute", _count)
             # The worker's steps by thread CPU: the parse step runs outside any write
             # transaction, the store step (process() and the batch's writes) holds SQLite's
             # one write lock from BEGIN IMMEDIATE to its commit, the claim a short one.
-            # With ``ahead`` (PostgreSQL) the next batch's parse runs on a thread during the
-            # store: its thread CPU is counted all the same (its claim is not: ~0.01 ms).
-            worker.ahead = not args.no_ahead
             steps = {"_claim": 0.0, "_parse": 0.0, "_store": 0.0}
 
             def _timed(name):  # type: ignore[no-untyped-def]
@@ -201,9 +187,6 @@ def main() -> None:
             c0, t0 = time.process_time(), time.perf_counter()
             while worker.run_batch():
                 pass
-            worker.release_next()  # nothing left to claim: a thread in flight, waited for
-            if worker._ahead_pool is not None:
-                worker._ahead_pool.dispose()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             sent = statements["statements"]
             server1 = _backend_cpu(backends)

@@ -13,9 +13,6 @@ A batch goes through three steps:
 2. Parse, outside any write transaction (SQLite has one writer; intake must not wait on it),
    and work out what ``process`` derives from the message alone (``mailgw.process.prepare``:
    its class, the parts of its text), so the store step does not do it under the lock.
-   On PostgreSQL the run loop claims (in a short transaction of its own) and parses the next
-   full batch on a thread while it stores the current one (``_Ahead``, decision 39): the
-   store step waits for the server a round trip at a time, and the parse fills those waits.
 3. Store: one transaction for the batch. A message marked ``done`` is marked so in the
    transaction that stores its ticket: it is processed exactly once. The batch is first
    stored without savepoints (they cost a round trip and a flush each, and almost every
@@ -102,10 +99,6 @@ class _Row(NamedTuple):
     size: int
 
 
-# What ``Worker._parse`` returns: the parsed mail (or its error), the raw bytes, the prepared.
-_Parsed = tuple[dict[int, ParsedMail | Exception], dict[int, bytes], dict[int, Prepared]]
-
-
 def _sqlite_time(t) -> str:  # type: ignore[no-untyped-def]
     # As SQLAlchemy stores a DateTime on SQLite: the wall time as text (compared as text).
     return t.strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -152,11 +145,6 @@ class Worker:
         self._tickets: list[int] = []  # see run_batch
         # The next batch, claimed in the transaction that stored the last one (see _store).
         self._next: list[int] = []
-        # PostgreSQL, in ``run``: the next batch claimed and parsed on a thread while the
-        # current one is stored (see ``_Ahead``); None when none is in flight.
-        self.ahead = False
-        self._ahead: _Ahead | None = None
-        self._ahead_pool: Engine | None = None  # see _ahead_engine
         self.linger = LINGER if linger is None else linger
         self.linger_gap = min(LINGER_GAP, self.linger) if linger_gap is None else linger_gap
         self.min_batch = max(1, int(batch_size * MIN_BATCH_SHARE))
@@ -308,7 +296,8 @@ class Worker:
             cur.close()
         return ids
 
-    def _parse(self, ids: list[int], ctx: Context, engine: Engine | None = None) -> _Parsed:
+    def _parse(self, ids: list[int], ctx: Context) -> tuple[
+            dict[int, ParsedMail | Exception], dict[int, bytes], dict[int, Prepared]]:
         """Parse outside the write transaction: intake (and SQLite's one writer) need not wait.
         The raw bytes are kept for the store step (classification reads a bounce's report
         from them), so they are read once. What ``process`` works out from the message
@@ -317,7 +306,7 @@ class Worker:
         whose preparation raises is left to ``process``, which raises it there."""
         out: dict[int, ParsedMail | Exception] = {}
         prepared: dict[int, Prepared] = {}
-        with read_session(engine or self.engine) as s:
+        with read_session(self.engine) as s:
             rows = self._raws(s, ids)
             envelopes = {iid: (mail_from, rcpt_tos) for iid, mail_from, rcpt_tos in s.execute(
                 _envelopes(self._pg), {"ids": ids})}
@@ -373,21 +362,15 @@ class Worker:
 
     def run_batch(self) -> int:
         """Process up to one batch; returns how many messages were handled."""
-        ids, ctx, work = self._take_ahead()
+        ids, self._next = self._next, []
         if not ids:
-            ids, self._next = self._next, []
-            if not ids:
-                ids = self._claim()
-            if ids is None:
-                return 1  # one message quarantined for its attempts
-            if not ids:
-                return 0
-        if ctx is None:
-            ctx = self.context()
-        parsed, raws, prepared = work if work is not None else self._parse(ids, ctx)
-        del work
-        if self.ahead and self._pg:
-            self._ahead = _Ahead(self)  # claims and parses the next batch meanwhile
+            ids = self._claim()
+        if ids is None:
+            return 1  # one message quarantined for its attempts
+        if not ids:
+            return 0
+        ctx = self.context()
+        parsed, raws, prepared = self._parse(ids, ctx)
         self._tickets = []  # tickets the first attempt touched (PostgreSQL)
         for attempt in (1, 2):
             self._current = None
@@ -477,29 +460,8 @@ class Worker:
                 batch.write(session)  # the held rows' updates too
             finally:
                 batch.close(session)
-            claimed = [] if self._ahead is not None else (
-                self._claim_in(session, now(), first=False) or [])
+            claimed = self._claim_in(session, now(), first=False) or []
         self._next = claimed
-
-    def _ahead_engine(self) -> Engine:
-        """The ahead thread's engine: a pool of its own, so the store transaction keeps
-        one connection and the statements psycopg prepared on it (with one pool the two
-        threads took each other's connection every other batch, and every statement was
-        parsed and planned on both until each had run it ``prepare_threshold`` times)."""
-        if self._ahead_pool is None:
-            from mailgw.store.db import make_engine
-
-            self._ahead_pool = make_engine(
-                self.engine.url.render_as_string(hide_password=False), pool_size=1)
-        return self._ahead_pool
-
-    def _take_ahead(self) -> tuple[list[int], Context | None, _Parsed | None]:
-        """The batch claimed (and parsed, unless that failed) on the ahead thread, waited for;
-        ([], None, None) without one."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return [], None, None
-        return ahead.result()
 
     def _hold(self, rows: list[m.Inbound], batch: Batch) -> list[m.Inbound]:
         """Give back, unprocessed, the rows the batch holds for an original still in the
@@ -554,26 +516,18 @@ class Worker:
 
     def run(self, stop: threading.Event, wake: threading.Event, poll_interval: float) -> None:
         self._wake = wake
-        self.ahead = True  # PostgreSQL: the next batch claimed and parsed during a store
         settle()  # started and configured: what the process holds now lives as long as it
-        try:
-            while not stop.is_set():
-                # Clear before looking, so a commit that lands while we work wakes the next
-                # wait.
-                wake.clear()
-                try:
-                    n = self.run_batch()
-                except Exception:
-                    log.exception("worker batch failed")
-                    n = 0
-                if n == 0 and self._ahead is None:
-                    wake.wait(self._wait(poll_interval))
-        finally:
-            self.ahead = False
-            self.release_next()
-            if self._ahead_pool is not None:
-                self._ahead_pool.dispose()
-                self._ahead_pool = None
+        while not stop.is_set():
+            # Clear before looking, so a commit that lands while we work wakes the next wait.
+            wake.clear()
+            try:
+                n = self.run_batch()
+            except Exception:
+                log.exception("worker batch failed")
+                n = 0
+            if n == 0:
+                wake.wait(self._wait(poll_interval))
+        self.release_next()
 
     def _held_due(self) -> bool:
         """A row this worker held back is claimable again."""
@@ -590,67 +544,15 @@ class Worker:
         return min(poll_interval, left + 0.001)
 
     def release_next(self) -> None:
-        """Free the rows claimed for a next batch that will not be run (stopping): claimed in
-        the last store transaction, or ahead on a thread (waited for). Their attempt stays
-        counted, as for any claim given back."""
-        ahead, _, _ = self._take_ahead()
-        ids, self._next = self._next + ahead, []
+        """Free the rows claimed for a next batch that will not be run (stopping). Their
+        attempt stays counted, as for any claim given back."""
+        ids, self._next = self._next, []
         if ids:
             with Session(self.engine) as s, s.begin():
                 s.execute(update(m.Inbound)
                           .where(m.Inbound.id.in_(ids), m.Inbound.state == "pending",
                                  m.Inbound.claimed_by == self.me)
                           .values(claimed_until=None, claimed_by=None))
-
-
-class _Ahead:
-    """The next batch, claimed and parsed on a thread while the worker stores the current one
-    (PostgreSQL, ``Worker.run``; decision 39).
-
-    The store transaction spends much of its time waiting for the server (a round trip per
-    statement, the commit), with the interpreter lock released; the parse of the next batch
-    (and the rest of what needs no store: ``mailgw.process.prepare``) runs in those waits.
-    Its claim is a short transaction of its own, as a claim with nothing to store is
-    (``FOR UPDATE SKIP LOCKED``: disjoint from any other worker's, and from the batch being
-    stored, whose rows are leased): a full batch of fresh rows only, as the claim at the end
-    of a store takes (``_claim_in(first=False)``); otherwise nothing, and the worker claims
-    after the store as before. Only store-independent work runs ahead: the batch's
-    threading, redelivery and loop checks run in its own store transaction, after the
-    previous batch's commit, so a reply in it finds a ticket the previous batch made. The
-    rows are leased to this worker from the claim's commit on; a worker that stops waits
-    for the thread and gives them back (``release_next``), a crashed one's leases are freed
-    as any claim's. A parse that fails as a whole (a read of the raw mail) is done again on
-    the worker's thread."""
-
-    def __init__(self, worker: Worker):
-        self._worker = worker
-        self._ids: list[int] = []
-        self._ctx: Context | None = None
-        self._work: _Parsed | None = None
-        self._thread = threading.Thread(target=self._run, name="worker-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        w = self._worker
-        try:
-            with Session(w._ahead_engine()) as s, s.begin():
-                ids = w._claim_in(s, now(), first=False) or []
-        except Exception:  # noqa: BLE001 - rolled back, nothing claimed: claimed after the store
-            log.exception("claim of the next batch failed")
-            return
-        self._ids = ids
-        if not ids:
-            return
-        try:
-            self._ctx = w.context()
-            self._work = w._parse(ids, self._ctx, w._ahead_engine())
-        except Exception:  # noqa: BLE001 - parsed again on the worker's thread
-            log.exception("parse of the next batch failed; parsing it again")
-            self._ctx = self._work = None
-
-    def result(self) -> tuple[list[int], Context | None, _Parsed | None]:
-        self._thread.join()
-        return self._ids, self._ctx, self._work
 
 
 # The statements of a batch's reads, built once per store kind (building one and its cache
