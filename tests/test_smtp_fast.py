@@ -199,3 +199,65 @@ def test_idle_timeout_ends_the_session_timeout_after_the_last_command_with_one_t
     clock.now += 2
     clock.fire_due()
     assert closed == [40.0, 42.0]
+
+
+def _session_log_run(monkeypatch, caplog, level):  # type: ignore[no-untyped-def]
+    """An SMTP session against the gateway's protocol (aiosmtpd's command loop), with
+    aiosmtpd's logger at ``level``; returns how often a line was sanitized, and the log."""
+    import logging
+
+    import aiosmtpd.smtp as aiosmtpd_smtp
+    from aiosmtpd.controller import Controller
+
+    from mailgw.intake.smtp import protocol_factory
+    from mailgw.settings import Listener
+    from tests.conftest import free_port
+
+    sanitized: list[bytes] = []
+    real = aiosmtpd_smtp.sanitize
+
+    def counting(text):  # type: ignore[no-untyped-def]
+        sanitized.append(text)
+        return real(text)
+
+    monkeypatch.setattr(aiosmtpd_smtp, "sanitize", counting)
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            return "250 OK"
+
+    handler, port = Handler(), free_port()
+
+    class _Controller(Controller):
+        def factory(self):  # type: ignore[no-untyped-def]
+            return protocol_factory(Listener(), handler, "helpdesk.test", False)()
+
+    caplog.set_level(level, logger="mail.log")
+    ctl = _Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port) as c:
+            c.ehlo()
+            c.docmd("AUTH", "PLAIN c2VjcmV0")  # refused (no AUTH offered); logged, starred
+            c.sendmail("x@customer.test", ["support@example.com"], b"Subject: s\r\n\r\nb\r\n")
+    finally:
+        ctl.stop()
+    return sanitized, caplog.text
+
+
+def test_session_command_lines_are_not_sanitized_for_log_calls_that_are_off(monkeypatch, caplog):
+    # aiosmtpd logs each command line at debug and info, through its sanitizer
+    import logging
+
+    sanitized, text = _session_log_run(monkeypatch, caplog, logging.WARNING)
+    assert sanitized == []
+    assert "c2VjcmV0" not in text
+
+
+def test_session_command_lines_are_still_logged_sanitized_when_on(monkeypatch, caplog):
+    import logging
+
+    sanitized, text = _session_log_run(monkeypatch, caplog, logging.DEBUG)
+    assert any(line.startswith(b"AUTH") for line in sanitized)
+    assert "FROM:<x@customer.test>" in text
+    assert "AUTH PLAIN ********" in text and "c2VjcmV0" not in text
