@@ -204,7 +204,6 @@ def test_idle_timeout_ends_the_session_timeout_after_the_last_command_with_one_t
 def _session_log_run(monkeypatch, caplog, level):  # type: ignore[no-untyped-def]
     """An SMTP session against the gateway's protocol (aiosmtpd's command loop), with
     aiosmtpd's logger at ``level``; returns how often a line was sanitized, and the log."""
-    import logging
 
     import aiosmtpd.smtp as aiosmtpd_smtp
     from aiosmtpd.controller import Controller
