@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", default="0",
+                    help="mailgw run --workers: N or auto (0, the default: a worker thread, as in "
+                         "the earlier results)")
     args = ap.parse_args()
     from sqlalchemy import create_engine, text
 
@@ -55,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = make_home(Path(tmp), free_port(), None)  # nothing listens there: acks wait
         with bench_store(args.store, home) as url:
-            extra = ["--workers", str(args.workers)] if args.workers else []
+            extra = ["--workers", str(args.workers)]
             gw = start_gateway(home, url, free_port(), extra)
             env = {**os.environ, "MAILGW_HOME": str(home), "MAILGW_STORE_URL": url}
             cmd = [str(Path(sys.executable).with_name("mailgw")), "deliver",

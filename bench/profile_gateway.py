@@ -86,7 +86,7 @@ def run_once(corpus: list[tuple[str, bytes]], args) -> dict[str, float]:  # type
             home = make_home(Path(tmp), sink_port, None)
             with bench_store(args.store, home) as url:
                 port = free_port()
-                extra = ["--workers", str(args.workers)] if args.workers else []
+                extra = ["--workers", str(args.workers)]
                 proc = start_gateway(home, url, port, extra)
                 before, total0 = threads_cpu(proc.pid), process_cpu(proc.pid)
                 t0 = time.perf_counter()

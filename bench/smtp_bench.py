@@ -560,7 +560,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workers", default="auto",
                     help="pass --workers N|auto to mailgw run (0: the worker as a thread of the "
-                         "gateway; auto, the default: mailgw run's own choice, decision 42)")
+                         "gateway; auto, the default: mailgw run's own choice, decision 39)")
     ap.add_argument("--batch-size", type=int, default=0, help="worker.batch_size (0: default)")
     ap.add_argument("--poll", type=float, default=0.01, help="commit watcher interval, s")
     ap.add_argument("--rate", type=float, default=0,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -249,8 +249,17 @@ class Worker(_Strict):
     orphan_reply_wait: float = Field(default=2.0, ge=0, le=60)
     # Worker processes `mailgw run` starts (its --workers overrides): 0 runs the worker as a
     # thread of the gateway process; "auto" picks by the cores this process may use and the
-    # store (``worker_processes``; docs/architecture.md decision 42).
-    processes: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
+    # store (``worker_processes``; docs/architecture.md decision 39).
+    processes: int | Literal["auto"] = "auto"
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, v: object) -> object:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
+            raise ValueError("processes must be a number from 0 to 64, or 'auto'")
+        return v
 
 
 class Sender(_Strict):
@@ -681,12 +690,21 @@ def per_settings(build: Callable[[Settings], _T]) -> Callable[[Settings], _T]:
     return get
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity mask (a container's CPU set), bounded by
+    its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU limit: cgroup v2's
+    ``cpu.max``, "QUOTA PERIOD" or "max PERIOD"), rounded up; not the machine's count."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or a line it cannot read
+        pass
+    return cores
 
 
 def worker_processes(setting: int | str, *, sqlite: bool, cores: int | None = None) -> int:

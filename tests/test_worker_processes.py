@@ -1,5 +1,5 @@
 """How many worker processes ``mailgw run`` starts: ``--workers N|auto`` and the config's
-``worker.processes`` (default ``auto``: docs/architecture.md decision 42)."""
+``worker.processes`` (default ``auto``: docs/architecture.md decision 39)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,46 @@ def test_usable_cores_follows_the_affinity_mask():
     assert usable_cores() == len(before)
 
 
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("max 100000\n", 64),            # no quota: the affinity mask's count
+    ("100000 100000\n", 1),          # docker --cpus 1
+    ("150000 100000\n", 2),          # 1.5 CPUs: rounded up
+    ("50000 100000\n", 1),           # half a CPU: still one
+    ("800000 100000\n", 8),
+    ("garbage\n", 64),
+])
+def test_usable_cores_is_bounded_by_the_cgroup_quota(tmp_path, monkeypatch, cpu_max, expected):
+    import os
+
+    from mailgw.settings import usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    f = tmp_path / "cpu.max"
+    f.write_text(cpu_max)
+    assert usable_cores(f) == expected
+    assert usable_cores(tmp_path / "missing") == 64
+
+
 def test_a_bad_processes_setting_is_refused_with_its_path(home):
     home.update_config(worker={"processes": 65})
     proc = home.cli("config", "check")
     assert proc.returncode != 0
     err = (proc.stdout + proc.stderr).decode()
-    assert "worker.processes" in err and "64" in err
+    # One line, naming the path and what is allowed (not one line per branch of the type).
+    lines = [ln for ln in err.splitlines() if "worker.processes" in ln]
+    assert len(lines) == 1, err
+    assert "processes must be a number from 0 to 64, or 'auto'" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["x", "2", True, -1, 1.5])
+def test_processes_takes_only_a_number_or_auto(value):
+    from pydantic import ValidationError
+
+    from mailgw.settings import Worker
+
+    with pytest.raises(ValidationError) as exc:
+        Worker(processes=value)
+    assert exc.value.error_count() == 1
 
 
 def test_a_bad_workers_option_is_refused(home):

@@ -652,8 +652,8 @@ def _run_end(text: str, start: int, end: int) -> int:
     """The end of the run whose first line is ``text[start:end]``.
 
     The lines of an encoded attachment have one width (76 characters and the line break,
-    most often), so the run is taken ``_BLOCK_LINES`` lines at a time: a block whose bytes,
-    mapped by ``_LINE_CLASSES``, equal that many lines of the first line's width and line
+    most often), so the run is taken in blocks of 1, 2, 4 ... ``_BLOCK_LINES`` lines: a
+    block whose bytes, mapped by ``_LINE_CLASSES``, equal that many lines of the first line's width and line
     break is that many lines the run's pattern matches. The first block that differs (the
     last, shorter line, or other text) and what follows it are left to the pattern itself,
     which decides line by line as before. ``_BODY_RUN`` alone scans a character at a time:
@@ -662,16 +662,28 @@ def _run_end(text: str, start: int, end: int) -> int:
     width = end - start
     ending = "\r\n" if text.startswith("\r", end - 2) else "\n"
     template = None
-    size = width * _BLOCK_LINES
-    while end + size <= len(text):
+    # One line first, then twice as many each time, up to _BLOCK_LINES: a run of a few
+    # lines (text that merely looks like base64: a list of checksums, a row of tokens) costs
+    # a block of its own size, not one of _BLOCK_LINES lines (review: a 21 MB list of
+    # checksums parsed 3x slower than with the pattern alone).
+    lines = 1
+    line = None
+    while end + width * lines <= len(text):
+        size = width * lines
+        # The block's last line must end where the width says: checked first (no copy).
+        if not text.startswith(ending, end + size - len(ending)):
+            break
         block = text[end:end + size]
         if not block.isascii():
             break
-        if template is None:
-            template = (b"a" * (width - len(ending)) + ending.encode()) * _BLOCK_LINES
+        if line is None:
+            line = b"a" * (width - len(ending)) + ending.encode()
+        if template is None or len(template) != size:
+            template = line * lines
         if block.encode("ascii").translate(_LINE_CLASSES) != template:
             break
         end += size
+        lines = min(lines * 2, _BLOCK_LINES)
     more = _BODY_RUN.match(text, end)
     return more.end() if more else end
 
