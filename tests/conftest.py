@@ -180,7 +180,13 @@ class Gateway:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
-    def start(self, *extra: str, timeout: float = 30) -> Gateway:
+    def start(self, *extra: str, timeout: float = 30, workers: str | None = "0") -> Gateway:
+        """``workers``: the ``--workers`` given unless ``extra`` has one; "0" (the worker as a
+        thread: one process fewer to start in each of the suite's gateways) unless a test
+        asks for another, or for None: ``mailgw run``'s default (``worker.processes``,
+        ``auto``: tests/test_worker_processes.py)."""
+        if workers is not None and "--workers" not in extra:
+            extra = (*extra, "--workers", workers)
         self.log = self.home.path / f"gateway-{time.monotonic_ns()}.log"
         out = open(self.log, "wb")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(

@@ -34,7 +34,9 @@ def test_two_workers_process_each_message_exactly_once(home):
         else:
             raws.append(mail(f"topic {i}", msgid=f"m{i}@c", sender=f"user{i % 50}@customer.test"))
     logs = [home.path / f"worker{k}.log" for k in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "mailgw", "run", "--role", "worker"],
+    # Two worker nodes, each its own worker (--workers 0: not a pool of children each).
+    procs = [subprocess.Popen([sys.executable, "-m", "mailgw", "run", "--role", "worker",
+                               "--workers", "0"],
                               env=home.env(), stdout=subprocess.DEVNULL,
                               stderr=open(log, "wb")) for log in logs]  # noqa: SIM115
     try:

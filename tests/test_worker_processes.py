@@ -126,7 +126,7 @@ def test_run_by_default_processes_mail_in_a_worker_process(home, gateway):
 
     if usable_cores() < 2:
         pytest.skip("auto runs the worker as a thread on one core")
-    gateway.start()
+    gateway.start(workers=None)  # no --workers: mailgw run's own default
     pids = _started(gateway)
     sqlite = home.store_url.startswith("sqlite")
     assert len(pids) == (1 if sqlite else min(usable_cores() - 1, 8))
@@ -139,10 +139,10 @@ def test_run_by_default_processes_mail_in_a_worker_process(home, gateway):
 def test_zero_runs_the_worker_as_a_thread(home, gateway, how):
     if how == "config":
         home.update_config(worker={"processes": 0})
-        gateway.start()
+        gateway.start(workers=None)  # the config's, no --workers
     else:
         home.update_config(worker={"processes": 2})  # the option wins over the config
-        gateway.start("--workers", "0")
+        gateway.start("--workers", "0", workers=None)
     assert _started(gateway) == []
     claimed_by = _process_one(home, gateway)
     assert int(claimed_by.rsplit(":", 1)[1]) == gateway.proc.pid
