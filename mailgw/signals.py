@@ -34,9 +34,21 @@ def defer_sighup() -> None:
 
 
 def dump_stacks_on_sigusr1() -> None:
-    """SIGUSR1: every thread's stack to standard error (faulthandler), the process goes on."""
+    """SIGUSR1: every thread's stack to standard error (faulthandler), the process goes on.
+
+    Written by a Python signal handler (the main thread, between two bytecodes, holding the
+    interpreter lock), not by ``faulthandler.register``'s C handler: that one walks the
+    threads' states at whatever instant the signal lands, and a thread starting or ending
+    at that instant crashed the process (SIGSEGV; seen in CI with the scheduler's and the
+    pool's threads, reproduced by tests/test_stack_dump.py). The cost: a main thread stuck
+    in C code that never returns to Python writes nothing (waits on locks and joins do
+    return to it for signals)."""
     if threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        signal.signal(signal.SIGUSR1, _dump_stacks)
+
+
+def _dump_stacks(signum, frame) -> None:  # type: ignore[no-untyped-def]
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
 def take_deferred() -> bool:
