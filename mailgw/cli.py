@@ -90,15 +90,12 @@ class _WorkersType(click.ParamType):
     name = "N|auto"
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, int) or value == "auto":
-            return value
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= 64:
-            self.fail(f"{value!r} is not a number from 0 to 64 nor 'auto'", param, ctx)
-        return n
+        from mailgw.settings import check_processes
+
+        try:  # the config's worker.processes rule; on the command line a number is text
+            return check_processes(int(value) if str(value).isdigit() else value)
+        except ValueError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
 
 
 @main.command()

@@ -255,11 +255,7 @@ class Worker(_Strict):
     @field_validator("processes", mode="before")
     @classmethod
     def _processes(cls, v: object) -> object:
-        if v == "auto":
-            return v
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
-            raise ValueError("processes must be a number from 0 to 64, or 'auto'")
-        return v
+        return check_processes(v)
 
 
 class Sender(_Strict):
@@ -705,6 +701,15 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     except (OSError, ValueError):  # no cgroup v2 here, or a line it cannot read
         pass
     return cores
+
+
+def check_processes(v: object) -> int | str:
+    """A ``worker.processes`` / ``mailgw run --workers`` value: 0 to 64, or ``auto``."""
+    if v == "auto":
+        return "auto"
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
+        raise ValueError("processes must be a number from 0 to 64, or 'auto'")
+    return v
 
 
 def worker_processes(setting: int | str, *, sqlite: bool, cores: int | None = None) -> int:

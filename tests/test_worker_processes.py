@@ -91,7 +91,7 @@ def test_processes_takes_only_a_number_or_auto(value):
 def test_a_bad_workers_option_is_refused(home):
     proc = home.cli("run", "--workers", "many")
     assert proc.returncode == 2
-    assert "'many' is not a number from 0 to 64 nor 'auto'" in proc.stderr.decode()
+    assert "'many': processes must be a number from 0 to 64, or 'auto'" in proc.stderr.decode()
 
 
 def _started(gateway) -> list[int]:  # type: ignore[no-untyped-def]
